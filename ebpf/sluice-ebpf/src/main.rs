@@ -1,0 +1,447 @@
+//! sluice's kernel programs.
+//!
+//! Attached to an enforced cgroup parent, they make every socket of every
+//! process below it go through sluice:
+//! - `connect4/6`: TCP connects go to the proxy, DNS (TCP or UDP port 53) to
+//!   the sandbox's resolver; the original destination is remembered under
+//!   the socket cookie. Other UDP connects are refused.
+//! - `sock_ops`: once a redirected TCP connection is established, re-keys the
+//!   flow by the client's address and port, which is what the proxy sees on
+//!   `accept()`. This runs before the final ACK of the handshake is sent, so
+//!   the entry exists before the proxy can accept the connection.
+//! - `sendmsg4/6`: unconnected UDP may only carry DNS, which is rewritten to
+//!   the resolver; `recvmsg4/6` and `getpeername4/6` show the sandbox the
+//!   address it asked for, so resolvers that check reply sources still work.
+//! - `sock_create` and the LSM `socket_create` hook: only TCP, UDP, Unix and
+//!   netlink sockets can be made (no raw, packet, ICMP, SCTP, ...).
+//! - `egress`: any packet that is not addressed to sluice is dropped, as the
+//!   last line for whatever slipped past the socket hooks.
+//!
+//! Decisions never depend on user space being alive: if the daemon is gone the
+//! rewritten connects hit a port nobody listens on and fail. Fail closed.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    EbpfContext,
+};
+use core::ptr::{addr_of_mut, read_volatile, write_volatile};
+use sluice_common::{
+    Counters, EndpointKey, Flow, FlowKey, Ip6Words, RefusedEvent, SandboxEntry, Target, FAMILY_V4,
+    FAMILY_V6, MAX_CGROUP_DEPTH, MAX_SANDBOX_SLOTS, PROTO_TCP, PROTO_UDP, REASON_EGRESS,
+    REASON_SOCKET, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
+};
+
+const DNS_PORT: u16 = 53;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const AF_UNIX: i32 = 1;
+const AF_INET: i32 = 2;
+const AF_INET6: i32 = 10;
+const AF_NETLINK: i32 = 16;
+const IPPROTO_TCP: i32 = 6;
+const IPPROTO_UDP: i32 = 17;
+/// Verdicts of cgroup programs.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+#[map]
+static SANDBOXES: HashMap<u64, SandboxEntry> = HashMap::with_max_entries(MAX_SANDBOX_SLOTS, 0);
+#[map]
+static FLOWS_BY_COOKIE: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(65_536, 0);
+#[map]
+static FLOWS_BY_ADDR: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65_536, 0);
+#[map]
+static ENDPOINTS: HashMap<EndpointKey, u8> = HashMap::with_max_entries(2 * MAX_SANDBOX_SLOTS + 64, 0);
+#[map]
+static DEFAULT_TARGET: Array<Target> = Array::with_max_entries(1, 0);
+#[map]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SANDBOX_SLOTS, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// The sandbox a process belongs to: the shallowest registered ancestor of
+/// its cgroup, so processes in child cgroups made inside a sandbox keep its
+/// identity. Unregistered cgroups under an enforced parent get the default
+/// target and sandbox 0, which the proxy denies as "unknown sandbox".
+#[inline(always)]
+fn sandbox_of(ancestor: impl Fn(i32) -> u64) -> (u64, SandboxEntry) {
+    for level in 1..=MAX_CGROUP_DEPTH {
+        let id = ancestor(level);
+        if id == 0 {
+            break;
+        }
+        // SAFETY: the value is copied out before the map can change it.
+        if let Some(entry) = unsafe { SANDBOXES.get(&id) } {
+            return (id, *entry);
+        }
+    }
+    let target = DEFAULT_TARGET.get(0).copied().unwrap_or_default();
+    (0, SandboxEntry { target, slot: 0, _pad: 0 })
+}
+
+#[inline(always)]
+fn current_sandbox() -> (u64, SandboxEntry) {
+    // SAFETY: plain helper calls.
+    sandbox_of(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+}
+
+#[inline(always)]
+fn count(slot: u32, f: impl Fn(&mut Counters)) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        f(unsafe { &mut *counters });
+    }
+}
+
+fn pid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+#[inline(always)]
+fn emit(sandbox_cgroup: u64, cgroup: u64, event: RefusedEvent) {
+    if let Some(mut entry) = EVENTS.reserve::<RefusedEvent>(0) {
+        entry.write(RefusedEvent { sandbox_cgroup, cgroup, ..event });
+        entry.submit(0);
+    }
+    // A full ring drops the event; the counters still count it.
+}
+
+#[inline(always)]
+fn refuse_addr(sandbox_cgroup: u64, slot: u32, dst_ip: Ip6Words, dst_port: u16, family: u8, proto: u8, reason: u8) -> i32 {
+    count(slot, |c| c.refused += 1);
+    // SAFETY: plain helper call.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    emit(
+        sandbox_cgroup,
+        cgroup,
+        RefusedEvent {
+            dst_ip,
+            pid: pid(),
+            family: u16::from(family),
+            protocol: u16::from(proto),
+            dst_port,
+            reason,
+            ..RefusedEvent::default()
+        },
+    );
+    REFUSE
+}
+
+fn mapped_v4(ip4: u32) -> Ip6Words {
+    // ::ffff:a.b.c.d with every word in network order.
+    [0, 0, 0xffff_u32.to_be(), ip4]
+}
+
+/// Reads the destination the caller passed, as words and host-order port.
+#[inline(always)]
+unsafe fn user_dst(sa: *mut bpf_sock_addr, v6: bool) -> (Ip6Words, u16) {
+    let port = u16::from_be(read_volatile(addr_of_mut!((*sa).user_port)) as u16);
+    let ip = if v6 {
+        [
+            read_volatile(addr_of_mut!((*sa).user_ip6[0])),
+            read_volatile(addr_of_mut!((*sa).user_ip6[1])),
+            read_volatile(addr_of_mut!((*sa).user_ip6[2])),
+            read_volatile(addr_of_mut!((*sa).user_ip6[3])),
+        ]
+    } else {
+        mapped_v4(read_volatile(addr_of_mut!((*sa).user_ip4)))
+    };
+    (ip, port)
+}
+
+/// Points the caller's address at `ip`/`port`. One field per store: the
+/// verifier rejects stores that LLVM merges across context fields.
+#[inline(always)]
+unsafe fn set_user_dst(sa: *mut bpf_sock_addr, v6: bool, ip: Ip6Words, port: u16) {
+    if v6 {
+        write_volatile(addr_of_mut!((*sa).user_ip6[0]), ip[0]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[1]), ip[1]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[2]), ip[2]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[3]), ip[3]);
+    } else {
+        write_volatile(addr_of_mut!((*sa).user_ip4), ip[3]);
+    }
+    write_volatile(addr_of_mut!((*sa).user_port), u32::from(port.to_be()));
+}
+
+#[inline(always)]
+fn target_ip(target: &Target, v6: bool) -> Ip6Words {
+    if v6 {
+        target.ip6
+    } else {
+        mapped_v4(target.ip4)
+    }
+}
+
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, v6: bool, connected: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's run.
+    let (sock_type, protocol) = unsafe { (read_volatile(addr_of_mut!((*sa).type_)), read_volatile(addr_of_mut!((*sa).protocol))) };
+    let (orig_ip, orig_port) = unsafe { user_dst(sa, v6) };
+    let (sandbox_cgroup, entry) = current_sandbox();
+    let family = if v6 && !is_mapped(orig_ip) { FAMILY_V6 } else { FAMILY_V4 };
+    let proto = match sock_type {
+        SOCK_STREAM => PROTO_TCP,
+        SOCK_DGRAM => PROTO_UDP,
+        _ => return refuse_addr(sandbox_cgroup, entry.slot, orig_ip, orig_port, family, protocol as u8, REASON_TRANSPORT),
+    };
+    if proto == PROTO_UDP && orig_port != DNS_PORT {
+        let reason = if connected { REASON_UDP_CONNECT } else { REASON_UDP_SEND };
+        return refuse_addr(sandbox_cgroup, entry.slot, orig_ip, orig_port, family, proto, reason);
+    }
+    let flow = Flow {
+        sandbox_cgroup,
+        // SAFETY: plain helper calls.
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        orig_ip,
+        pid: pid(),
+        orig_port,
+        family,
+        proto,
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if FLOWS_BY_COOKIE.insert(&cookie, &flow, 0).is_err() {
+        // Without a record the proxy could not attribute the flow: refuse
+        // rather than send it anywhere unattributed.
+        return refuse_addr(sandbox_cgroup, entry.slot, orig_ip, orig_port, family, proto, REASON_TRANSPORT);
+    }
+    let port = if orig_port == DNS_PORT {
+        count(entry.slot, |c| c.dns += 1);
+        entry.target.dns_port
+    } else {
+        count(entry.slot, |c| c.redirected += 1);
+        entry.target.proxy_port
+    };
+    unsafe { set_user_dst(sa, v6, target_ip(&entry.target, v6), port) };
+    ALLOW
+}
+
+fn is_mapped(ip: Ip6Words) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == 0xffff_u32.to_be()
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, false, true)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, true, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sluice_sendmsg4(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, false, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sluice_sendmsg6(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, true, false)
+}
+
+/// Shows the sandbox the address it asked for instead of sluice's. For
+/// `recvmsg` only replies that really come from the sandbox's resolver are
+/// rewritten; for `getpeername` any redirected socket.
+#[inline(always)]
+fn restore(ctx: &SockAddrContext, v6: bool, only_from_resolver: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the map can change it.
+    let Some(flow) = (unsafe { FLOWS_BY_COOKIE.get(&cookie) }).copied() else {
+        return ALLOW;
+    };
+    if only_from_resolver {
+        let (_, entry) = current_sandbox();
+        let (src_ip, src_port) = unsafe { user_dst(sa, v6) };
+        if src_port != entry.target.dns_port || src_ip != target_ip(&entry.target, v6) {
+            return ALLOW;
+        }
+    }
+    unsafe { set_user_dst(sa, v6, flow.orig_ip, flow.orig_port) };
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sluice_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, false, true)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sluice_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, true, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sluice_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, false, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sluice_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, true, false)
+}
+
+/// Re-keys an established redirected connection by the client's address and
+/// port: the proxy's `accept()` sees exactly that as the peer. Named not to
+/// clash with its `sockops` section.
+#[sock_ops]
+pub fn sluice_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the map can change it.
+    let Some(flow) = (unsafe { FLOWS_BY_COOKIE.get(&cookie) }).copied() else {
+        return 1;
+    };
+    if flow.orig_port == DNS_PORT {
+        // The resolver knows the sandbox by the port it listens on.
+        return 1;
+    }
+    let ip = if ctx.family() == AF_INET as u32 { mapped_v4(ctx.local_ip4()) } else { ctx.local_ip6() };
+    let key = FlowKey { ip, port: ctx.local_port() as u16, _pad: [0; 6] };
+    // On failure the proxy finds no flow and refuses the connection.
+    let _ = FLOWS_BY_ADDR.insert(&key, &flow, 0);
+    1
+}
+
+/// Forgets a socket's flow when it closes.
+#[cgroup_sock(sock_release)]
+pub fn sluice_sock_release(ctx: SockContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = FLOWS_BY_COOKIE.remove(&cookie);
+    ALLOW
+}
+
+/// Which sockets a sandbox may make: TCP and UDP over IPv4/IPv6 (both go
+/// through the hooks above), Unix and netlink (local only). Everything else —
+/// raw, packet, ICMP, SCTP, MPTCP, vsock — is refused.
+fn socket_allowed(family: i32, sock_type: i32, protocol: i32) -> bool {
+    match family {
+        AF_UNIX | AF_NETLINK => true,
+        AF_INET | AF_INET6 => matches!(
+            (sock_type as u32, protocol),
+            (SOCK_STREAM, 0 | IPPROTO_TCP) | (SOCK_DGRAM, 0 | IPPROTO_UDP)
+        ),
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn refuse_socket(family: i32, sock_type: i32, protocol: i32) -> i32 {
+    let (sandbox_cgroup, entry) = current_sandbox();
+    count(entry.slot, |c| c.refused += 1);
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    emit(
+        sandbox_cgroup,
+        cgroup,
+        RefusedEvent {
+            pid: pid(),
+            family: family as u16,
+            sock_type: sock_type as u16,
+            protocol: protocol as u16,
+            reason: REASON_SOCKET,
+            ..RefusedEvent::default()
+        },
+    );
+    REFUSE
+}
+
+/// `security_socket_create(family, type, protocol, kern)` for processes in
+/// the cgroup: the only hook that also sees packet sockets.
+#[lsm_cgroup(hook = "socket_create")]
+pub fn sluice_socket_create(ctx: LsmContext) -> i32 {
+    let family: i32 = ctx.arg(0);
+    let sock_type: i32 = ctx.arg(1);
+    let protocol: i32 = ctx.arg(2);
+    let kern: i32 = ctx.arg(3);
+    if kern != 0 || socket_allowed(family, sock_type, protocol) {
+        return ALLOW;
+    }
+    refuse_socket(family, sock_type, protocol)
+}
+
+/// The same rule for IPv4/IPv6 sockets through the cgroup socket hook, which
+/// works where the BPF LSM is not enabled.
+#[cgroup_sock(sock_create)]
+pub fn sluice_sock_create(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    let (family, sock_type, protocol) = unsafe { ((*sk).family as i32, (*sk).type_ as i32, (*sk).protocol as i32) };
+    if socket_allowed(family, sock_type, protocol) {
+        return ALLOW;
+    }
+    refuse_socket(family, sock_type, protocol)
+}
+
+/// Drops every packet leaving a sandbox that is not addressed to sluice.
+#[cgroup_skb(egress)]
+pub fn sluice_egress(ctx: SkBuffContext) -> i32 {
+    match packet_destination(&ctx) {
+        Some(key) if unsafe { ENDPOINTS.get(&key) }.is_some() => ALLOW,
+        dst => {
+            let skb = ctx.skb.skb;
+            let (sandbox_cgroup, entry) =
+                sandbox_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) });
+            count(entry.slot, |c| c.dropped_packets += 1);
+            let key = dst.unwrap_or_default();
+            let cgroup = unsafe { bpf_skb_cgroup_id(skb) };
+            emit(
+                sandbox_cgroup,
+                cgroup,
+                RefusedEvent {
+                    dst_ip: key.ip,
+                    pid: pid(),
+                    family: u16::from(if is_mapped(key.ip) { FAMILY_V4 } else { FAMILY_V6 }),
+                    protocol: u16::from(key.proto),
+                    dst_port: key.port,
+                    reason: REASON_EGRESS,
+                    ..RefusedEvent::default()
+                },
+            );
+            REFUSE
+        }
+    }
+}
+
+/// Destination of an IP packet (the skb starts at the network header), or
+/// None for anything that is not plain TCP or UDP.
+#[inline(always)]
+fn packet_destination(ctx: &SkBuffContext) -> Option<EndpointKey> {
+    let first: u8 = ctx.load(0).ok()?;
+    let (proto, ip, l4) = match first >> 4 {
+        4 => {
+            let ihl = usize::from(first & 0x0f) * 4;
+            let proto: u8 = ctx.load(9).ok()?;
+            let dst: u32 = ctx.load(16).ok()?;
+            (proto, mapped_v4(dst), ihl)
+        }
+        6 => {
+            let proto: u8 = ctx.load(6).ok()?;
+            let dst: Ip6Words = ctx.load(24).ok()?;
+            (proto, dst, 40)
+        }
+        _ => return None,
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let port: u16 = ctx.load(l4 + 2).ok()?;
+    Some(EndpointKey { ip, port: u16::from_be(port), proto, _pad: [0; 5] })
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

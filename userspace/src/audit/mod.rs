@@ -1,0 +1,234 @@
+//! The decision log: every verdict sluice reaches (connect, DNS, kernel
+//! refusal) as one JSON line, appended to a file and broadcast to live
+//! followers (`sluice run`, the control API's event stream).
+//!
+//! Records carry destinations, names, rules and reasons; never payloads.
+
+use std::{
+    fmt,
+    io::Write,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
+
+/// What was decided about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A TCP connection reaching the proxy.
+    Connect,
+    /// A DNS query reaching a sandbox's resolver.
+    Dns,
+    /// Something the kernel programs refused on their own.
+    Kernel,
+    /// Sandbox registered or removed.
+    Lifecycle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Lifecycle records.
+    Info,
+}
+
+/// Where the host name of a connection came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostSource {
+    /// TLS ClientHello server name.
+    Sni,
+    /// HTTP/1 Host header.
+    Http,
+    /// A name the sandbox resolved through sluice to this address.
+    Dns,
+    /// No name known: the address itself.
+    Ip,
+}
+
+/// One line of the decision log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Decision {
+    /// RFC 3339 UTC time.
+    pub time: String,
+    pub kind: Kind,
+    /// Sandbox name; absent when the flow came from no registered sandbox.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_source: Option<HostSource>,
+    /// Protocol seen on the connection: tls, http, opaque, udp, dns-tcp ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    pub verdict: Verdict,
+    /// The rule that decided, or a built-in reason name.
+    pub rule: String,
+    pub reason: String,
+}
+
+impl Decision {
+    pub fn new(kind: Kind, verdict: Verdict, rule: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            kind,
+            sandbox: None,
+            pid: None,
+            destination: None,
+            host: None,
+            host_source: None,
+            protocol: None,
+            verdict,
+            rule: rule.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    /// The one-line form `sluice run` prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = match self.verdict {
+            Verdict::Allow => "ALLOW",
+            Verdict::Deny => "DENY ",
+            Verdict::Info => "INFO ",
+        };
+        let kind = match self.kind {
+            Kind::Connect => "connect",
+            Kind::Dns => "dns    ",
+            Kind::Kernel => "kernel ",
+            Kind::Lifecycle => "sandbox",
+        };
+        write!(f, "{verdict} {kind}")?;
+        if let Some(pid) = self.pid {
+            write!(f, " pid={pid}")?;
+        }
+        match (&self.host, self.destination) {
+            (Some(host), Some(dst)) if host != &dst.ip().to_string() => write!(f, " {host} ({dst})")?,
+            (Some(host), None) => write!(f, " {host}")?,
+            (_, Some(dst)) => write!(f, " {dst}")?,
+            (None, None) => {}
+        }
+        if let Some(protocol) = &self.protocol {
+            write!(f, " [{protocol}]")?;
+        }
+        write!(f, " rule={}: {}", self.rule, self.reason)
+    }
+}
+
+/// Appends decisions to a file off the hot path and broadcasts them.
+pub struct DecisionLog {
+    file_tx: Option<mpsc::UnboundedSender<Arc<Decision>>>,
+    live: broadcast::Sender<Arc<Decision>>,
+    path: Option<PathBuf>,
+}
+
+impl DecisionLog {
+    /// A log that writes to `path` (created 0600, appended) if given.
+    /// Must be called inside a tokio runtime.
+    pub fn open(path: Option<&Path>) -> std::io::Result<Self> {
+        let (live, _) = broadcast::channel(4096);
+        let Some(path) = path else {
+            return Ok(Self { file_tx: None, live, path: None });
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<Arc<Decision>>();
+        // A blocking thread: file writes must not stall the proxy's workers.
+        std::thread::Builder::new().name("sluice-decision-log".into()).spawn(move || {
+            let mut out = std::io::BufWriter::new(file);
+            while let Some(first) = rx.blocking_recv() {
+                let mut next = Some(first);
+                while let Some(decision) = next {
+                    if let Ok(line) = serde_json::to_string(&*decision) {
+                        let _ = writeln!(out, "{line}");
+                    }
+                    next = rx.try_recv().ok();
+                }
+                let _ = out.flush();
+            }
+        })?;
+        Ok(Self { file_tx: Some(tx), live, path: Some(path.to_owned()) })
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub fn record(&self, decision: Decision) {
+        match decision.verdict {
+            Verdict::Deny => tracing::info!(target: "sluice::decision", "{decision}"),
+            _ => tracing::debug!(target: "sluice::decision", "{decision}"),
+        }
+        let decision = Arc::new(decision);
+        if let Some(tx) = &self.file_tx {
+            let _ = tx.send(decision.clone());
+        }
+        let _ = self.live.send(decision);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Decision>> {
+        self.live.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_rule_and_reason() {
+        let mut d = Decision::new(Kind::Connect, Verdict::Deny, "deny-internal-networks", "internal networks");
+        d.pid = Some(42);
+        d.destination = Some("10.0.0.1:80".parse().unwrap());
+        d.host = Some("intranet.test".into());
+        d.protocol = Some("http".into());
+        assert_eq!(
+            d.to_string(),
+            "DENY  connect pid=42 intranet.test (10.0.0.1:80) [http] rule=deny-internal-networks: internal networks"
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_json_lines_and_broadcasts() {
+        let dir = std::env::temp_dir().join(format!("sluice-audit-test-{}", std::process::id()));
+        let path = dir.join("decisions.jsonl");
+        let log = DecisionLog::open(Some(&path)).unwrap();
+        let mut live = log.subscribe();
+        let mut d = Decision::new(Kind::Dns, Verdict::Allow, "web", "allowed");
+        d.sandbox = Some("a".into());
+        log.record(d);
+        assert_eq!(live.recv().await.unwrap().rule, "web");
+        drop(log);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(line) = text.lines().next() {
+                let parsed: Decision = serde_json::from_str(line).unwrap();
+                assert_eq!(parsed.sandbox.as_deref(), Some("a"));
+                assert_eq!(parsed.kind, Kind::Dns);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "decision never written");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,47 @@
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Args;
+
+use super::InstanceArgs;
+use crate::daemon::{Daemon, DaemonConfig, DEFAULT_DNS_PORT, DEFAULT_PROXY_PORT};
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// Proxy port on 127.0.0.1 (ignored when re-adopting pinned state).
+    #[arg(long, default_value_t = DEFAULT_PROXY_PORT)]
+    pub proxy_port: u16,
+    /// Resolver port for unregistered cgroups (ignored when re-adopting).
+    #[arg(long, default_value_t = DEFAULT_DNS_PORT)]
+    pub dns_port: u16,
+    /// Upstream DNS server (repeatable); default: /etc/resolv.conf.
+    #[arg(long = "upstream-dns", value_name = "IP:PORT")]
+    pub upstream_dns: Vec<SocketAddr>,
+    /// Decision log (JSON lines); default /var/log/<instance>/decisions.jsonl.
+    #[arg(long)]
+    pub decision_log: Option<PathBuf>,
+}
+
+pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    let mut config = DaemonConfig::new(&args.instance.instance)?;
+    config.proxy_port = args.proxy_port;
+    config.dns_port = args.dns_port;
+    config.upstream_dns = args.upstream_dns;
+    if let Some(path) = args.decision_log {
+        config.decision_log = Some(path);
+    }
+    if crate::control::client::ControlClient::connect(&config.control_socket()).await.is_some() {
+        anyhow::bail!("a sluice daemon for instance {:?} is already running", config.instance);
+    }
+    let daemon = Daemon::start(config).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    // Pins stay: sandboxes remain cut off until a daemon is back.
+    daemon.stop();
+    tracing::info!("stopped; sandboxes stay cut off until a daemon restarts (or `sluice teardown`)");
+    Ok(())
+}

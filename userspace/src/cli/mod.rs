@@ -1,0 +1,76 @@
+//! The command line: one file per subcommand, each thin over the library.
+
+mod daemon;
+mod policy;
+mod run;
+mod sandbox;
+mod teardown;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::daemon::DEFAULT_INSTANCE;
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about = "eBPF-enforced egress proxy for AI-agent sandboxes", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the enforcement daemon (loads and pins the kernel programs).
+    Daemon(daemon::DaemonArgs),
+    /// Run a command in a new sandbox, under a profile, and show what it did.
+    Run(run::RunArgs),
+    /// Inspect sandboxes.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCommand),
+    /// Check profile files.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Remove every pin and attachment of an instance (sandboxes sluice made
+    /// are killed and removed). Sandboxes are no longer enforced afterwards.
+    Teardown(teardown::TeardownArgs),
+}
+
+/// Which daemon instance to talk to.
+#[derive(Debug, Clone, Args)]
+pub struct InstanceArgs {
+    /// Instance name: names the cgroup parent, the bpffs pin directory and
+    /// /run/<instance>/control.sock.
+    #[arg(long, env = "SLUICE_INSTANCE", default_value = DEFAULT_INSTANCE, global = true)]
+    pub instance: String,
+}
+
+impl InstanceArgs {
+    pub fn control_socket(&self) -> PathBuf {
+        crate::daemon::control_socket(&self.instance)
+    }
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub fn main(cli: Cli) -> anyhow::Result<u8> {
+    let default_level = match cli.command {
+        Command::Daemon(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| default_level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Daemon(args) => daemon::run(args).await.map(|()| 0),
+            Command::Run(args) => run::run(args).await,
+            Command::Sandbox(command) => sandbox::run(command).await.map(|()| 0),
+            Command::Policy(command) => policy::run(&command),
+            Command::Teardown(args) => teardown::run(&args).await.map(|()| 0),
+        }
+    })
+}

@@ -1,0 +1,196 @@
+//! `sluice run`: a command in a fresh sandbox, with what it did shown live.
+
+use std::{
+    ffi::{CString, OsString},
+    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use clap::Args;
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::InstanceArgs;
+use crate::{
+    audit::{Decision, Verdict},
+    control::{client::ControlClient, RegisterRequest},
+    daemon::{self, Daemon, DaemonConfig},
+    policy,
+    sandbox::ProfileSource,
+};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// Profile file (TOML); default: the built-in profile (`sluice policy default`).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// Sandbox name; default run-<pid>.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Do not print sluice's decisions.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Upstream DNS server for the embedded daemon (repeatable); default:
+    /// /etc/resolv.conf. Ignored when a daemon is running.
+    #[arg(long = "upstream-dns", value_name = "IP:PORT")]
+    pub upstream_dns: Vec<std::net::SocketAddr>,
+    /// Also append decisions to this file (embedded daemon only).
+    #[arg(long)]
+    pub decision_log: Option<PathBuf>,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
+    daemon::preflight()?;
+    let profile = match &args.profile {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading profile {}", path.display()))?;
+            // Fail here, before anything is set up, with line and column.
+            policy::Policy::compile(&policy::parse_profile(&text, &path.display().to_string())?)?;
+            ProfileSource::Inline { origin: path.display().to_string(), text }
+        }
+        None => ProfileSource::Builtin,
+    };
+    let name = args.name.clone().unwrap_or_else(|| format!("run-{}", std::process::id()));
+    let request = RegisterRequest { name: name.clone(), cgroup: None, profile };
+    let show = !args.quiet;
+
+    if let Some(client) = ControlClient::connect(&args.instance.control_socket()).await {
+        let status = client.register(&request).await?;
+        let follower = show.then(|| {
+            let client = ControlClient::new(&args.instance.control_socket());
+            let name = name.clone();
+            tokio::spawn(async move { client.follow(Some(&name), |d| print_decision(&d)).await })
+        });
+        let result = spawn_and_wait(&status.record.cgroup, &args.command).await;
+        // Let the last decisions arrive before the summary.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if let Some(follower) = follower {
+            follower.abort();
+        }
+        client.unregister(&name).await?;
+        return result;
+    }
+
+    // No daemon: enforce with one of our own, under an instance of its own
+    // so it never collides with a daemon started later.
+    let mut config = DaemonConfig::new(&format!("{}-run-{}", args.instance.instance, std::process::id()))?;
+    config.proxy_port = 0;
+    config.dns_port = 0;
+    config.serve_control = false;
+    config.upstream_dns.clone_from(&args.upstream_dns);
+    config.decision_log.clone_from(&args.decision_log);
+    let daemon = Daemon::start(config).await?;
+    let printer = show.then(|| {
+        let mut live = daemon.log().subscribe();
+        tokio::spawn(async move {
+            while let Ok(decision) = live.recv().await {
+                print_decision(&decision);
+            }
+        })
+    });
+    let result = match daemon.register(request).await {
+        Ok(status) => spawn_and_wait(&status.record.cgroup, &args.command).await,
+        Err(error) => Err(error),
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    if let Some(printer) = printer {
+        printer.abort();
+    }
+    let teardown = daemon.teardown().await;
+    let code = result?;
+    teardown.context("cleaning up the sandbox")?;
+    Ok(code)
+}
+
+fn print_decision(decision: &Decision) -> bool {
+    if decision.verdict != Verdict::Info {
+        eprintln!("sluice: {decision}");
+    }
+    true
+}
+
+/// Runs the command inside `cgroup` from its first instruction, forwards
+/// signals, and returns its exit code (128 + signal if killed).
+async fn spawn_and_wait(cgroup: &Path, argv: &[OsString]) -> anyhow::Result<u8> {
+    let procs = CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+    let mut command = std::process::Command::new(&argv[0]);
+    command.args(&argv[1..]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || enter_cgroup(&procs));
+    }
+    let mut child = match tokio::process::Command::from(command).spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            eprintln!("sluice: cannot run {}: {error}", argv[0].to_string_lossy());
+            return Ok(if error.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 });
+        }
+    };
+    let pid = child.id().context("child has no pid")? as i32;
+    let forwarder = tokio::spawn(forward_signals(pid));
+    let status = child.wait().await?;
+    forwarder.abort();
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => 128 + signal as u8,
+        (None, None) => 1,
+    })
+}
+
+/// Moves the calling (freshly forked) process into the cgroup: writing "0"
+/// to cgroup.procs means "me".
+fn enter_cgroup(procs: &CString) -> std::io::Result<()> {
+    // SAFETY: open/write/close are async-signal-safe; the path is valid.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let error = std::io::Error::last_os_error();
+        libc::close(fd);
+        if written != 1 {
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// Forwards termination and user signals to the child. With a terminal, the
+/// kernel already sends keyboard signals (INT, QUIT) and WINCH to the whole
+/// foreground group, child included: forwarding them would deliver twice.
+async fn forward_signals(child: i32) {
+    // SAFETY: plain syscall.
+    let tty = unsafe { libc::isatty(0) } == 1;
+    let mut kinds = vec![SignalKind::terminate(), SignalKind::hangup(), SignalKind::user_defined1(), SignalKind::user_defined2()];
+    if !tty {
+        kinds.extend([SignalKind::interrupt(), SignalKind::quit(), SignalKind::window_change()]);
+    } else {
+        // Still catch them so sluice itself survives to clean up.
+        kinds.extend([SignalKind::interrupt(), SignalKind::quit()]);
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for kind in kinds {
+        let Ok(mut stream) = signal(kind) else { continue };
+        let tx = tx.clone();
+        let raw = kind.as_raw_value();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                let _ = tx.send(raw);
+            }
+        });
+    }
+    let keyboard = [libc::SIGINT, libc::SIGQUIT];
+    while let Some(raw) = rx.recv().await {
+        if tty && keyboard.contains(&raw) {
+            continue;
+        }
+        // SAFETY: plain syscall to our own child.
+        unsafe { libc::kill(child, raw) };
+    }
+}

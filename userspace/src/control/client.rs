@@ -1,0 +1,121 @@
+//! A client for the control API, used by the CLI.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::net::UnixStream;
+
+use super::{ApiError, Health, RegisterRequest, SandboxStatus};
+use crate::audit::Decision;
+
+pub struct ControlClient {
+    socket: PathBuf,
+}
+
+impl ControlClient {
+    /// A client for `socket`, not yet checked.
+    pub fn new(socket: &Path) -> Self {
+        Self { socket: socket.to_owned() }
+    }
+
+    /// Connects if a daemon is listening on `socket`; `None` if none is.
+    pub async fn connect(socket: &Path) -> Option<Self> {
+        let client = Self::new(socket);
+        client.health().await.ok().map(|_| client)
+    }
+
+    pub async fn health(&self) -> anyhow::Result<Health> {
+        self.call(Method::GET, "/v1/health", None::<&()>).await
+    }
+
+    pub async fn sandboxes(&self) -> anyhow::Result<Vec<SandboxStatus>> {
+        self.call(Method::GET, "/v1/sandboxes", None::<&()>).await
+    }
+
+    pub async fn register(&self, request: &RegisterRequest) -> anyhow::Result<SandboxStatus> {
+        self.call(Method::POST, "/v1/sandboxes", Some(request)).await
+    }
+
+    pub async fn unregister(&self, name: &str) -> anyhow::Result<()> {
+        let (status, body) = self.send(Method::DELETE, &format!("/v1/sandboxes/{name}"), None::<&()>).await?;
+        if status.is_success() {
+            return Ok(());
+        }
+        bail!("{}", api_error(status, &body))
+    }
+
+    /// Follows the decision stream, calling `each` per decision until the
+    /// daemon closes the stream or `each` returns false.
+    pub async fn follow(&self, sandbox: Option<&str>, mut each: impl FnMut(Decision) -> bool) -> anyhow::Result<()> {
+        let path = match sandbox {
+            Some(name) => format!("/v1/events?sandbox={name}"),
+            None => "/v1/events".to_owned(),
+        };
+        let mut sender = self.handshake().await?;
+        let request = Request::builder().method(Method::GET).uri(path).header("host", "sluice").body(Full::new(Bytes::new()))?;
+        let mut response = sender.send_request(request).await.context("control API request failed")?;
+        let mut pending = Vec::new();
+        while let Some(frame) = response.body_mut().frame().await {
+            let Ok(data) = frame?.into_data() else { continue };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                if let Ok(decision) = serde_json::from_slice::<Decision>(&line) {
+                    if !each(decision) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> anyhow::Result<T> {
+        let (status, bytes) = self.send(method, path, body).await?;
+        if !status.is_success() {
+            bail!("{}", api_error(status, &bytes));
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from the daemon to {path}"))
+    }
+
+    async fn handshake(&self) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .with_context(|| format!("cannot reach the sluice daemon at {}", self.socket.display()))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> anyhow::Result<(StatusCode, Bytes)> {
+        let mut sender = self.handshake().await?;
+        let payload = match body {
+            Some(body) => Bytes::from(serde_json::to_vec(body)?),
+            None => Bytes::new(),
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "sluice")
+            .header("content-type", "application/json")
+            .body(Full::new(payload))?;
+        let response = sender.send_request(request).await.context("control API request failed")?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        Ok((status, bytes))
+    }
+}
+
+fn api_error(status: StatusCode, body: &[u8]) -> String {
+    match serde_json::from_slice::<ApiError>(body) {
+        Ok(error) => error.error,
+        Err(_) => format!("daemon answered {status}"),
+    }
+}

@@ -1,0 +1,228 @@
+//! The control API: HTTP/JSON on a root-only unix socket.
+//!
+//! | method | path                     | does                                  |
+//! |--------|--------------------------|---------------------------------------|
+//! | GET    | /v1/health               | daemon identity and kernel features   |
+//! | GET    | /v1/sandboxes            | sandboxes with their counters         |
+//! | POST   | /v1/sandboxes            | register a sandbox ([`RegisterRequest`]) |
+//! | DELETE | /v1/sandboxes/{name}     | remove a sandbox (kills what remains in a cgroup sluice made) |
+//! | GET    | /v1/events[?sandbox=N]   | follow decisions as JSON lines        |
+//!
+//! The socket is mode 0600 and every connection's peer is checked: it must
+//! be root and must not sit in an enforced cgroup, so a sandboxed process
+//! (even one running as root) cannot change its own policy.
+
+pub mod client;
+
+use std::{convert::Infallible, path::Path, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::{body::Frame, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::{
+    daemon::Daemon,
+    sandbox::{ProfileSource, SandboxRecord},
+};
+
+/// Body of `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// Sandbox name; also the cgroup directory name when `cgroup` is absent.
+    pub name: String,
+    /// An existing cgroup (absolute, or relative to the cgroup v2 root) to
+    /// enroll instead of making one. Must be under the enforced parent.
+    #[serde(default)]
+    pub cgroup: Option<std::path::PathBuf>,
+    #[serde(default = "builtin")]
+    pub profile: ProfileSource,
+}
+
+fn builtin() -> ProfileSource {
+    ProfileSource::Builtin
+}
+
+/// A sandbox as the API lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxStatus {
+    #[serde(flatten)]
+    pub record: SandboxRecord,
+    pub profile_name: String,
+    pub processes: usize,
+    pub redirected: u64,
+    pub dns: u64,
+    pub refused: u64,
+    pub dropped_packets: u64,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub instance: String,
+    pub pid: u32,
+    pub adopted: bool,
+    pub lsm: bool,
+    pub cgroup_parent: std::path::PathBuf,
+    pub proxy_port: u16,
+    pub decision_log: Option<std::path::PathBuf>,
+}
+
+/// Error body of every failed call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Binds the socket (root-only) and serves until the task is aborted.
+pub async fn serve(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
+    let listener = bind(path)?;
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "control accept failed");
+                continue;
+            }
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let refusal = check_peer(&stream, &daemon);
+            let service = service_fn(move |request| {
+                let daemon = daemon.clone();
+                let refusal = refusal.clone();
+                async move {
+                    Ok::<_, Infallible>(match refusal {
+                        Some(why) => error(StatusCode::FORBIDDEN, why),
+                        None => route(&daemon, request).await,
+                    })
+                }
+            });
+            if let Err(error) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!(%error, "control connection ended");
+            }
+        });
+    }
+}
+
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    // A stale socket from a daemon that died; a live daemon was ruled out by
+    // the caller, which tried to connect first.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Why this peer may not use the API, if it may not.
+fn check_peer(stream: &UnixStream, daemon: &Daemon) -> Option<String> {
+    let Ok(cred) = stream.peer_cred() else {
+        return Some("cannot identify the caller".into());
+    };
+    if cred.uid() != 0 {
+        return Some("the control API is for root only".into());
+    }
+    let Some(pid) = cred.pid() else {
+        return Some("cannot identify the caller's process".into());
+    };
+    match crate::sandbox::cgroup::of_pid(pid as u32) {
+        Ok(cgroup) if daemon.is_enforced_cgroup(&cgroup) => {
+            Some(format!("process {pid} is inside a sandbox and may not use the control API"))
+        }
+        Ok(_) => None,
+        Err(_) => Some(format!("cannot read the cgroup of process {pid}")),
+    }
+}
+
+async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or("").to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (request.method().clone(), segments.as_slice()) {
+        (Method::GET, ["v1", "health"]) => json(StatusCode::OK, &daemon.health()),
+        (Method::GET, ["v1", "sandboxes"]) => json(StatusCode::OK, &daemon.statuses()),
+        (Method::POST, ["v1", "sandboxes"]) => {
+            let body = match read_body(request).await {
+                Ok(body) => body,
+                Err(why) => return error(StatusCode::BAD_REQUEST, why),
+            };
+            let register: RegisterRequest = match serde_json::from_slice(&body) {
+                Ok(register) => register,
+                Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
+            };
+            match daemon.register(register).await {
+                Ok(status) => json(StatusCode::CREATED, &status),
+                Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+            }
+        }
+        (Method::DELETE, ["v1", "sandboxes", name]) => match daemon.unregister(name).await {
+            Ok(true) => Response::builder().status(StatusCode::NO_CONTENT).body(empty()).expect("valid response"),
+            Ok(false) => error(StatusCode::NOT_FOUND, format!("no sandbox named {name:?}")),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
+        (Method::GET, ["v1", "events"]) => {
+            let sandbox = query.split('&').find_map(|kv| kv.strip_prefix("sandbox=")).map(str::to_owned);
+            events(daemon, sandbox)
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {path}", request.method())),
+    }
+}
+
+/// Request bodies are small JSON documents; anything larger is refused.
+const MAX_BODY: usize = 1024 * 1024;
+
+async fn read_body(request: Request<hyper::body::Incoming>) -> Result<Bytes, String> {
+    let limited = http_body_util::Limited::new(request.into_body(), MAX_BODY);
+    limited.collect().await.map(http_body_util::Collected::to_bytes).map_err(|e| format!("reading body: {e}"))
+}
+
+fn events(daemon: &Daemon, sandbox: Option<String>) -> Response<Body> {
+    let receiver = daemon.log().subscribe();
+    let stream = futures_util::stream::unfold((receiver, sandbox), |(mut receiver, sandbox)| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(decision) => {
+                    if sandbox.as_ref().is_some_and(|name| decision.sandbox.as_ref() != Some(name)) {
+                        continue;
+                    }
+                    let mut line = serde_json::to_vec(&*decision).unwrap_or_default();
+                    line.push(b'\n');
+                    return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(line))), (receiver, sandbox)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/x-ndjson")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .expect("valid response")
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)).boxed())
+        .expect("valid response")
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    json(status, &ApiError { error: message.into() })
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new()).boxed()
+}

@@ -1,0 +1,582 @@
+//! The daemon: owns the datapath, the sandbox registry, the proxy, the
+//! resolvers and the control API, and wires them together.
+//!
+//! One *instance* (default `sluice`) names everything it owns, so several
+//! can run side by side (tests, `sluice run` without a daemon):
+//! - the enforced cgroup parent `<cgroup2>/<instance>`,
+//! - pins under `/sys/fs/bpf/<instance>`,
+//! - runtime state under `/run/<instance>` (control socket, sandboxes.json).
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{bail, Context as _};
+use sluice_common::{ip_to_words, SandboxEntry, Target, PROTO_TCP};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{
+    audit::{Decision, DecisionLog, Kind, Verdict},
+    control::{Health, RegisterRequest, SandboxStatus},
+    datapath::{self, Datapath, KernelEvent, Origin},
+    dns::{self, DnsPolicy, NameVerdict, Refusal, SandboxResolver, Upstream},
+    policy::{self, Policy},
+    proxy::{self, ProxyContext},
+    sandbox::{self, cgroup, ProfileSource, Registry, Sandbox, SandboxRecord},
+};
+
+/// The address sandboxes in the host's network namespace reach sluice on.
+/// IPv6 sockets are sent to its IPv4-mapped form, so one set of listeners
+/// serves both families.
+const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
+pub const DEFAULT_INSTANCE: &str = "sluice";
+pub const DEFAULT_PROXY_PORT: u16 = 15_001;
+pub const DEFAULT_DNS_PORT: u16 = 15_053;
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub instance: String,
+    /// cgroup v2 mount point.
+    pub cgroup_root: PathBuf,
+    /// Proxy port; 0 picks a free one (only when not adopting pinned state).
+    pub proxy_port: u16,
+    /// Resolver port for cgroups that are not registered sandboxes.
+    pub dns_port: u16,
+    /// Upstream DNS servers; empty means the host's /etc/resolv.conf.
+    pub upstream_dns: Vec<SocketAddr>,
+    pub decision_log: Option<PathBuf>,
+    /// Serve the control API on `control_socket()`.
+    pub serve_control: bool,
+}
+
+impl DaemonConfig {
+    pub fn new(instance: &str) -> anyhow::Result<Self> {
+        sandbox::validate_name(instance).map_err(anyhow::Error::msg).context("invalid instance name")?;
+        Ok(Self {
+            instance: instance.to_owned(),
+            cgroup_root: datapath::cgroup2_mount()?,
+            proxy_port: DEFAULT_PROXY_PORT,
+            dns_port: DEFAULT_DNS_PORT,
+            upstream_dns: Vec::new(),
+            decision_log: Some(PathBuf::from(format!("/var/log/{instance}/decisions.jsonl"))),
+            serve_control: true,
+        })
+    }
+
+    pub fn cgroup_parent(&self) -> PathBuf {
+        self.cgroup_root.join(&self.instance)
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new(datapath::BPFFS).join(&self.instance)
+    }
+
+    pub fn runtime_dir(&self) -> PathBuf {
+        runtime_dir(&self.instance)
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        control_socket(&self.instance)
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.runtime_dir().join("sandboxes.json")
+    }
+}
+
+pub fn runtime_dir(instance: &str) -> PathBuf {
+    PathBuf::from("/run").join(instance)
+}
+
+pub fn control_socket(instance: &str) -> PathBuf {
+    runtime_dir(instance).join("control.sock")
+}
+
+pub struct Daemon {
+    config: DaemonConfig,
+    datapath: Arc<Datapath>,
+    registry: Arc<Registry>,
+    log: Arc<DecisionLog>,
+    upstream: Arc<Upstream>,
+    target: Target,
+    /// Registrations run one at a time: slot and port choice, map writes and
+    /// the state file must agree.
+    registering: tokio::sync::Mutex<()>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    unknown_resolver: Mutex<Option<SandboxResolver>>,
+}
+
+impl Daemon {
+    /// Starts everything; adopts pinned state and recorded sandboxes if an
+    /// earlier daemon of this instance left them.
+    pub async fn start(config: DaemonConfig) -> anyhow::Result<Arc<Self>> {
+        preflight()?;
+        let parent = config.cgroup_parent();
+        cgroup::create(&parent).with_context(|| format!("creating the enforced cgroup parent {}", parent.display()))?;
+        let log = Arc::new(
+            DecisionLog::open(config.decision_log.as_deref())
+                .with_context(|| format!("opening the decision log {:?}", config.decision_log))?,
+        );
+        let upstream = Arc::new(if config.upstream_dns.is_empty() {
+            Upstream::from_resolv_conf(Path::new("/etc/resolv.conf")).context("reading upstream DNS servers from /etc/resolv.conf")?
+        } else {
+            Upstream::new(config.upstream_dns.clone(), Duration::from_secs(3))
+        });
+
+        // With pinned state the kernel already points at fixed ports: bind
+        // those. Otherwise bind first and point the kernel at what we got.
+        let adopted = if config.pin_dir().join("maps").exists() {
+            Some(Datapath::open(&parent, &config.pin_dir(), Target::default())?)
+        } else {
+            None
+        };
+        let (proxy_port, dns_port) = adopted
+            .as_ref()
+            .map_or((config.proxy_port, config.dns_port), |d| (d.default_target().proxy_port, d.default_target().dns_port));
+        let proxy_listener = TcpListener::bind(SocketAddr::new(LOOPBACK.into(), proxy_port))
+            .await
+            .with_context(|| format!("binding the proxy on {LOOPBACK}:{proxy_port} (is another daemon running?)"))?;
+        let proxy_addr = proxy_listener.local_addr()?;
+        let registry = Arc::new(Registry::default());
+        let bridge = Arc::new(DnsBridge { registry: registry.clone(), log: log.clone() });
+        let unknown_resolver = SandboxResolver::start(
+            SocketAddr::new(LOOPBACK.into(), dns_port),
+            0,
+            bridge.clone(),
+            upstream.clone(),
+            dns::Limits::default(),
+        )
+        .await
+        .with_context(|| format!("binding the resolver on {LOOPBACK}:{dns_port}"))?;
+        let target = Target {
+            ip6: ip_to_words(IpAddr::V6(LOOPBACK.to_ipv6_mapped())),
+            ip4: u32::from(LOOPBACK).to_be(),
+            proxy_port: proxy_addr.port(),
+            dns_port: unknown_resolver.local_addr().port(),
+        };
+        let datapath = Arc::new(match adopted {
+            Some(datapath) => datapath,
+            None => Datapath::open(&parent, &config.pin_dir(), target)
+                .with_context(|| format!("setting up the kernel programs on {}", parent.display()))?,
+        });
+        datapath.add_endpoint(target, target.proxy_port, PROTO_TCP)?;
+        datapath.add_endpoint(target, target.dns_port, sluice_common::PROTO_UDP)?;
+        datapath.add_endpoint(target, target.dns_port, PROTO_TCP)?;
+
+        let daemon = Arc::new(Self {
+            config,
+            datapath: datapath.clone(),
+            registry: registry.clone(),
+            log: log.clone(),
+            upstream,
+            target,
+            registering: tokio::sync::Mutex::new(()),
+            tasks: Mutex::new(Vec::new()),
+            unknown_resolver: Mutex::new(Some(unknown_resolver)),
+        });
+
+        let proxy_ctx = Arc::new(ProxyContext::new(datapath.clone(), registry.clone(), log.clone(), vec![proxy_addr]));
+        daemon.spawn(proxy::serve(proxy_listener, proxy_ctx));
+        if let Some(events) = datapath.take_events() {
+            let (registry, log) = (registry.clone(), log.clone());
+            daemon.spawn(forward_kernel_events(events, registry, log));
+        }
+        daemon.readopt().await;
+        if daemon.config.serve_control {
+            let socket = daemon.config.control_socket();
+            let listener_daemon = daemon.clone();
+            // Bind now so callers can rely on the socket once start returns.
+            let listener = crate::control::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+            drop(listener);
+            daemon.spawn(async move {
+                if let Err(error) = crate::control::serve(&socket, listener_daemon).await {
+                    tracing::error!(%error, "control API stopped");
+                }
+            });
+        }
+        tracing::info!(
+            instance = %daemon.config.instance,
+            origin = ?datapath.origin(),
+            proxy = %proxy_addr,
+            lsm = datapath.lsm_enabled(),
+            "sluice is enforcing {}",
+            daemon.config.cgroup_parent().display()
+        );
+        Ok(daemon)
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.lock().expect("lock poisoned").push(tokio::spawn(task));
+    }
+
+    pub fn log(&self) -> &Arc<DecisionLog> {
+        &self.log
+    }
+
+    pub fn config(&self) -> &DaemonConfig {
+        &self.config
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Whether a cgroup path (relative to the cgroup v2 root, as in
+    /// /proc/PID/cgroup) is at or under the enforced parent.
+    pub fn is_enforced_cgroup(&self, relative: &Path) -> bool {
+        let absolute = self.config.cgroup_root.join(relative.strip_prefix("/").unwrap_or(relative));
+        absolute.starts_with(self.config.cgroup_parent())
+    }
+
+    pub fn health(&self) -> Health {
+        Health {
+            instance: self.config.instance.clone(),
+            pid: std::process::id(),
+            adopted: self.datapath.origin() == Origin::Adopted,
+            lsm: self.datapath.lsm_enabled(),
+            cgroup_parent: self.config.cgroup_parent(),
+            proxy_port: self.target.proxy_port,
+            decision_log: self.log.path().map(Path::to_owned),
+        }
+    }
+
+    pub fn statuses(&self) -> Vec<SandboxStatus> {
+        self.registry.list().iter().map(|sandbox| self.status(sandbox)).collect()
+    }
+
+    fn status(&self, sandbox: &Sandbox) -> SandboxStatus {
+        let counters = self.datapath.counters(sandbox.record.slot);
+        SandboxStatus {
+            record: sandbox.record.clone(),
+            profile_name: sandbox.policy.load().name().to_owned(),
+            processes: cgroup::pids(&sandbox.record.cgroup).len(),
+            redirected: counters.redirected,
+            dns: counters.dns,
+            refused: counters.refused,
+            dropped_packets: counters.dropped_packets,
+        }
+    }
+
+    /// Registers a sandbox: compiles its profile, makes (or checks) its
+    /// cgroup, starts its resolver and enrolls it in the kernel.
+    pub async fn register(&self, request: RegisterRequest) -> anyhow::Result<SandboxStatus> {
+        sandbox::validate_name(&request.name).map_err(anyhow::Error::msg)?;
+        let policy = compile(&request.profile)?;
+        let _guard = self.registering.lock().await;
+        let parent = self.config.cgroup_parent();
+        let (cgroup_path, owns_cgroup) = match &request.cgroup {
+            Some(path) => {
+                let absolute = self.config.cgroup_root.join(path.strip_prefix("/").unwrap_or(path));
+                if !absolute.starts_with(&parent) || absolute == parent {
+                    bail!("cgroup {} is not under the enforced parent {}", absolute.display(), parent.display());
+                }
+                if !absolute.is_dir() {
+                    bail!("cgroup {} does not exist", absolute.display());
+                }
+                (absolute, false)
+            }
+            None => {
+                let path = parent.join(&request.name);
+                let created = cgroup::create(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+                if !created {
+                    bail!("cgroup {} already exists; pass it as `cgroup` to enroll it", path.display());
+                }
+                (path, true)
+            }
+        };
+        let record = SandboxRecord {
+            name: request.name.clone(),
+            cgroup_id: cgroup::id(&cgroup_path)?,
+            cgroup: cgroup_path.clone(),
+            slot: 0,
+            dns_port: 0,
+            profile: request.profile,
+            owns_cgroup,
+            created: SystemTime::now(),
+        };
+        match self.install(record, policy).await {
+            Ok(sandbox) => {
+                self.persist();
+                let mut decision = Decision::new(Kind::Lifecycle, Verdict::Info, "registered", format!(
+                    "sandbox {} enforced on {} with profile {}",
+                    sandbox.name(),
+                    sandbox.record.cgroup.display(),
+                    sandbox.record.profile.describe()
+                ));
+                decision.sandbox = Some(sandbox.name().to_owned());
+                self.log.record(decision);
+                Ok(self.status(&sandbox))
+            }
+            Err(error) => {
+                if owns_cgroup {
+                    let _ = cgroup::remove(&cgroup_path);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Starts a sandbox's resolver, enrolls it and adds it to the registry.
+    /// `record.dns_port` is reused when set (re-adoption), else chosen.
+    async fn install(&self, mut record: SandboxRecord, policy: Policy) -> anyhow::Result<Arc<Sandbox>> {
+        let slot = self.registry.reserve(&record.name, record.cgroup_id)?;
+        record.slot = slot;
+        let bridge = Arc::new(DnsBridge { registry: self.registry.clone(), log: self.log.clone() });
+        let start = |port| {
+            SandboxResolver::start(
+                SocketAddr::new(LOOPBACK.into(), port),
+                record.cgroup_id,
+                bridge.clone(),
+                self.upstream.clone(),
+                dns::Limits::default(),
+            )
+        };
+        let resolver = match start(record.dns_port).await {
+            Ok(resolver) => resolver,
+            // The old port is taken: pick another and repoint the kernel.
+            Err(_) if record.dns_port != 0 => start(0).await?,
+            Err(error) => return Err(error.into()),
+        };
+        record.dns_port = resolver.local_addr().port();
+        let entry = SandboxEntry { target: Target { dns_port: record.dns_port, ..self.target }, slot, _pad: 0 };
+        let cgroup_id = record.cgroup_id;
+        let sandbox = Arc::new(Sandbox::new(record, policy, resolver));
+        self.registry.insert(sandbox.clone())?;
+        if let Err(error) = self.datapath.enroll(cgroup_id, entry) {
+            self.registry.remove(sandbox.name());
+            sandbox.shut_down();
+            return Err(error.into());
+        }
+        Ok(sandbox)
+    }
+
+    /// Removes a sandbox. In a cgroup sluice made, remaining processes are
+    /// killed and the cgroup removed; an enrolled foreign cgroup is left as it
+    /// is (its processes stay redirected, and are denied as unknown).
+    pub async fn unregister(&self, name: &str) -> anyhow::Result<bool> {
+        let _guard = self.registering.lock().await;
+        let Some(sandbox) = self.registry.remove(name) else {
+            return Ok(false);
+        };
+        if sandbox.record.owns_cgroup {
+            let path = sandbox.record.cgroup.clone();
+            tokio::task::spawn_blocking(move || cgroup::kill_all(&path, Duration::from_secs(5))).await??;
+        }
+        self.datapath.unenroll(sandbox.record.cgroup_id)?;
+        sandbox.shut_down();
+        if sandbox.record.owns_cgroup {
+            cgroup::remove(&sandbox.record.cgroup)
+                .with_context(|| format!("removing cgroup {}", sandbox.record.cgroup.display()))?;
+        }
+        self.persist();
+        let mut decision = Decision::new(Kind::Lifecycle, Verdict::Info, "removed", format!("sandbox {name} removed"));
+        decision.sandbox = Some(name.to_owned());
+        self.log.record(decision);
+        Ok(true)
+    }
+
+    fn persist(&self) {
+        let path = self.config.state_file();
+        let result = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(self.config.runtime_dir())?;
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&self.registry.records())?)?;
+            std::fs::rename(tmp, &path)
+        })();
+        if let Err(error) = result {
+            tracing::error!(%error, path = %path.display(), "could not save sandbox state");
+        }
+    }
+
+    /// Takes over the sandboxes an earlier daemon of this instance recorded.
+    async fn readopt(&self) {
+        let path = self.config.state_file();
+        let Ok(text) = std::fs::read_to_string(&path) else { return };
+        let records: Vec<SandboxRecord> = match serde_json::from_str(&text) {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::error!(%error, path = %path.display(), "ignoring unreadable sandbox state");
+                return;
+            }
+        };
+        let enrolled = self.datapath.enrolled();
+        for record in records {
+            let current_id = cgroup::id(&record.cgroup).ok();
+            if current_id != Some(record.cgroup_id) {
+                tracing::info!(sandbox = %record.name, "cgroup is gone; dropping the sandbox");
+                let _ = self.datapath.unenroll(record.cgroup_id);
+                continue;
+            }
+            let name = record.name.clone();
+            let result = match compile(&record.profile) {
+                Ok(policy) => self.install(record, policy).await.map(|_| ()),
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(()) => tracing::info!(sandbox = %name, "re-adopted sandbox"),
+                Err(error) => tracing::error!(sandbox = %name, error = %format!("{error:#}"), "could not re-adopt sandbox"),
+            }
+        }
+        // Anything enrolled in the kernel that no record explains stays
+        // redirected but unknown, which denies it: log it for the operator.
+        for (cgroup_id, _) in enrolled {
+            if self.registry.by_cgroup(cgroup_id).is_none() {
+                tracing::warn!(cgroup_id, "enrolled cgroup without a record; removing it from the map");
+                let _ = self.datapath.unenroll(cgroup_id);
+            }
+        }
+        self.persist();
+    }
+
+    /// Stops serving. Pinned programs stay attached: sandboxes remain cut
+    /// off until a daemon comes back or `sluice teardown` runs.
+    pub fn stop(&self) {
+        for task in self.tasks.lock().expect("lock poisoned").drain(..) {
+            task.abort();
+        }
+        for sandbox in self.registry.list() {
+            sandbox.shut_down();
+        }
+        if let Some(resolver) = self.unknown_resolver.lock().expect("lock poisoned").take() {
+            resolver.stop();
+        }
+    }
+
+    /// Removes every sandbox sluice made and every pin: the instance is gone.
+    pub async fn teardown(&self) -> anyhow::Result<()> {
+        for sandbox in self.registry.list() {
+            self.unregister(sandbox.name()).await?;
+        }
+        self.stop();
+        teardown_instance(&self.config)?;
+        Ok(())
+    }
+}
+
+/// Removes an instance's pins (detaching its programs), its runtime state,
+/// and its cgroup parent if empty. Works with or without a daemon.
+pub fn teardown_instance(config: &DaemonConfig) -> anyhow::Result<usize> {
+    let removed = datapath::teardown(&config.pin_dir())?;
+    let _ = std::fs::remove_file(config.state_file());
+    let _ = std::fs::remove_file(config.control_socket());
+    let _ = std::fs::remove_dir(config.runtime_dir());
+    let parent = config.cgroup_parent();
+    if parent.exists() && cgroup::pids(&parent).is_empty() {
+        let _ = cgroup::remove(&parent);
+    }
+    Ok(removed)
+}
+
+fn compile(source: &ProfileSource) -> anyhow::Result<Policy> {
+    let profile = match source {
+        ProfileSource::Builtin => policy::builtin_default(),
+        ProfileSource::Inline { origin, text } => policy::parse_profile(text, origin)?,
+    };
+    Ok(Policy::compile(&profile)?)
+}
+
+/// Checks what sluice needs before touching the kernel, with what to do.
+pub fn preflight() -> anyhow::Result<()> {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("sluice must run as root (it loads eBPF programs and manages cgroups): try `sudo sluice ...`");
+    }
+    datapath::cgroup2_mount()?;
+    Ok(())
+}
+
+/// Tells the resolvers what each sandbox may resolve, and remembers answers.
+struct DnsBridge {
+    registry: Arc<Registry>,
+    log: Arc<DecisionLog>,
+}
+
+impl DnsPolicy for DnsBridge {
+    fn check_name(&self, sandbox: u64, name: &str) -> NameVerdict {
+        let Some(sandbox) = self.registry.by_cgroup(sandbox) else {
+            return NameVerdict::Deny {
+                rule: "unknown-sandbox".into(),
+                reason: "the query came from a cgroup that is not a registered sandbox".into(),
+            };
+        };
+        let decision = sandbox.policy.load().may_resolve(name);
+        if decision.is_allowed() {
+            NameVerdict::Allow
+        } else {
+            NameVerdict::Deny { rule: decision.rule, reason: decision.reason }
+        }
+    }
+
+    fn record_answers(&self, sandbox: u64, name: &str, answers: &[(IpAddr, Duration)]) {
+        let Some(sandbox) = self.registry.by_cgroup(sandbox) else { return };
+        for (ip, ttl) in answers {
+            sandbox.names.remember(name, *ip, *ttl);
+        }
+        let mut decision = Decision::new(Kind::Dns, Verdict::Allow, "resolved", format!(
+            "{} -> {}",
+            name,
+            answers.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>().join(", ")
+        ));
+        decision.sandbox = Some(sandbox.name().to_owned());
+        decision.host = Some(name.to_owned());
+        self.log.record(decision);
+    }
+
+    fn record_refusal(&self, sandbox: u64, name: &str, qtype: &str, why: &Refusal) {
+        let sandbox_name = self.registry.by_cgroup(sandbox).map(|s| s.name().to_owned());
+        let rule = match why {
+            Refusal::PolicyDeny { rule, .. } => rule.to_string(),
+            Refusal::RateLimited { .. } => "dns-rate-limit".to_owned(),
+            Refusal::LabelTooLong { .. }
+            | Refusal::NameTooLong { .. }
+            | Refusal::EncodedLabel { .. }
+            | Refusal::NotAHostname => "dns-tunnel-shape".to_owned(),
+            _ => "dns-refused".to_owned(),
+        };
+        let mut decision = Decision::new(Kind::Dns, Verdict::Deny, rule, format!("{qtype} query refused: {why}"));
+        decision.sandbox = sandbox_name;
+        decision.host = Some(name.to_owned());
+        self.log.record(decision);
+    }
+}
+
+async fn forward_kernel_events(mut events: datapath::EventStream, registry: Arc<Registry>, log: Arc<DecisionLog>) {
+    loop {
+        let batch = match events.next_batch().await {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::error!(%error, "kernel event stream failed");
+                return;
+            }
+        };
+        for event in batch {
+            log.record(kernel_decision(&event, &registry));
+        }
+    }
+}
+
+fn kernel_decision(event: &KernelEvent, registry: &Registry) -> Decision {
+    let rule = match event.reason {
+        datapath::RefusalReason::Socket => "kernel-socket",
+        datapath::RefusalReason::Egress => "kernel-egress",
+        datapath::RefusalReason::UdpConnect | datapath::RefusalReason::UdpSend => "kernel-udp",
+        _ => "kernel",
+    };
+    let mut reason = event.reason.explain().to_owned();
+    if let Some((family, sock_type, protocol)) = event.socket {
+        reason.push_str(&format!(" (family {family}, type {sock_type}, protocol {protocol})"));
+    }
+    let mut decision = Decision::new(Kind::Kernel, Verdict::Deny, rule, reason);
+    decision.sandbox = registry.by_cgroup(event.sandbox_cgroup).map(|s| s.name().to_owned());
+    decision.pid = (event.pid != 0).then_some(event.pid);
+    decision.destination = event.destination;
+    decision.protocol = Some(match event.reason {
+        datapath::RefusalReason::UdpConnect | datapath::RefusalReason::UdpSend => "udp".into(),
+        datapath::RefusalReason::Socket => "socket".into(),
+        _ => "ip".into(),
+    });
+    decision
+}

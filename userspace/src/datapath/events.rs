@@ -1,0 +1,106 @@
+//! The kernel's stream of refused attempts (ring buffer), decoded.
+
+use std::net::SocketAddr;
+
+use aya::maps::{MapData, RingBuf};
+use serde::Serialize;
+use sluice_common::{
+    words_to_ip, RefusedEvent, REASON_EGRESS, REASON_SOCKET, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
+};
+use tokio::io::unix::AsyncFd;
+
+/// Why the kernel refused something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    UdpConnect,
+    UdpSend,
+    Socket,
+    Egress,
+    Transport,
+    Unknown,
+}
+
+impl RefusalReason {
+    fn from_code(code: u8) -> Self {
+        match code {
+            REASON_UDP_CONNECT => Self::UdpConnect,
+            REASON_UDP_SEND => Self::UdpSend,
+            REASON_SOCKET => Self::Socket,
+            REASON_EGRESS => Self::Egress,
+            REASON_TRANSPORT => Self::Transport,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// What an operator reads in the log.
+    pub fn explain(self) -> &'static str {
+        match self {
+            Self::UdpConnect => "UDP is only allowed for DNS (port 53); the UDP connect was refused",
+            Self::UdpSend => "UDP is only allowed for DNS (port 53); the datagram was refused",
+            Self::Socket => "sandboxes may only create TCP, UDP, Unix and netlink sockets",
+            Self::Egress => "packet not addressed to sluice dropped on egress",
+            Self::Transport => "transport cannot be proxied",
+            Self::Unknown => "refused in the kernel",
+        }
+    }
+}
+
+/// A refused attempt, as user space reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelEvent {
+    pub sandbox_cgroup: u64,
+    pub cgroup: u64,
+    pub pid: u32,
+    pub reason: RefusalReason,
+    /// Destination, for refused sends, connects and packets.
+    pub destination: Option<SocketAddr>,
+    /// Socket family/type/protocol numbers, for refused sockets.
+    pub socket: Option<(u16, u16, u16)>,
+}
+
+impl From<&RefusedEvent> for KernelEvent {
+    fn from(raw: &RefusedEvent) -> Self {
+        let reason = RefusalReason::from_code(raw.reason);
+        let (destination, socket) = if reason == RefusalReason::Socket {
+            (None, Some((raw.family, raw.sock_type, raw.protocol)))
+        } else {
+            (Some(SocketAddr::new(words_to_ip(raw.dst_ip), raw.dst_port)), None)
+        };
+        Self { sandbox_cgroup: raw.sandbox_cgroup, cgroup: raw.cgroup, pid: raw.pid, reason, destination, socket }
+    }
+}
+
+/// Async reader of the ring buffer.
+pub struct EventStream {
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+impl EventStream {
+    pub(super) fn new(ring: RingBuf<MapData>) -> Self {
+        // SAFETY: the ring buffer owns its fd and the AsyncFd owns the ring
+        // buffer, so the fd stays open for as long as it is registered.
+        let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1).expect("ring buffer fd registers with the reactor");
+        Self { ring }
+    }
+
+    /// Waits for the next batch of events.
+    pub async fn next_batch(&mut self) -> std::io::Result<Vec<KernelEvent>> {
+        loop {
+            let mut guard = self.ring.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            let mut batch = Vec::new();
+            while let Some(item) = ring.next() {
+                if item.len() >= std::mem::size_of::<RefusedEvent>() {
+                    // SAFETY: the kernel wrote a RefusedEvent; read unaligned.
+                    let raw: RefusedEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    batch.push(KernelEvent::from(&raw));
+                }
+            }
+            guard.clear_ready();
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+        }
+    }
+}

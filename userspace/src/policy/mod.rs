@@ -1,0 +1,851 @@
+//! Connect-level policy: which connections a sandbox may make.
+//!
+//! This module owns the profile format (TOML, [`Profile`]), its validation,
+//! and the compiled [`Policy`] the proxy asks for a [`Decision`] on every
+//! redirected `connect()`. It does no IO beyond reading a profile file.
+//!
+//! Semantics:
+//! - Deny by default: with no matching allow rule the verdict is Deny by
+//!   `default-deny`.
+//! - A rule matches when each condition it has (`hosts`, `ips`, `ports`)
+//!   matches; an absent condition matches anything, so a rule with no
+//!   conditions matches every connection.
+//! - Forbid wins: any matching deny rule (the first in file order) decides,
+//!   even when allow rules also match; otherwise the first matching allow rule.
+//! - Hosts are compared case-insensitively without a trailing dot.
+//!   `example.com` is exact, `*.example.com` matches subdomains at any depth but
+//!   not `example.com`, `*` matches any name, and other `*`/`?` globs never
+//!   cross a dot. A host condition never matches a connection whose name is
+//!   unknown; an IP literal given as the name counts as unknown. A name that is
+//!   not a valid DNS name is denied outright.
+//! - IPs are the real destination, with IPv4-mapped IPv6 treated as IPv4.
+//!
+//! ```toml
+//! name = "example"
+//! [[rule]]
+//! name = "web"
+//! action = "allow"
+//! hosts = ["*.example.com"]
+//! ports = [443, "8000-8100"]
+//! ```
+
+mod compile;
+mod error;
+mod model;
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+pub use compile::{ConnectQuery, Decision, Policy, Verdict};
+pub use error::{Location, PolicyError, RuleRef};
+pub use model::{
+    Action, HostPattern, HostPatternKind, IpPattern, PortRange, Profile, RuleSpec, DEFAULT_DENY,
+};
+
+/// Text of the built-in default profile (`sluice policy default` prints it).
+pub const BUILTIN_DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// Parses and validates a profile; `origin` (usually the file name) prefixes
+/// error messages. A profile returned here always compiles.
+pub fn parse_profile(text: &str, origin: &str) -> Result<Profile, PolicyError> {
+    let profile: Profile = toml::from_str(text).map_err(|err| {
+        let offset = err.span().map(|span| span.start);
+        PolicyError::Parse {
+            origin: origin.to_owned(),
+            location: offset.map(|offset| Location::of_offset(text, offset)),
+            rule: offset.and_then(|offset| RuleHeaders::read(text).rule_at(text, offset)),
+            message: err.message().trim_end().to_owned(),
+        }
+    })?;
+    // Only read on the error path: rule positions are for messages.
+    let locate = |index: usize| {
+        RuleHeaders::read(text)
+            .rule
+            .get(index)
+            .map(|rule| Location::of_offset(text, rule.span().start))
+    };
+    // Compiling is cheap and is the only way to be sure every check ran.
+    Policy::compile_located(&profile, origin, &locate)?;
+    Ok(profile)
+}
+
+pub fn load_profile(path: &Path) -> Result<Profile, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_profile(&text, &path.display().to_string())
+}
+
+/// The profile `sluice run` uses without `--profile`: web ports to public
+/// addresses, nothing internal. See `default.toml`.
+pub fn builtin_default() -> Profile {
+    // The file ships inside the binary and a test parses it, so failing here
+    // is a build defect, not bad input.
+    parse_profile(BUILTIN_DEFAULT_TOML, "builtin default.toml")
+        .expect("the built-in default profile is valid")
+}
+
+/// Where each `[[rule]]` starts, read leniently so that an error found by
+/// the strict parse can say which rule it is in.
+#[derive(Deserialize, Default)]
+struct RuleHeaders {
+    #[serde(default)]
+    rule: Vec<toml::Spanned<toml::Table>>,
+}
+
+impl RuleHeaders {
+    fn read(text: &str) -> Self {
+        toml::from_str(text).unwrap_or_default()
+    }
+
+    /// The rule whose text contains byte `offset`, if any. A `[[rule]]`
+    /// table's span is its header, so it runs until the next table header;
+    /// an inline table's span is the whole table.
+    fn rule_at(&self, text: &str, offset: usize) -> Option<RuleRef> {
+        let index = self
+            .rule
+            .iter()
+            .rposition(|rule| rule.span().start <= offset)?;
+        let span = self.rule[index].span();
+        let body = text.get(span.clone())?;
+        let inside = if offset < span.end {
+            true
+        } else if body.starts_with('{') {
+            false
+        } else {
+            text.get(span.end..offset).is_some_and(|between| {
+                !between
+                    .lines()
+                    .any(|line| line.trim_start().starts_with('['))
+            })
+        };
+        if !inside {
+            return None;
+        }
+        let name = match self.rule[index].get_ref().get("name") {
+            Some(toml::Value::String(name)) => name.clone(),
+            _ => model::default_rule_name(index),
+        };
+        Some(RuleRef {
+            index: index + 1,
+            name,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Write as _;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn policy(text: &str) -> Policy {
+        let profile = parse_profile(text, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+        Policy::compile(&profile).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// `(verdict, rule)` for a connection, for compact assertions.
+    fn eval(p: &Policy, host: Option<&str>, addr: &str, port: u16) -> (Verdict, String) {
+        let d = p.evaluate(&ConnectQuery {
+            host,
+            ip: ip(addr),
+            port,
+        });
+        (d.verdict, d.rule.to_string())
+    }
+
+    fn allow(rule: &str) -> (Verdict, String) {
+        (Verdict::Allow, rule.to_owned())
+    }
+
+    fn deny(rule: &str) -> (Verdict, String) {
+        (Verdict::Deny, rule.to_owned())
+    }
+
+    fn parse_err(text: &str) -> String {
+        parse_profile(text, "bad.toml").unwrap_err().to_string()
+    }
+
+    // --- parsing ----------------------------------------------------------
+
+    #[test]
+    fn parses_a_full_profile() {
+        let profile = parse_profile(
+            r#"
+name = "default"
+description = "optional text"
+
+[[rule]]
+name = "deny-private-networks"
+action = "deny"
+ips = ["10.0.0.0/8", "fd00::/8", "192.0.2.7"]
+reason = "private"
+
+[[rule]]
+action = "allow"
+hosts = ["example.com", "*.github.com", "*"]
+ports = [80, 443, "8000-8100"]
+"#,
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(profile.name, "default");
+        assert_eq!(profile.description.as_deref(), Some("optional text"));
+        assert_eq!(profile.rules.len(), 2);
+        assert_eq!(profile.rules[0].action, Action::Deny);
+        assert_eq!(profile.rules[0].reason.as_deref(), Some("private"));
+        assert_eq!(profile.rules[1].effective_name(1), "rule-2");
+        assert_eq!(
+            profile.rules[1].ports.as_ref().unwrap()[2],
+            PortRange::new(8000, 8100).unwrap()
+        );
+        assert_eq!(profile.rules[1].hosts.as_ref().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn unknown_field_reports_line_column_and_rule() {
+        let err = parse_err(
+            "name = \"p\"\n\n[[rule]]\nname = \"web\"\naction = \"allow\"\n  hostz = [\"a\"]\n",
+        );
+        assert!(
+            err.starts_with("bad.toml:6:3: rule 1 (\"web\"): unknown field `hostz`"),
+            "{err}"
+        );
+        let top = parse_err("name = \"p\"\ncolour = 1\n");
+        assert!(
+            top.starts_with("bad.toml:2:1: unknown field `colour`"),
+            "{top}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_reports_line_and_column() {
+        let err = parse_err("name = \"p\"\n[[rule]\n");
+        assert!(err.starts_with("bad.toml:2:"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_rule() {
+        let base = "name = \"p\"\n[[rule]]\naction = \"allow\"\n[[rule]]\nname = \"second\"\n";
+        let cases = [
+            (
+                "action = \"deny\"\nips = [\"10.0.0.0/33\"]\n",
+                "bad.toml:7:8: rule 2 (\"second\"): ",
+                "10.0.0.0/33",
+            ),
+            (
+                "action = \"deny\"\nhosts = [\"bad host\"]\n",
+                "bad.toml:7:10: rule 2 (\"second\"): ",
+                "whitespace",
+            ),
+            (
+                "action = \"deny\"\nhosts = [\"\"]\n",
+                "bad.toml:7:10: rule 2 (\"second\"): ",
+                "empty",
+            ),
+            (
+                "action = \"deny\"\nhosts = [\"a/b\"]\n",
+                "rule 2 (\"second\"): ",
+                "'/'",
+            ),
+            (
+                "action = \"deny\"\nports = [443, 0]\n",
+                "bad.toml:7:15: rule 2 (\"second\"): ",
+                "port 0",
+            ),
+            (
+                "action = \"deny\"\nports = [\"9-8\"]\n",
+                "bad.toml:7:10: rule 2 (\"second\"): ",
+                "reversed",
+            ),
+            (
+                "action = \"deny\"\nports = [70000]\n",
+                "rule 2 (\"second\"): ",
+                "out of range",
+            ),
+            (
+                "action = \"permit\"\n",
+                "bad.toml:6:10: rule 2 (\"second\"): ",
+                "unknown variant `permit`",
+            ),
+            (
+                "ports = [1]\n",
+                "bad.toml:4:1: rule 2 (\"second\"): ",
+                "missing field `action`",
+            ),
+        ];
+        for (tail, prefix, needle) in cases {
+            let err = parse_err(&format!("{base}{tail}"));
+            assert!(
+                err.contains(prefix) && err.contains(needle),
+                "{tail:?} gave {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn inline_rule_tables_are_located_too() {
+        let err = parse_err(
+            "name = \"p\"\nrule = [{ action = \"allow\" }, { name = \"x\", action = \"nope\" }]\n",
+        );
+        assert!(err.starts_with("bad.toml:2:"), "{err}");
+        assert!(err.contains("rule 2 (\"x\")"), "{err}");
+    }
+
+    #[test]
+    fn cross_rule_problems_name_rule_and_its_line() {
+        let err = parse_err("name = \"p\"\n[[rule]]\nname = \"a\"\naction = \"allow\"\n\n[[rule]]\nname = \"a\"\naction = \"deny\"\n");
+        assert!(err.starts_with("bad.toml:6:1: rule 2 (\"a\"): "), "{err}");
+        assert!(err.contains("already used by rule 1"), "{err}");
+        let reserved =
+            parse_err("name = \"p\"\n[[rule]]\nname = \"default-deny\"\naction = \"deny\"\n");
+        assert!(reserved.contains("rule 1 (\"default-deny\")"), "{reserved}");
+    }
+
+    #[test]
+    fn compile_rejects_invalid_profiles_built_in_code() {
+        let mut profile =
+            parse_profile("name = \"p\"\n[[rule]]\naction = \"allow\"\n", "p").unwrap();
+        profile.rules.push(profile.rules[0].clone());
+        profile.rules[1].name = Some("rule-1".into());
+        let err = Policy::compile(&profile).unwrap_err().to_string();
+        assert!(err.contains("rule 2 (\"rule-1\")"), "{err}");
+        profile.rules.pop();
+        profile.rules[0].hosts = Some(Vec::new());
+        let err = Policy::compile(&profile).unwrap_err().to_string();
+        assert!(err.contains("`hosts` is empty"), "{err}");
+    }
+
+    #[test]
+    fn load_profile_reads_files_and_reports_missing_ones() {
+        let dir = std::env::temp_dir().join(format!("sluice-policy-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("web.toml");
+        std::fs::write(
+            &path,
+            "name = \"web\"\n[[rule]]\naction = \"allow\"\nports = [1]\nportz = 2\n",
+        )
+        .unwrap();
+        let err = load_profile(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}:5:1: rule 1 (\"rule-1\")", path.display())),
+            "{err}"
+        );
+        std::fs::write(&path, "name = \"web\"\n").unwrap();
+        assert_eq!(load_profile(&path).unwrap().name, "web");
+        let missing = load_profile(&dir.join("missing.toml")).unwrap_err();
+        assert!(matches!(missing, PolicyError::Read { .. }), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    // --- semantics --------------------------------------------------------
+
+    #[test]
+    fn deny_by_default() {
+        let p = policy("name = \"empty\"\n");
+        assert_eq!(p.name(), "empty");
+        let d = p.evaluate(&ConnectQuery {
+            host: Some("Example.org."),
+            ip: ip("198.18.0.1"),
+            port: 22,
+        });
+        assert_eq!(d.verdict, Verdict::Deny);
+        assert_eq!(&*d.rule, "default-deny");
+        assert_eq!(&*d.reason, "no rule allows example.org:22");
+        let d = p.evaluate(&ConnectQuery {
+            host: None,
+            ip: ip("2001:db8::1"),
+            port: 22,
+        });
+        assert_eq!(&*d.reason, "no rule allows [2001:db8::1]:22");
+    }
+
+    #[test]
+    fn forbid_wins_regardless_of_order() {
+        let deny_rule = "[[rule]]\nname = \"no-ten\"\naction = \"deny\"\nips = [\"10.0.0.0/8\"]\nreason = \"nope\"\n";
+        let allow_rule = "[[rule]]\nname = \"all\"\naction = \"allow\"\n";
+        for text in [
+            format!("name = \"p\"\n{deny_rule}{allow_rule}"),
+            format!("name = \"p\"\n{allow_rule}{deny_rule}"),
+        ] {
+            let p = policy(&text);
+            assert_eq!(eval(&p, Some("a.com"), "10.9.9.9", 443), deny("no-ten"));
+            assert_eq!(
+                &*p.evaluate(&ConnectQuery {
+                    host: None,
+                    ip: ip("10.0.0.1"),
+                    port: 1
+                })
+                .reason,
+                "nope"
+            );
+            assert_eq!(eval(&p, Some("a.com"), "11.0.0.1", 443), allow("all"));
+        }
+    }
+
+    #[test]
+    fn first_matching_deny_and_allow_are_named() {
+        let p = policy(
+            r#"name = "p"
+[[rule]]
+name = "a1"
+action = "allow"
+ports = [443]
+[[rule]]
+name = "a2"
+action = "allow"
+[[rule]]
+name = "d1"
+action = "deny"
+ports = [25]
+[[rule]]
+name = "d2"
+action = "deny"
+ports = ["20-30"]
+"#,
+        );
+        assert_eq!(eval(&p, None, "1.1.1.1", 443), allow("a1"));
+        assert_eq!(eval(&p, None, "1.1.1.1", 80), allow("a2"));
+        assert_eq!(eval(&p, None, "1.1.1.1", 25), deny("d1"));
+        assert_eq!(eval(&p, None, "1.1.1.1", 22), deny("d2"));
+        let reason = p
+            .evaluate(&ConnectQuery {
+                host: None,
+                ip: ip("1.1.1.1"),
+                port: 443,
+            })
+            .reason;
+        assert_eq!(&*reason, "allowed by rule a1");
+    }
+
+    #[test]
+    fn all_conditions_must_match() {
+        let p = policy(
+            "name = \"p\"\n[[rule]]\nname = \"r\"\naction = \"allow\"\nhosts = [\"a.com\"]\nips = [\"1.0.0.0/8\"]\nports = [443]\n",
+        );
+        assert_eq!(eval(&p, Some("a.com"), "1.2.3.4", 443), allow("r"));
+        assert_eq!(
+            eval(&p, Some("b.com"), "1.2.3.4", 443),
+            deny("default-deny")
+        );
+        assert_eq!(
+            eval(&p, Some("a.com"), "2.2.3.4", 443),
+            deny("default-deny")
+        );
+        assert_eq!(
+            eval(&p, Some("a.com"), "1.2.3.4", 444),
+            deny("default-deny")
+        );
+    }
+
+    #[test]
+    fn host_pattern_shapes() {
+        let p = policy(
+            r#"name = "p"
+[[rule]]
+name = "exact"
+action = "allow"
+hosts = ["example.com"]
+[[rule]]
+name = "subs"
+action = "allow"
+hosts = ["*.github.com"]
+[[rule]]
+name = "glob"
+action = "allow"
+hosts = ["api-*.svc.test"]
+"#,
+        );
+        let host = |name: &str| eval(&p, Some(name), "198.18.0.1", 443);
+        assert_eq!(host("example.com"), allow("exact"));
+        assert_eq!(host("www.example.com"), deny("default-deny"));
+        assert_eq!(host("notexample.com"), deny("default-deny"));
+        assert_eq!(host("github.com"), deny("default-deny"));
+        assert_eq!(host("a.github.com"), allow("subs"));
+        assert_eq!(host("a.b.github.com"), allow("subs"));
+        assert_eq!(host("agithub.com"), deny("default-deny"));
+        assert_eq!(host("api-v1.svc.test"), allow("glob"));
+        assert_eq!(host("api-.svc.test"), allow("glob"));
+        assert_eq!(
+            host("api-v1.x.svc.test"),
+            deny("default-deny"),
+            "* must not cross a dot"
+        );
+        assert_eq!(host("x.api-v1.svc.test"), deny("default-deny"));
+
+        let any =
+            policy("name = \"p\"\n[[rule]]\nname = \"any\"\naction = \"allow\"\nhosts = [\"*\"]\n");
+        assert_eq!(eval(&any, Some("x"), "198.18.0.1", 1), allow("any"));
+        assert_eq!(eval(&any, Some("a.b.c.d.e"), "198.18.0.1", 1), allow("any"));
+    }
+
+    #[test]
+    fn host_case_and_trailing_dot_are_ignored() {
+        let p = policy("name = \"p\"\n[[rule]]\nname = \"r\"\naction = \"allow\"\nhosts = [\"Example.COM.\", \"*.Git.Test\"]\n");
+        for name in [
+            "example.com",
+            "EXAMPLE.com",
+            "example.com.",
+            "Example.Com.",
+            "A.git.test.",
+            "a.GIT.test",
+        ] {
+            assert_eq!(
+                eval(&p, Some(name), "198.18.0.1", 443),
+                allow("r"),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_condition_never_matches_without_a_name() {
+        let p = policy(
+            "name = \"p\"\n[[rule]]\nname = \"no-evil\"\naction = \"deny\"\nhosts = [\"*\"]\nports = [22]\n\
+             [[rule]]\nname = \"named\"\naction = \"allow\"\nhosts = [\"*\"]\n",
+        );
+        assert_eq!(eval(&p, None, "198.18.0.1", 443), deny("default-deny"));
+        assert_eq!(eval(&p, None, "198.18.0.1", 22), deny("default-deny"));
+        // An IP literal is an address, not a name.
+        assert_eq!(
+            eval(&p, Some("198.18.0.1"), "198.18.0.1", 443),
+            deny("default-deny")
+        );
+        assert_eq!(
+            eval(&p, Some("[2001:db8::1]"), "2001:db8::1", 443),
+            deny("default-deny")
+        );
+        assert_eq!(eval(&p, Some("a.test"), "198.18.0.1", 443), allow("named"));
+        assert_eq!(eval(&p, Some("a.test"), "198.18.0.1", 22), deny("no-evil"));
+    }
+
+    #[test]
+    fn invalid_host_names_are_denied() {
+        let p = policy("name = \"p\"\n[[rule]]\nname = \"all\"\naction = \"allow\"\n");
+        for name in [
+            "",
+            ".",
+            "a..b",
+            "a b",
+            "evil.test/x",
+            "é.test",
+            &"a".repeat(64),
+        ] {
+            let d = p.evaluate(&ConnectQuery {
+                host: Some(name),
+                ip: ip("198.18.0.1"),
+                port: 443,
+            });
+            assert_eq!(
+                (d.verdict, &*d.rule),
+                (Verdict::Deny, "default-deny"),
+                "{name:?}"
+            );
+        }
+        assert_eq!(
+            eval(&p, Some("under_score.test"), "198.18.0.1", 443),
+            allow("all")
+        );
+    }
+
+    #[test]
+    fn mapped_ipv6_is_matched_as_ipv4() {
+        let p = policy(
+            "name = \"p\"\n[[rule]]\nname = \"ten\"\naction = \"deny\"\nips = [\"10.0.0.0/8\"]\n\
+             [[rule]]\nname = \"v6\"\naction = \"deny\"\nips = [\"::ffff:192.0.2.0/120\"]\n\
+             [[rule]]\nname = \"all\"\naction = \"allow\"\n",
+        );
+        assert_eq!(eval(&p, None, "::ffff:10.1.2.3", 80), deny("ten"));
+        assert_eq!(eval(&p, None, "10.1.2.3", 80), deny("ten"));
+        assert_eq!(eval(&p, None, "192.0.2.9", 80), deny("v6"));
+        assert_eq!(eval(&p, None, "::ffff:11.1.2.3", 80), allow("all"));
+        // Only the mapped form is IPv4; an IPv4-compatible or NAT64 address is not.
+        assert_eq!(eval(&p, None, "::10.1.2.3", 80), allow("all"));
+    }
+
+    #[test]
+    fn ipv6_networks() {
+        let p = policy("name = \"p\"\n[[rule]]\nname = \"ula\"\naction = \"allow\"\nips = [\"fd00::/8\", \"2001:db8::1\"]\n");
+        assert_eq!(eval(&p, None, "fd12::1", 1), allow("ula"));
+        assert_eq!(eval(&p, None, "2001:db8::1", 1), allow("ula"));
+        assert_eq!(eval(&p, None, "2001:db8::2", 1), deny("default-deny"));
+        assert_eq!(eval(&p, None, "fe00::1", 1), deny("default-deny"));
+    }
+
+    #[test]
+    fn port_range_edges() {
+        let p = policy(
+            "name = \"p\"\n[[rule]]\nname = \"r\"\naction = \"allow\"\nports = [\"8000-8100\", 1, 65535, \"443\"]\n",
+        );
+        let port = |n: u16| eval(&p, None, "198.18.0.1", n).0;
+        for open in [1, 443, 8000, 8001, 8099, 8100, 65535] {
+            assert_eq!(port(open), Verdict::Allow, "{open}");
+        }
+        for closed in [0, 2, 442, 444, 7999, 8101, 65534] {
+            assert_eq!(port(closed), Verdict::Deny, "{closed}");
+        }
+    }
+
+    #[test]
+    fn rule_without_conditions_matches_everything() {
+        let p = policy("name = \"p\"\n[[rule]]\nname = \"all\"\naction = \"allow\"\n");
+        assert_eq!(eval(&p, None, "::1", 1), allow("all"));
+        assert_eq!(eval(&p, Some("x.test"), "127.0.0.1", 65535), allow("all"));
+    }
+
+    #[test]
+    fn many_rules_are_indexed_by_host() {
+        let mut text = String::from("name = \"big\"\n");
+        for i in 0..2000 {
+            writeln!(
+                text,
+                "[[rule]]\nname = \"r{i}\"\naction = \"allow\"\nhosts = [\"h{i}.test\", \"*.s{i}.test\"]"
+            )
+            .unwrap();
+        }
+        let p = policy(&text);
+        assert_eq!(
+            eval(&p, Some("h1234.test"), "198.18.0.1", 1),
+            allow("r1234")
+        );
+        assert_eq!(
+            eval(&p, Some("a.b.s1999.test"), "198.18.0.1", 1),
+            allow("r1999")
+        );
+        assert_eq!(
+            eval(&p, Some("s7.test"), "198.18.0.1", 1),
+            deny("default-deny")
+        );
+        let clone = p.clone();
+        assert_eq!(clone.name(), "big");
+    }
+
+    // --- may_resolve ------------------------------------------------------
+
+    #[test]
+    fn may_resolve_follows_allow_rules_and_host_only_denies() {
+        let p = policy(
+            r#"name = "p"
+[[rule]]
+name = "block-tracker"
+action = "deny"
+hosts = ["*.tracker.test"]
+reason = "tracking"
+[[rule]]
+name = "block-ten"
+action = "deny"
+hosts = ["*.corp.test"]
+ips = ["10.0.0.0/8"]
+[[rule]]
+name = "block-ssh"
+action = "deny"
+hosts = ["*.ssh.test"]
+ports = [22]
+[[rule]]
+name = "web"
+action = "allow"
+hosts = ["*.test"]
+ports = [443]
+"#,
+        );
+        let resolve = |name: &str| {
+            let d = p.may_resolve(name);
+            (d.verdict, d.rule.to_string())
+        };
+        assert_eq!(
+            resolve("a.corp.test"),
+            allow("web"),
+            "deny with an IP condition does not block resolution"
+        );
+        assert_eq!(resolve("x.tracker.test"), deny("block-tracker"));
+        assert_eq!(
+            resolve("a.ssh.test"),
+            allow("web"),
+            "nor does one with a port condition"
+        );
+        assert_eq!(&*p.may_resolve("x.tracker.test").reason, "tracking");
+        assert_eq!(resolve("X.Example.TEST."), allow("web"));
+        assert_eq!(resolve("example.org"), deny("default-deny"));
+        assert_eq!(
+            &*p.may_resolve("example.org").reason,
+            "no rule allows connections to example.org"
+        );
+        assert_eq!(resolve("bad name"), deny("default-deny"));
+
+        // An allow rule without a host condition could match any name.
+        let open = policy(
+            "name = \"p\"\n[[rule]]\nname = \"ips\"\naction = \"allow\"\nips = [\"198.18.0.0/15\"]\n",
+        );
+        assert_eq!(open.may_resolve("anything.test").verdict, Verdict::Allow);
+
+        // A deny rule with no conditions denies every connection, so every name.
+        let closed = policy(
+            "name = \"p\"\n[[rule]]\nname = \"web\"\naction = \"allow\"\n[[rule]]\nname = \"nothing\"\naction = \"deny\"\n",
+        );
+        assert_eq!(closed.may_resolve("a.test").rule.as_ref(), "nothing");
+    }
+
+    // --- built-in default -------------------------------------------------
+
+    #[test]
+    fn builtin_default_is_safe_web_access() {
+        let profile = builtin_default();
+        assert_eq!(profile.name, "default");
+        let p = Policy::compile(&profile).unwrap();
+        assert_eq!(
+            eval(&p, None, "10.1.2.3", 443),
+            deny("deny-internal-networks")
+        );
+        assert_eq!(
+            eval(&p, Some("metadata.test"), "169.254.169.254", 80),
+            deny("deny-internal-networks")
+        );
+        assert_eq!(
+            eval(&p, None, "::ffff:127.0.0.1", 80),
+            deny("deny-internal-networks")
+        );
+        assert_eq!(eval(&p, None, "::1", 443), deny("deny-internal-networks"));
+        assert_eq!(
+            eval(&p, None, "fd00::1", 443),
+            deny("deny-internal-networks")
+        );
+        assert_eq!(
+            eval(&p, None, "0.0.0.0", 80),
+            deny("deny-internal-networks")
+        );
+        assert_eq!(eval(&p, None, "198.18.0.10", 443), allow("web"));
+        assert_eq!(
+            eval(&p, Some("example.org"), "198.18.0.10", 80),
+            allow("web")
+        );
+        assert_eq!(
+            eval(&p, Some("example.org"), "198.18.0.10", 22),
+            deny("default-deny")
+        );
+        assert_eq!(
+            eval(&p, Some("mail.example.org"), "198.18.0.10", 25),
+            deny("default-deny")
+        );
+        let reason = p
+            .evaluate(&ConnectQuery {
+                host: None,
+                ip: ip("169.254.169.254"),
+                port: 80,
+            })
+            .reason;
+        assert!(reason.contains("never reachable"), "{reason}");
+        assert_eq!(p.may_resolve("example.org").verdict, Verdict::Allow);
+    }
+
+    #[test]
+    fn builtin_default_leaves_demo_and_documentation_ranges_alone() {
+        let p = Policy::compile(&builtin_default()).unwrap();
+        for addr in [
+            "198.18.0.1",
+            "198.19.255.254",
+            "192.0.2.1",
+            "203.0.113.1",
+            "2001:db8::1",
+        ] {
+            assert_eq!(eval(&p, None, addr, 443), allow("web"), "{addr}");
+        }
+    }
+
+    #[test]
+    fn profile_serializes_for_the_control_api() {
+        let profile = builtin_default();
+        let text = toml::to_string(&profile).unwrap();
+        assert_eq!(parse_profile(&text, "round-trip").unwrap(), profile);
+    }
+
+    // --- properties -------------------------------------------------------
+
+    fn label() -> impl Strategy<Value = String> {
+        "[a-z0-9_-]{1,8}"
+    }
+
+    fn name_from(labels: &[String]) -> String {
+        labels.join(".")
+    }
+
+    proptest! {
+        #[test]
+        fn subdomain_rule_matches_exactly_names_under_the_suffix(
+            suffix in prop::collection::vec(label(), 1..3),
+            // Names share the suffix's labels often, so near misses are common.
+            name in prop::collection::vec(prop_oneof![label(), Just("a".to_owned()), Just("b".to_owned())], 1..5),
+            tail_of_suffix in any::<bool>(),
+        ) {
+            let suffix = name_from(&suffix);
+            let mut name = name_from(&name);
+            if tail_of_suffix {
+                name = format!("{name}.{suffix}");
+            }
+            let p = policy(&format!(
+                "name = \"p\"\n[[rule]]\nname = \"r\"\naction = \"allow\"\nhosts = [\"*.{suffix}\"]\n"
+            ));
+            let expected = name.ends_with(&format!(".{suffix}"));
+            let got = p.evaluate(&ConnectQuery { host: Some(&name), ip: IpAddr::V4(Ipv4Addr::LOCALHOST), port: 1 });
+            prop_assert_eq!(got.verdict == Verdict::Allow, expected, "{} vs *.{}", name, suffix);
+            let upper = name.to_ascii_uppercase() + ".";
+            let got = p.evaluate(&ConnectQuery { host: Some(&upper), ip: IpAddr::V4(Ipv4Addr::LOCALHOST), port: 1 });
+            prop_assert_eq!(got.verdict == Verdict::Allow, expected);
+        }
+
+        #[test]
+        fn cidr_rule_matches_exactly_addresses_in_the_network(
+            v4 in any::<bool>(),
+            net_bits in any::<u128>(),
+            prefix in 0u8..=128,
+            addr_bits in any::<u128>(),
+            near in any::<bool>(),
+            ask_mapped in any::<bool>(),
+            write_mapped in any::<bool>(),
+        ) {
+            let (net, addr): (ipnet::IpNet, IpAddr) = if v4 {
+                let net = ipnet::Ipv4Net::new(Ipv4Addr::from(net_bits as u32), prefix % 33).unwrap().trunc();
+                // Half the time, land close to the network so both sides of
+                // its edges are hit.
+                let flip = (addr_bits as u32) >> ((addr_bits >> 120) as u32 % 32);
+                let raw = if near { u32::from(net.network()) ^ flip } else { addr_bits as u32 };
+                (net.into(), IpAddr::V4(Ipv4Addr::from(raw)))
+            } else {
+                let net = ipnet::Ipv6Net::new(Ipv6Addr::from(net_bits), prefix).unwrap().trunc();
+                let raw = if near { u128::from(net.network()) ^ (addr_bits >> (addr_bits % 128)) } else { addr_bits };
+                (net.into(), IpAddr::V6(Ipv6Addr::from(raw)))
+            };
+            // The rule may spell an IPv4 network in its mapped IPv6 form, and
+            // the query may carry an IPv4 address mapped into IPv6.
+            let written = match net {
+                ipnet::IpNet::V4(n) if write_mapped => {
+                    format!("{}/{}", n.network().to_ipv6_mapped(), n.prefix_len() + 96)
+                }
+                _ => net.to_string(),
+            };
+            let query = match addr {
+                IpAddr::V4(a) if ask_mapped => IpAddr::V6(a.to_ipv6_mapped()),
+                other => other,
+            };
+            // Independent oracle: ipnet on the canonical (IPv4) address. A
+            // random IPv6 network is in the mapped range only by chance, and
+            // then ipnet cannot contain a canonicalised IPv4 address; the
+            // engine reads it as IPv4, so skip that vanishingly rare case.
+            prop_assume!(!matches!(net, ipnet::IpNet::V6(n) if n.prefix_len() >= 96 && n.network().to_ipv4_mapped().is_some()));
+            let expected = net.contains(&query.to_canonical());
+            let p = policy(&format!(
+                "name = \"p\"\n[[rule]]\nname = \"r\"\naction = \"allow\"\nips = [\"{written}\"]\n"
+            ));
+            let got = p.evaluate(&ConnectQuery { host: None, ip: query, port: 1 });
+            prop_assert_eq!(got.verdict == Verdict::Allow, expected, "{} in {}", query, written);
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! The profile as written: serde types for the TOML file (and, later, the JSON
+//! control API). Every leaf value that has a closed syntax (action, host
+//! pattern, IP network, port range) is validated while it is deserialized, so
+//! the parser can point at the offending value; cross-rule checks live in
+//! [`Profile::check`].
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+/// Rule name the engine reports when nothing allowed a connection; a profile
+/// may not use it, or audit records could not tell the two apart.
+pub const DEFAULT_DENY: &str = "default-deny";
+
+/// A named set of rules. Deny by default; see the module docs for semantics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Written as `[[rule]]` tables, hence the singular key.
+    #[serde(default, rename = "rule", skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleSpec>,
+}
+
+/// One `[[rule]]`. Every condition that is present must match; an absent
+/// condition matches everything, so a rule with no conditions matches every
+/// connection (legal: `action = "deny"` with no conditions blocks everything).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Defaults to `rule-<n>` (1-based position in the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<HostPattern>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ips: Option<Vec<IpPattern>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortRange>>,
+    /// Shown in decisions; a generic text is used when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl RuleSpec {
+    /// The name decisions and errors use for the rule at 0-based `index`.
+    pub fn effective_name(&self, index: usize) -> String {
+        match &self.name {
+            Some(name) => name.clone(),
+            None => default_rule_name(index),
+        }
+    }
+}
+
+pub(crate) fn default_rule_name(index: usize) -> String {
+    format!("rule-{}", index + 1)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        })
+    }
+}
+
+/// Problems found after deserialization, in the profile as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ProfileProblem {
+    EmptyProfileName,
+    Rule {
+        index: usize,
+        name: String,
+        problem: String,
+    },
+}
+
+impl Profile {
+    /// Checks what single values cannot: names are unique and not reserved,
+    /// condition lists are not empty. Run by both the parser and
+    /// `Policy::compile`, because a `Profile` may also be built in code or
+    /// arrive as JSON.
+    pub(crate) fn check(&self) -> Result<(), ProfileProblem> {
+        if self.name.trim().is_empty() {
+            return Err(ProfileProblem::EmptyProfileName);
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (index, rule) in self.rules.iter().enumerate() {
+            let name = rule.effective_name(index);
+            let fail = |problem: String| ProfileProblem::Rule {
+                index,
+                name: name.clone(),
+                problem,
+            };
+            if name.trim().is_empty() {
+                return Err(fail("rule name is empty".into()));
+            }
+            if name == DEFAULT_DENY {
+                return Err(fail(format!(
+                    "`{DEFAULT_DENY}` is reserved for connections no rule allows"
+                )));
+            }
+            if let Some(first) = seen.insert(name.clone(), index) {
+                return Err(fail(format!(
+                    "rule name is already used by rule {}; decisions must name one rule",
+                    first + 1
+                )));
+            }
+            // An empty list would make the rule match nothing, which is never
+            // what was meant; "absent" is how to say "any".
+            for (field, empty) in [
+                ("hosts", rule.hosts.as_ref().is_some_and(Vec::is_empty)),
+                ("ips", rule.ips.as_ref().is_some_and(Vec::is_empty)),
+                ("ports", rule.ports.as_ref().is_some_and(Vec::is_empty)),
+            ] {
+                if empty {
+                    return Err(fail(format!(
+                        "`{field}` is empty, so the rule could never match; omit it to match any"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Host patterns
+
+/// What a host pattern matches, after normalisation (lower case, no trailing dot).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPatternKind {
+    /// `*`: any name.
+    Any,
+    /// `example.com`: that name only.
+    Exact(String),
+    /// `*.example.com`: strict subdomains at any depth; holds `example.com`.
+    Subdomains(String),
+    /// Other shapes with `*` or `?`, where a wildcard never crosses a dot.
+    Glob(String),
+}
+
+/// A validated host pattern. Written as a string in profiles.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPattern {
+    kind: HostPatternKind,
+}
+
+impl HostPattern {
+    pub fn kind(&self) -> &HostPatternKind {
+        &self.kind
+    }
+}
+
+impl FromStr for HostPattern {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        if raw.is_empty() {
+            return Err("host pattern is empty".into());
+        }
+        if raw.chars().any(char::is_whitespace) {
+            return Err(format!("host pattern {raw:?} contains whitespace"));
+        }
+        let lower = raw.to_ascii_lowercase();
+        let pattern = lower.strip_suffix('.').unwrap_or(&lower);
+        if pattern == "*" {
+            return Ok(Self {
+                kind: HostPatternKind::Any,
+            });
+        }
+        if let Some(bad) = pattern
+            .chars()
+            .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '*' | '?')))
+        {
+            return Err(format!(
+                "host pattern {raw:?} contains {bad:?}; only letters, digits, '-', '_', '.' \
+                 and the wildcards '*' and '?' are allowed (write IDNs in punycode)"
+            ));
+        }
+        if pattern.split('.').any(str::is_empty) {
+            return Err(format!("host pattern {raw:?} has an empty label"));
+        }
+        if pattern.contains("**") {
+            return Err(format!(
+                "host pattern {raw:?} uses '**'; write '*.{{domain}}' for subdomains at any depth"
+            ));
+        }
+        if pattern.len() > MAX_NAME_LEN {
+            return Err(format!(
+                "host pattern {raw:?} is longer than {MAX_NAME_LEN} characters"
+            ));
+        }
+        let has_wildcard = |s: &str| s.contains(['*', '?']);
+        let kind = match pattern.strip_prefix("*.") {
+            Some(suffix) if !has_wildcard(suffix) => HostPatternKind::Subdomains(suffix.to_owned()),
+            _ if has_wildcard(pattern) => HostPatternKind::Glob(pattern.to_owned()),
+            _ => HostPatternKind::Exact(pattern.to_owned()),
+        };
+        Ok(Self { kind })
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            HostPatternKind::Any => f.write_str("*"),
+            HostPatternKind::Exact(name) | HostPatternKind::Glob(name) => f.write_str(name),
+            HostPatternKind::Subdomains(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+/// DNS limit on a full name in text form (without the trailing dot).
+pub(crate) const MAX_NAME_LEN: usize = 253;
+
+// ---------------------------------------------------------------------------
+// IP patterns
+
+/// A validated IP network. Written as `"10.0.0.0/8"`, `"fd00::/8"` or a bare
+/// address (a /32 or /128). IPv4-mapped IPv6 networks (`::ffff:a.b.c.d/n`,
+/// n >= 96) are stored as the IPv4 network they mean, because destinations are
+/// canonicalised the same way before matching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpPattern {
+    net: IpNet,
+}
+
+impl IpPattern {
+    pub fn net(&self) -> IpNet {
+        self.net
+    }
+}
+
+impl FromStr for IpPattern {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let net = if raw.contains('/') {
+            let net: IpNet = raw
+                .parse()
+                .map_err(|_| format!("{raw:?} is not an IP network in CIDR notation"))?;
+            // A set host part is usually a typo for a different network; refusing
+            // is safer than guessing which one was meant.
+            if net.trunc() != net {
+                return Err(format!(
+                    "{raw:?} has host bits set; did you mean \"{}\"?",
+                    net.trunc()
+                ));
+            }
+            net
+        } else {
+            let addr: IpAddr = raw
+                .parse()
+                .map_err(|_| format!("{raw:?} is not an IP address or CIDR network"))?;
+            IpNet::from(addr)
+        };
+        Ok(Self {
+            net: canonical_net(net),
+        })
+    }
+}
+
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
+impl fmt::Display for IpPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Single addresses print bare, as they are usually written.
+        match self.net {
+            IpNet::V4(n) if n.prefix_len() == 32 => n.addr().fmt(f),
+            IpNet::V6(n) if n.prefix_len() == 128 => n.addr().fmt(f),
+            net => net.fmt(f),
+        }
+    }
+}
+
+impl From<Ipv4Net> for IpPattern {
+    fn from(net: Ipv4Net) -> Self {
+        Self {
+            net: IpNet::V4(net.trunc()),
+        }
+    }
+}
+
+impl From<Ipv6Net> for IpPattern {
+    fn from(net: Ipv6Net) -> Self {
+        Self {
+            net: canonical_net(IpNet::V6(net.trunc())),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Port ranges
+
+/// An inclusive range of destination ports within 1..=65535. Written as an
+/// integer (`443`) or a string (`"8000-8100"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    lo: u16,
+    hi: u16,
+}
+
+impl PortRange {
+    pub fn new(lo: u16, hi: u16) -> Result<Self, String> {
+        if lo == 0 || hi == 0 {
+            return Err("port 0 is not a destination port; ports are 1-65535".into());
+        }
+        if lo > hi {
+            return Err(format!("port range {lo}-{hi} is reversed"));
+        }
+        Ok(Self { lo, hi })
+    }
+
+    pub fn single(port: u16) -> Result<Self, String> {
+        Self::new(port, port)
+    }
+
+    pub fn lo(&self) -> u16 {
+        self.lo
+    }
+
+    pub fn hi(&self) -> u16 {
+        self.hi
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.lo..=self.hi).contains(&port)
+    }
+}
+
+fn port_number(value: i64) -> Result<u16, String> {
+    u16::try_from(value).map_err(|_| format!("port {value} is out of range 1-65535"))
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let number = |s: &str| {
+            let s = s.trim();
+            s.parse::<i64>()
+                .map_err(|_| format!("port range {raw:?} is not \"lo-hi\" or a port number"))
+                .and_then(port_number)
+        };
+        match raw.split_once('-') {
+            Some((lo, hi)) => Self::new(number(lo)?, number(hi)?),
+            None => Self::single(number(raw)?),
+        }
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Serde for the validated leaf types: strings (or ints, for ports) on the wire.
+
+impl Serialize for HostPattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl Serialize for IpPattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.lo == self.hi {
+            s.serialize_u16(self.lo)
+        } else {
+            s.collect_str(self)
+        }
+    }
+}
+
+/// Deserializes any `FromStr<Err = String>` type from a string, keeping the
+/// parse message so the TOML error can point at the value.
+struct FromStrVisitor<T>(std::marker::PhantomData<T>, &'static str);
+
+impl<T: FromStr<Err = String>> de::Visitor<'_> for FromStrVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.1)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        v.parse().map_err(E::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(FromStrVisitor(
+            std::marker::PhantomData,
+            "a host name pattern string",
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for IpPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(FromStrVisitor(
+            std::marker::PhantomData,
+            "an IP address or CIDR string",
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PortVisitor;
+
+        impl de::Visitor<'_> for PortVisitor {
+            type Value = PortRange;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port number or a \"lo-hi\" range string")
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRange, E> {
+                port_number(v)
+                    .and_then(PortRange::single)
+                    .map_err(E::custom)
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortRange, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortRange, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+
+        d.deserialize_any(PortVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_pattern_kinds() {
+        let kind = |s: &str| s.parse::<HostPattern>().unwrap().kind;
+        assert_eq!(kind("*"), HostPatternKind::Any);
+        assert_eq!(kind("*."), HostPatternKind::Any);
+        assert_eq!(
+            kind("Example.COM."),
+            HostPatternKind::Exact("example.com".into())
+        );
+        assert_eq!(
+            kind("*.Example.com"),
+            HostPatternKind::Subdomains("example.com".into())
+        );
+        assert_eq!(
+            kind("api-*.example.com"),
+            HostPatternKind::Glob("api-*.example.com".into())
+        );
+        assert_eq!(
+            kind("*.*.example.com"),
+            HostPatternKind::Glob("*.*.example.com".into())
+        );
+    }
+
+    #[test]
+    fn host_pattern_rejects_bad_shapes() {
+        for bad in [
+            "",
+            " ",
+            "exa mple.com",
+            "a..b",
+            ".a",
+            "**.a",
+            "a/b",
+            "[ab].c",
+            "é.com",
+        ] {
+            assert!(
+                bad.parse::<HostPattern>().is_err(),
+                "{bad:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn ip_pattern_forms() {
+        let net = |s: &str| s.parse::<IpPattern>().unwrap().net().to_string();
+        assert_eq!(net("192.0.2.7"), "192.0.2.7/32");
+        assert_eq!(net("10.0.0.0/8"), "10.0.0.0/8");
+        assert_eq!(net("fd00::/8"), "fd00::/8");
+        assert_eq!(net("::1"), "::1/128");
+        assert_eq!(net("::ffff:10.0.0.0/104"), "10.0.0.0/8");
+        assert_eq!(net("::ffff:0:0/96"), "0.0.0.0/0");
+        assert!("10.0.0.1/8"
+            .parse::<IpPattern>()
+            .unwrap_err()
+            .contains("10.0.0.0/8"));
+        assert!("10.0.0.0/33".parse::<IpPattern>().is_err());
+        assert!("example.com".parse::<IpPattern>().is_err());
+    }
+
+    #[test]
+    fn port_range_forms() {
+        assert_eq!("443".parse::<PortRange>(), PortRange::single(443));
+        assert_eq!("8000-8100".parse::<PortRange>(), PortRange::new(8000, 8100));
+        assert!("0".parse::<PortRange>().is_err());
+        assert!("0-10".parse::<PortRange>().is_err());
+        assert!("10-9".parse::<PortRange>().is_err());
+        assert!("1-65536".parse::<PortRange>().is_err());
+        assert!("http".parse::<PortRange>().is_err());
+    }
+
+    #[test]
+    fn profile_round_trips_through_serde() {
+        let text = r#"
+            name = "p"
+            [[rule]]
+            action = "allow"
+            hosts = ["*.example.com", "a.b"]
+            ips = ["10.0.0.0/8", "192.0.2.7"]
+            ports = [443, "8000-8100"]
+        "#;
+        let profile: Profile = toml::from_str(text).unwrap();
+        let again: Profile = toml::from_str(&toml::to_string(&profile).unwrap()).unwrap();
+        assert_eq!(profile, again);
+        let rule = toml::to_string(&profile.rules[0]).unwrap();
+        assert!(rule.contains(r#"ports = [443, "8000-8100"]"#), "{rule}");
+        assert!(rule.contains(r#""192.0.2.7""#), "{rule}");
+    }
+
+    #[test]
+    fn check_rejects_duplicate_reserved_and_empty() {
+        let parse = |text: &str| toml::from_str::<Profile>(text).unwrap().check();
+        let dup =
+            parse("name='p'\n[[rule]]\nname='rule-2'\naction='allow'\n[[rule]]\naction='deny'\n");
+        assert!(
+            matches!(&dup, Err(ProfileProblem::Rule { index: 1, name, .. }) if name == "rule-2"),
+            "{dup:?}"
+        );
+        let reserved = parse("name='p'\n[[rule]]\nname='default-deny'\naction='deny'\n");
+        assert!(matches!(
+            reserved,
+            Err(ProfileProblem::Rule { index: 0, .. })
+        ));
+        let empty = parse("name='p'\n[[rule]]\naction='allow'\nports=[]\n");
+        assert!(
+            matches!(empty, Err(ProfileProblem::Rule { problem, .. }) if problem.contains("ports"))
+        );
+        assert_eq!(parse("name=' '\n"), Err(ProfileProblem::EmptyProfileName));
+        assert_eq!(parse("name='p'\n[[rule]]\naction='deny'\n"), Ok(()));
+    }
+}

@@ -1,0 +1,266 @@
+//! The connect-level proxy. Every TCP connection a sandbox opens arrives
+//! here, redirected by the kernel. Phases, in order:
+//! 1. attribute: the flow record gives the original destination, the
+//!    sandbox and the pid;
+//! 2. classify: the first bytes say TLS (SNI), HTTP/1 (Host) or other;
+//! 3. name: SNI, Host, else the name the sandbox resolved for this address
+//!    through sluice, else the bare address; a claimed name that contradicts
+//!    what the sandbox resolved for the address is refused;
+//! 4. decide: the sandbox's policy, by host, address and port;
+//! 5. relay or refuse, and log the decision either way.
+
+pub mod classify;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    time::{timeout_at, Instant},
+};
+
+use crate::{
+    audit::{Decision, DecisionLog, HostSource, Kind, Verdict},
+    datapath::Datapath,
+    policy::{ConnectQuery, Verdict as PolicyVerdict},
+    sandbox::{Registry, Sandbox},
+};
+use classify::{classify, Classified, MAX_PREFIX};
+
+/// Relay buffer per direction: large enough that bulk transfers are not
+/// syscall-bound.
+const RELAY_BUFFER: usize = 64 * 1024;
+
+/// What the proxy needs from the daemon.
+pub struct ProxyContext {
+    pub datapath: Arc<Datapath>,
+    pub registry: Arc<Registry>,
+    pub log: Arc<DecisionLog>,
+    /// sluice's own listening addresses: a sandbox may not loop back into them.
+    pub own_addrs: Vec<SocketAddr>,
+    /// How long to wait for a client's first bytes before treating the
+    /// protocol as server-speaks-first.
+    pub first_bytes_timeout: Duration,
+    /// How long a client has to send a complete ClientHello or request head.
+    pub prefix_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl ProxyContext {
+    pub fn new(datapath: Arc<Datapath>, registry: Arc<Registry>, log: Arc<DecisionLog>, own_addrs: Vec<SocketAddr>) -> Self {
+        Self {
+            datapath,
+            registry,
+            log,
+            own_addrs,
+            first_bytes_timeout: Duration::from_millis(1000),
+            prefix_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Accepts connections until the task is aborted. Errors on one connection
+/// never stop the loop.
+pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { handle(&ctx, stream, peer).await });
+            }
+            Err(error) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr) {
+    let Some(flow) = ctx.datapath.take_flow(peer) else {
+        // Reached the proxy port without passing the kernel hooks: a host
+        // process, or a sandbox whose flow record was lost. Never forward.
+        let mut decision = Decision::new(
+            Kind::Connect,
+            Verdict::Deny,
+            "no-flow-record",
+            format!("connection from {peer} was not redirected by sluice's kernel programs"),
+        );
+        decision.destination = client.local_addr().ok();
+        ctx.log.record(decision);
+        return;
+    };
+    let destination = flow.original_destination();
+    let mut decision = Decision::new(Kind::Connect, Verdict::Deny, "", "");
+    decision.pid = Some(flow.pid);
+    decision.destination = Some(destination);
+
+    let Some(sandbox) = ctx.registry.by_cgroup(flow.sandbox_cgroup) else {
+        decision.rule = "unknown-sandbox".into();
+        decision.reason = format!(
+            "cgroup {} is under an enforced parent but is not a registered sandbox",
+            flow.cgroup
+        );
+        ctx.log.record(decision);
+        return;
+    };
+    decision.sandbox = Some(sandbox.name().to_owned());
+
+    if ctx.own_addrs.iter().any(|own| own.port() == destination.port() && (own.ip() == destination.ip() || destination.ip().is_unspecified())) {
+        decision.rule = "sluice-itself".into();
+        decision.reason = "a sandbox may not connect to sluice's own listeners".into();
+        ctx.log.record(decision);
+        return;
+    }
+
+    let mut prefix = Vec::with_capacity(4096);
+    let classified = read_prefix(ctx, &mut client, &mut prefix).await;
+    decision.protocol = Some(classified.protocol().to_owned());
+    if let Classified::Malformed(why) = classified {
+        decision.rule = "malformed-request".into();
+        decision.reason = why.to_owned();
+        ctx.log.record(decision);
+        return;
+    }
+
+    let (host, source) = match name_connection(&sandbox, &classified, destination.ip()) {
+        Ok(named) => named,
+        Err(reason) => {
+            decision.rule = "host-mismatch".into();
+            decision.reason = reason;
+            refuse(&mut client, &classified, &decision).await;
+            ctx.log.record(decision);
+            return;
+        }
+    };
+    decision.host = Some(host.clone().unwrap_or_else(|| destination.ip().to_string()));
+    decision.host_source = Some(source);
+
+    let verdict = sandbox.policy.load().evaluate(&ConnectQuery {
+        host: host.as_deref(),
+        ip: destination.ip(),
+        port: destination.port(),
+    });
+    decision.rule = verdict.rule.to_string();
+    decision.reason = verdict.reason.to_string();
+    if verdict.verdict != PolicyVerdict::Allow {
+        refuse(&mut client, &classified, &decision).await;
+        ctx.log.record(decision);
+        return;
+    }
+
+    let upstream = match tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(destination)).await {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(error)) => {
+            decision.rule = "upstream-unreachable".into();
+            decision.reason = format!("allowed by {}, but connecting to {destination} failed: {error}", verdict.rule);
+            refuse(&mut client, &classified, &decision).await;
+            ctx.log.record(decision);
+            return;
+        }
+        Err(_) => {
+            decision.rule = "upstream-unreachable".into();
+            decision.reason = format!("allowed by {}, but connecting to {destination} timed out", verdict.rule);
+            refuse(&mut client, &classified, &decision).await;
+            ctx.log.record(decision);
+            return;
+        }
+    };
+    decision.verdict = Verdict::Allow;
+    ctx.log.record(decision);
+    relay(client, upstream, &prefix).await;
+}
+
+/// Reads the client's first bytes until they can be classified. A client
+/// that says nothing within `first_bytes_timeout` speaks second (SSH, SMTP):
+/// its connection is opaque and keeps an empty prefix.
+async fn read_prefix(ctx: &ProxyContext, client: &mut TcpStream, prefix: &mut Vec<u8>) -> Classified {
+    let start = Instant::now();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let deadline = if prefix.is_empty() { start + ctx.first_bytes_timeout } else { start + ctx.prefix_timeout };
+        match timeout_at(deadline, client.read(&mut chunk)).await {
+            Err(_) if prefix.is_empty() => return Classified::Opaque,
+            Err(_) => return Classified::Malformed("client stopped before its first message was complete"),
+            Ok(Ok(0)) if prefix.is_empty() => return Classified::Malformed("client closed without sending anything"),
+            Ok(Ok(0)) => return Classified::Malformed("client closed in the middle of its first message"),
+            Ok(Err(_)) => return Classified::Malformed("client connection failed"),
+            Ok(Ok(n)) => {
+                let room = MAX_PREFIX - prefix.len();
+                prefix.extend_from_slice(&chunk[..n.min(room)]);
+                let classified = classify(prefix);
+                if classified != Classified::NeedMore {
+                    return classified;
+                }
+                if prefix.len() >= MAX_PREFIX {
+                    return Classified::Malformed("first message larger than 16 KiB");
+                }
+            }
+        }
+    }
+}
+
+/// Picks the name the policy sees. A name the client claims (SNI, Host) must
+/// agree with the names the sandbox resolved for this address, if it resolved
+/// any through sluice: otherwise a client could present an allowed name while
+/// connecting to any address.
+fn name_connection(sandbox: &Sandbox, classified: &Classified, ip: IpAddr) -> Result<(Option<String>, HostSource), String> {
+    let claimed = match classified {
+        Classified::Tls { sni: Some(name) } => Some((name.clone(), HostSource::Sni)),
+        Classified::Http { host: Some(name) } if name.parse::<IpAddr>().is_err() => Some((name.clone(), HostSource::Http)),
+        _ => None,
+    };
+    let resolved = sandbox.names.names_for(ip);
+    match claimed {
+        Some((name, source)) => {
+            if resolved.is_empty() || resolved.iter().any(|known| **known == *name) {
+                Ok((Some(name), source))
+            } else {
+                Err(format!(
+                    "the client named {name:?} but the sandbox resolved {ip} for {}",
+                    resolved.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+                ))
+            }
+        }
+        None => match resolved.last() {
+            Some(name) => Ok((Some(name.to_string()), HostSource::Dns)),
+            None => Ok((None, HostSource::Ip)),
+        },
+    }
+}
+
+/// Tells a refused client why when its protocol allows it: plain HTTP gets
+/// a 403 naming the rule. TLS and opaque connections are closed (TLS
+/// interception, which can answer inside TLS, is a layer above this one).
+async fn refuse(client: &mut TcpStream, classified: &Classified, decision: &Decision) {
+    if let Classified::Http { .. } = classified {
+        let body = format!("sluice denied this request\nrule: {}\nreason: {}\n", decision.rule, decision.reason);
+        let head = format!(
+            "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-sluice-rule: {}\r\nconnection: close\r\n\r\n",
+            body.len(),
+            header_safe(&decision.rule)
+        );
+        let _ = client.write_all(head.as_bytes()).await;
+        let _ = client.write_all(body.as_bytes()).await;
+        let _ = client.shutdown().await;
+    }
+}
+
+fn header_safe(value: &str) -> String {
+    value.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').collect()
+}
+
+async fn relay(mut client: TcpStream, mut upstream: TcpStream, prefix: &[u8]) {
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    if !prefix.is_empty() && upstream.write_all(prefix).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER).await;
+}

@@ -1,0 +1,188 @@
+//! Sandboxes: what sluice knows about each enforced cgroup, and the registry
+//! the proxy and resolver look flows up in.
+
+pub mod cgroup;
+mod names;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::SystemTime,
+};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use sluice_common::MAX_SANDBOX_SLOTS;
+
+pub use names::NameMemory;
+
+use crate::{dns::SandboxResolver, policy::Policy};
+
+/// Where a sandbox's profile came from; kept so a restarted daemon can
+/// compile it again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ProfileSource {
+    /// The built-in default profile.
+    Builtin,
+    /// Profile text handed over at registration (`sluice run --profile`).
+    Inline { origin: String, text: String },
+}
+
+impl ProfileSource {
+    pub fn describe(&self) -> &str {
+        match self {
+            Self::Builtin => "builtin:default",
+            Self::Inline { origin, .. } => origin,
+        }
+    }
+}
+
+/// What a restarted daemon needs to take a sandbox over again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub name: String,
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    pub slot: u32,
+    pub dns_port: u16,
+    pub profile: ProfileSource,
+    /// Whether sluice made the cgroup (and so removes it).
+    pub owns_cgroup: bool,
+    pub created: SystemTime,
+}
+
+/// A registered sandbox.
+pub struct Sandbox {
+    pub record: SandboxRecord,
+    pub policy: ArcSwap<Policy>,
+    /// Names this sandbox resolved through sluice, by address.
+    pub names: NameMemory,
+    resolver: Mutex<Option<SandboxResolver>>,
+}
+
+impl Sandbox {
+    pub fn new(record: SandboxRecord, policy: Policy, resolver: SandboxResolver) -> Self {
+        Self {
+            record,
+            policy: ArcSwap::from_pointee(policy),
+            names: NameMemory::default(),
+            resolver: Mutex::new(Some(resolver)),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.record.name
+    }
+
+    /// Stops the sandbox's resolver.
+    pub fn shut_down(&self) {
+        if let Some(resolver) = self.resolver.lock().expect("lock poisoned").take() {
+            resolver.stop();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("a sandbox named {0:?} already exists")]
+    NameTaken(String),
+    #[error("cgroup {0} is already registered as sandbox {1:?}")]
+    CgroupTaken(PathBuf, String),
+    #[error("no room for more sandboxes ({MAX_SANDBOX_SLOTS} at most)")]
+    Full,
+}
+
+/// All registered sandboxes, by cgroup id and by name.
+#[derive(Default)]
+pub struct Registry {
+    inner: RwLock<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_cgroup: HashMap<u64, Arc<Sandbox>>,
+    by_name: HashMap<String, u64>,
+}
+
+impl Registry {
+    pub fn by_cgroup(&self, cgroup_id: u64) -> Option<Arc<Sandbox>> {
+        self.inner.read().expect("lock poisoned").by_cgroup.get(&cgroup_id).cloned()
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<Arc<Sandbox>> {
+        let inner = self.inner.read().expect("lock poisoned");
+        inner.by_name.get(name).and_then(|id| inner.by_cgroup.get(id)).cloned()
+    }
+
+    /// Checks that a sandbox could be added, and picks its counter slot.
+    pub fn reserve(&self, name: &str, cgroup_id: u64) -> Result<u32, RegistryError> {
+        let inner = self.inner.read().expect("lock poisoned");
+        if inner.by_name.contains_key(name) {
+            return Err(RegistryError::NameTaken(name.to_owned()));
+        }
+        if let Some(existing) = inner.by_cgroup.get(&cgroup_id) {
+            return Err(RegistryError::CgroupTaken(existing.record.cgroup.clone(), existing.name().to_owned()));
+        }
+        // Slot 0 counts unregistered cgroups.
+        let used: std::collections::HashSet<u32> = inner.by_cgroup.values().map(|s| s.record.slot).collect();
+        (1..MAX_SANDBOX_SLOTS).find(|slot| !used.contains(slot)).ok_or(RegistryError::Full)
+    }
+
+    pub fn insert(&self, sandbox: Arc<Sandbox>) -> Result<(), RegistryError> {
+        let mut inner = self.inner.write().expect("lock poisoned");
+        if inner.by_name.contains_key(sandbox.name()) {
+            return Err(RegistryError::NameTaken(sandbox.name().to_owned()));
+        }
+        inner.by_name.insert(sandbox.name().to_owned(), sandbox.record.cgroup_id);
+        inner.by_cgroup.insert(sandbox.record.cgroup_id, sandbox);
+        Ok(())
+    }
+
+    pub fn remove(&self, name: &str) -> Option<Arc<Sandbox>> {
+        let mut inner = self.inner.write().expect("lock poisoned");
+        let id = inner.by_name.remove(name)?;
+        inner.by_cgroup.remove(&id)
+    }
+
+    /// Every sandbox, sorted by name.
+    pub fn list(&self) -> Vec<Arc<Sandbox>> {
+        let mut all: Vec<_> = self.inner.read().expect("lock poisoned").by_cgroup.values().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
+    pub fn records(&self) -> Vec<SandboxRecord> {
+        self.list().iter().map(|s| s.record.clone()).collect()
+    }
+}
+
+/// Sandbox names become cgroup directory names and log fields: keep them
+/// short and plain.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid sandbox name {name:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("agent-1.test_a").is_ok());
+        for bad in ["", "..", ".hidden", "a/b", "a b", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

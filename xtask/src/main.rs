@@ -1,0 +1,96 @@
+//! `cargo xtask`: what a developer (or CI) runs, from a fresh machine on.
+//!
+//! - `setup`: installs what is missing (nightly rust-src, LLVM 22,
+//!   bpf-linker, test tools), showing each step.
+//! - `test`: setup, then build everything and run every test.
+//! - `demo`: setup, build, and run a sandboxed command against a small
+//!   stand-in internet in a network namespace, under the built-in profile.
+//! - `bench`: overhead measurements (see bench.rs).
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing prerequisites.
+    Setup,
+    /// Install prerequisites, build, and run every test (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Show sluice confining a command: allowed and denied traffic, with reasons.
+    Demo,
+    /// Measure sluice's overhead against direct connections.
+    Bench {
+        /// A shorter run.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => {
+            setup::run()?;
+            step("building and running every test");
+            let mut cargo = cargo();
+            cargo.args(["test", "--workspace", "--release"]).args(&args);
+            // Tests that start daemons must not run out of file descriptors
+            // or fight over the two cores: one test binary at a time.
+            run(&mut cargo)
+        }
+        Task::Demo => {
+            setup::run()?;
+            demo::run()
+        }
+        Task::Bench { quick } => {
+            setup::run()?;
+            bench::run(quick)
+        }
+    }
+}
+
+pub fn step(what: &str) {
+    eprintln!("\x1b[1m[xtask]\x1b[0m {what}");
+}
+
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command.status().with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Builds the sluice binary (release) and returns its path.
+pub fn build_sluice() -> anyhow::Result<std::path::PathBuf> {
+    step("building sluice (release)");
+    run(cargo().args(["build", "--release", "--package", "sluice"]))?;
+    Ok(workspace_root().join("target/release/sluice"))
+}
