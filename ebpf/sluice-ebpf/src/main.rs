@@ -309,8 +309,26 @@ pub fn sluice_sock_ops(ctx: SockOpsContext) -> u32 {
         // The resolver knows the sandbox by the port it listens on.
         return 1;
     }
-    let ip = if ctx.family() == AF_INET as u32 { mapped_v4(ctx.local_ip4()) } else { ctx.local_ip6() };
-    let key = FlowKey { ip, port: ctx.local_port() as u16, _pad: [0; 6] };
+    let ops = ctx.ops;
+    // Read every field unconditionally, then choose: loads in two branches
+    // get merged by LLVM into one load at a computed context offset (even
+    // volatile ones), which the verifier rejects.
+    // SAFETY: the context pointer is valid for the program's run.
+    let (family, v4, v6, port) = unsafe {
+        (
+            read_volatile(addr_of_mut!((*ops).family)),
+            read_volatile(addr_of_mut!((*ops).local_ip4)),
+            [
+                read_volatile(addr_of_mut!((*ops).local_ip6[0])),
+                read_volatile(addr_of_mut!((*ops).local_ip6[1])),
+                read_volatile(addr_of_mut!((*ops).local_ip6[2])),
+                read_volatile(addr_of_mut!((*ops).local_ip6[3])),
+            ],
+            read_volatile(addr_of_mut!((*ops).local_port)) as u16,
+        )
+    };
+    let ip = if family == AF_INET as u32 { mapped_v4(v4) } else { v6 };
+    let key = FlowKey { ip, port, _pad: [0; 6] };
     // On failure the proxy finds no flow and refuses the connection.
     let _ = FLOWS_BY_ADDR.insert(&key, &flow, 0);
     1
@@ -439,6 +457,11 @@ fn packet_destination(ctx: &SkBuffContext) -> Option<EndpointKey> {
     let port: u16 = ctx.load(l4 + 2).ok()?;
     Some(EndpointKey { ip, port: u16::from_be(port), proto, _pad: [0; 5] })
 }
+
+/// GPL-compatible, as the kernel requires for LSM programs and some helpers.
+#[unsafe(link_section = "license")]
+#[used]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -127,8 +127,12 @@ impl Datapath {
             let map = ebpf.map(name).ok_or_else(|| DatapathError::Setup(format!("map {name} missing from kernel object")))?;
             map.pin(maps_dir.join(name)).map_err(ebpf_err(format!("pinning map {name}")))?;
         }
-        let mut default_map: Array<MapData, Target> = take_map(&mut ebpf, names::DEFAULT_TARGET)?;
-        default_map.set(0, default_target, 0).map_err(ebpf_err("writing the default target"))?;
+        {
+            let map = ebpf.map_mut(names::DEFAULT_TARGET).ok_or_else(|| DatapathError::Setup("map DEFAULT_TARGET missing".into()))?;
+            let mut default_map: Array<&mut MapData, Target> =
+                Array::try_from(map).map_err(ebpf_err("map DEFAULT_TARGET has an unexpected type"))?;
+            default_map.set(0, default_target, 0).map_err(ebpf_err("writing the default target"))?;
+        }
 
         let cgroup = File::open(cgroup_parent).map_err(io_err(format!("opening cgroup {}", cgroup_parent.display())))?;
         let lsm_enabled = attach_all(&mut ebpf, &cgroup, &links_dir)?;
@@ -216,10 +220,7 @@ impl Datapath {
     /// default target and are denied as unknown.
     pub fn unenroll(&self, cgroup_id: u64) -> Result<(), DatapathError> {
         let entry = self.sandboxes.lock().expect("lock poisoned").get(&cgroup_id, 0).ok();
-        match self.sandboxes.lock().expect("lock poisoned").remove(&cgroup_id) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(error) => return Err(ebpf_err("removing sandbox")(error)),
-        }
+        removed(self.sandboxes.lock().expect("lock poisoned").remove(&cgroup_id), "removing sandbox")?;
         if let Some(entry) = entry {
             self.remove_endpoint(entry.target, entry.target.dns_port, PROTO_UDP)?;
             self.remove_endpoint(entry.target, entry.target.dns_port, PROTO_TCP)?;
@@ -245,10 +246,7 @@ impl Datapath {
     fn remove_endpoint(&self, target: Target, port: u16, proto: u8) -> Result<(), DatapathError> {
         let mut endpoints = self.endpoints.lock().expect("lock poisoned");
         for key in endpoint_keys(target, port, proto) {
-            match endpoints.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(error) => return Err(ebpf_err("removing endpoint")(error)),
-            }
+            removed(endpoints.remove(&key), "removing endpoint")?;
         }
         Ok(())
     }
@@ -289,17 +287,24 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn endpoint_keys(target: Target, port: u16, proto: u8) -> [EndpointKey; 2] {
+/// The endpoint keys for a target's IPv4 and IPv6 addresses (one key when
+/// the IPv6 address is the IPv4-mapped form of the IPv4 one).
+fn endpoint_keys(target: Target, port: u16, proto: u8) -> Vec<EndpointKey> {
     let v4 = IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(target.ip4)));
-    [
-        EndpointKey { ip: ip_to_words(v4), port, proto, _pad: [0; 5] },
-        EndpointKey { ip: target.ip6, port, proto, _pad: [0; 5] },
-    ]
+    let mut keys = vec![EndpointKey { ip: ip_to_words(v4), port, proto, _pad: [0; 5] }];
+    if target.ip6 != keys[0].ip {
+        keys.push(EndpointKey { ip: target.ip6, port, proto, _pad: [0; 5] });
+    }
+    keys
 }
 
-fn take_map<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T, DatapathError> {
-    let map = ebpf.take_map(name).ok_or_else(|| DatapathError::Setup(format!("map {name} missing")))?;
-    convert(map, name)
+/// Removing a key that is already gone is not an error.
+fn removed(result: Result<(), aya::maps::MapError>, what: &str) -> Result<(), DatapathError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(ref error)) if error.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(error) => Err(ebpf_err(what.to_owned())(error)),
+    }
 }
 
 fn convert<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Map, name: &str) -> Result<T, DatapathError> {

@@ -60,7 +60,13 @@ mod tests {
     #[test]
     fn burst_then_refill_at_rate() {
         let start = Instant::now();
-        let bucket = TokenBucket::new(RateLimit { per_second: 10, burst: 20 }, start);
+        let bucket = TokenBucket::new(
+            RateLimit {
+                per_second: 10,
+                burst: 20,
+            },
+            start,
+        );
         let taken = (0..25).filter(|_| bucket.try_take(start)).count();
         assert_eq!(taken, 20, "a full bucket gives exactly the burst");
 
@@ -73,7 +79,13 @@ mod tests {
     #[test]
     fn refill_never_exceeds_burst() {
         let start = Instant::now();
-        let bucket = TokenBucket::new(RateLimit { per_second: 1000, burst: 5 }, start);
+        let bucket = TokenBucket::new(
+            RateLimit {
+                per_second: 1000,
+                burst: 5,
+            },
+            start,
+        );
         let much_later = start + Duration::from_secs(3600);
         let taken = (0..100).filter(|_| bucket.try_take(much_later)).count();
         assert_eq!(taken, 5);
@@ -82,7 +94,13 @@ mod tests {
     #[test]
     fn time_going_backwards_does_not_refill() {
         let start = Instant::now() + Duration::from_secs(10);
-        let bucket = TokenBucket::new(RateLimit { per_second: 100, burst: 1 }, start);
+        let bucket = TokenBucket::new(
+            RateLimit {
+                per_second: 100,
+                burst: 1,
+            },
+            start,
+        );
         assert!(bucket.try_take(start));
         assert!(!bucket.try_take(start - Duration::from_secs(5)));
         assert!(!bucket.try_take(start));

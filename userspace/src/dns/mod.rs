@@ -6,24 +6,32 @@
 //! the listener a query arrives on says which sandbox sent it; nothing in
 //! the packet is trusted for that.
 //!
-//! Every query goes through the same phases, in this order:
+//! Every query goes through the same phases, in this order (the
+//! `pingora` habit: named phases, one place each):
 //!
-//! 1. **parse**: one well-formed query with exactly one question, nothing
-//!    else but an optional OPT record (`FORMERR` otherwise, or silence when
-//!    not even an id can be read, or when the message is itself a response);
-//! 2. **budget**: the per-sandbox token bucket for all queries;
+//! 1. **parse**: the header, then the whole message. No id, or a message
+//!    that is itself a response: no reply at all. Unreadable: `FORMERR`.
+//! 2. **budget**: the sandbox's token bucket for all queries.
 //! 3. **size**: UDP queries over 512 bytes without EDNS, or over
-//!    [`Limits::max_query_bytes`] with it;
-//! 4. **type**: only ordinary lookup types pass; `TXT` is budgeted apart,
-//!    `NULL`, `ANY`, zone transfers and the rest are refused;
-//! 5. **shape**: names that look like DNS tunnelling (long labels, long
-//!    names, non-hostname bytes, labels that look like encoded data);
-//! 6. **policy**: [`DnsPolicy::check_name`]; a deny never reaches upstream;
-//! 7. **forward**: the original query bytes go to [`Upstream`], the reply
-//!    comes back unchanged, and its A/AAAA answers are reported to
+//!    [`Limits::max_query_bytes`] with it (TCP frames are bounded on read).
+//! 4. **form**: opcode `QUERY` only (`NOTIMP`), exactly one question and
+//!    nothing else but an OPT record (`FORMERR`), so no bytes ride along
+//!    to upstream unjudged.
+//! 5. **type**: class `IN`; ordinary lookup types pass; `NULL`, `ANY`, zone
+//!    transfers and the rest are refused.
+//! 6. **shape**: names that look like DNS tunnelling (long labels, long
+//!    names, non-hostname bytes, labels that look like encoded data); then
+//!    the sandbox's separate, smaller budget for `TXT`.
+//! 7. **policy**: [`DnsPolicy::check_name`]; a deny never reaches upstream.
+//! 8. **forward**: the original query bytes go to [`Upstream`], the reply
+//!    comes back unchanged, and its A/AAAA answers go to
 //!    [`DnsPolicy::record_answers`] so later connects can be attributed.
+//!    The one change: a reply bigger than a UDP client can take is replaced
+//!    by a truncated one (TC), and the client asks again over TCP.
 //!
-//! Every refusal in phases 1–6 is reported to [`DnsPolicy::record_refusal`].
+//! Refusals in phases 2, 3, 5 and 6 are answered `REFUSED`; policy denies
+//! with [`Limits::deny_rcode`].
+//! Every refusal in phases 1–7 is reported to [`DnsPolicy::record_refusal`].
 
 mod bucket;
 mod server;
@@ -41,7 +49,9 @@ pub use self::{server::SandboxResolver, upstream::Upstream};
 /// What the daemon tells the resolver about a name for one sandbox.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NameVerdict {
+    /// Forward the query.
     Allow,
+    /// Answer it without asking upstream; `rule` and `reason` go to the audit log.
     Deny { rule: Arc<str>, reason: Arc<str> },
 }
 
@@ -62,7 +72,9 @@ pub trait DnsPolicy: Send + Sync + 'static {
 
     /// Called for every refused or denied query (for the audit log).
     /// `name` and `qtype` are `""` when the query was too broken to read
-    /// them; names with odd bytes carry them as `\DDD` escapes.
+    /// them; names with odd bytes carry them as `\DDD` escapes. A sandbox
+    /// can make this happen at its full packet rate (a flood of refused
+    /// queries), so aggregate rather than write one line each.
     fn record_refusal(&self, sandbox: u64, name: &str, qtype: &str, why: &Refusal);
 }
 
@@ -97,14 +109,18 @@ pub enum Refusal {
 /// Which per-sandbox budget ran out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Budget {
+    /// [`Limits::all_queries`]
     AllQueries,
+    /// [`Limits::txt_queries`]
     Txt,
 }
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::PolicyDeny { rule, reason } => write!(f, "denied by policy rule {rule}: {reason}"),
+            Self::PolicyDeny { rule, reason } => {
+                write!(f, "denied by policy rule {rule}: {reason}")
+            }
             Self::Malformed { detail } => write!(f, "malformed query: {detail}"),
             Self::QueryTooLarge { len, max } => {
                 write!(f, "query too large: {len} bytes, limit {max}")
@@ -117,18 +133,21 @@ impl fmt::Display for Refusal {
                 f,
                 "name too long (tunnelling-shaped): {len} bytes, limit {max}"
             ),
-            Self::NotAHostname => f.write_str(
-                "tunnelling-shaped name: bytes other than letters, digits, '-' and '_'",
-            ),
+            Self::NotAHostname => {
+                f.write_str("tunnelling-shaped name: bytes other than letters, digits, '-' and '_'")
+            }
             Self::EncodedLabel { label } => {
-                write!(f, "tunnelling-shaped name: label {label:?} looks like encoded data")
+                write!(
+                    f,
+                    "tunnelling-shaped name: label {label:?} looks like encoded data"
+                )
             }
-            Self::RateLimited { budget: Budget::AllQueries } => {
-                f.write_str("rate limited: too many queries")
-            }
-            Self::RateLimited { budget: Budget::Txt } => {
-                f.write_str("rate limited: too many TXT queries")
-            }
+            Self::RateLimited {
+                budget: Budget::AllQueries,
+            } => f.write_str("rate limited: too many queries"),
+            Self::RateLimited {
+                budget: Budget::Txt,
+            } => f.write_str("rate limited: too many TXT queries"),
             Self::QueryTypeRefused { qtype } => write!(f, "query type {qtype} refused"),
             Self::QueryClassRefused { class } => write!(f, "query class {class} refused"),
             Self::OpcodeRefused { opcode } => write!(f, "opcode {opcode} not supported"),
@@ -149,7 +168,9 @@ pub enum DenyRcode {
 /// A token bucket: `per_second` tokens refill, at most `burst` saved up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimit {
+    /// Tokens added per second.
     pub per_second: u32,
+    /// Most tokens held; a new bucket starts full.
     pub burst: u32,
 }
 
@@ -201,8 +222,14 @@ impl Default for Limits {
             encoded_label_min_len: 24,
             max_query_bytes: 1232,
             max_tcp_message_bytes: 4096,
-            all_queries: RateLimit { per_second: 200, burst: 400 },
-            txt_queries: RateLimit { per_second: 10, burst: 20 },
+            all_queries: RateLimit {
+                per_second: 200,
+                burst: 400,
+            },
+            txt_queries: RateLimit {
+                per_second: 10,
+                burst: 20,
+            },
             deny_rcode: DenyRcode::NxDomain,
             max_udp_in_flight: 64,
             max_tcp_connections: 16,
@@ -236,7 +263,10 @@ pub enum DnsError {
         source: hickory_proto::ProtoError,
     },
     #[error("upstream {server} did not answer within {timeout:?}")]
-    UpstreamTimeout { server: SocketAddr, timeout: Duration },
+    UpstreamTimeout {
+        server: SocketAddr,
+        timeout: Duration,
+    },
     #[error("upstream {server}: {source}")]
     UpstreamIo {
         server: SocketAddr,

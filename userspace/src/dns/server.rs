@@ -1,14 +1,9 @@
 //! One sandbox's listeners and the phases every query goes through.
 
-use std::{
-    io,
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use hickory_proto::{
-    op::{Message, MessageType, OpCode, ResponseCode},
+    op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode},
     rr::{DNSClass, Name, RecordType},
 };
 use tokio::{
@@ -58,7 +53,9 @@ impl SandboxResolver {
         limits: Limits,
     ) -> Result<SandboxResolver, DnsError> {
         let (udp, tcp) = bind_pair(addr).await?;
-        let local_addr = udp.local_addr().map_err(|source| DnsError::Bind { addr, source })?;
+        let local_addr = udp
+            .local_addr()
+            .map_err(|source| DnsError::Bind { addr, source })?;
         let now = Instant::now();
         let resolver = Arc::new(Resolver {
             sandbox,
@@ -73,7 +70,11 @@ impl SandboxResolver {
             tokio::spawn(serve_tcp(resolver, tcp)),
         ];
         info!(sandbox, %local_addr, "sandbox resolver listening");
-        Ok(Self { local_addr, sandbox, tasks })
+        Ok(Self {
+            local_addr,
+            sandbox,
+            tasks,
+        })
     }
 
     /// The address both listeners are bound to.
@@ -81,6 +82,7 @@ impl SandboxResolver {
         self.local_addr
     }
 
+    /// The opaque sandbox id given at start.
     pub fn sandbox(&self) -> u64 {
         self.sandbox
     }
@@ -100,7 +102,7 @@ impl Drop for SandboxResolver {
     }
 }
 
-async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
+pub(super) async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
     let bind_error = |source| DnsError::Bind { addr, source };
     if addr.port() != 0 {
         let udp = UdpSocket::bind(addr).await.map_err(bind_error)?;
@@ -119,7 +121,9 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsErro
             Err(error) => return Err(bind_error(error)),
         }
     }
-    Err(bind_error(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse))))
+    Err(bind_error(last.unwrap_or_else(|| {
+        io::Error::from(io::ErrorKind::AddrInUse)
+    })))
 }
 
 /// State shared by a sandbox's listeners.
@@ -144,7 +148,7 @@ enum Screened {
     Ignore,
     /// A reply the resolver makes up (refusals).
     Reply(Vec<u8>),
-    Forward(Forward),
+    Forward(Box<Forward>),
 }
 
 /// An allowed query on its way upstream.
@@ -159,6 +163,42 @@ struct Forward {
     udp_reply_max: Option<usize>,
 }
 
+/// A message read far enough to answer it.
+struct Incoming {
+    header: Header,
+    /// The whole message, or why it could not be read.
+    parsed: Result<Message, &'static str>,
+    request: RequestView,
+    audit: Audit,
+}
+
+/// Phase form: a plain query with one question and nothing else but an OPT
+/// record. UPDATE and NOTIFY give the sections other meanings, so the
+/// opcode is judged first.
+fn check_form<'m>(header: &Header, message: &'m Message) -> Result<&'m Query, Refusal> {
+    if header.op_code() != OpCode::Query {
+        return Err(Refusal::OpcodeRefused {
+            opcode: header.op_code().to_string(),
+        });
+    }
+    let [question] = message.queries() else {
+        return Err(Refusal::Malformed {
+            detail: "expected exactly one question",
+        });
+    };
+    // Anything else would ride along to upstream unjudged.
+    if !message.answers().is_empty()
+        || !message.name_servers().is_empty()
+        || !message.additionals().is_empty()
+        || !message.signature().is_empty()
+    {
+        return Err(Refusal::Malformed {
+            detail: "a query may carry only an OPT record",
+        });
+    }
+    Ok(question)
+}
+
 /// Name and type of a query as the audit log gets them.
 struct Audit {
     name: String,
@@ -166,33 +206,53 @@ struct Audit {
 }
 
 impl Audit {
-    const UNREADABLE: Audit = Audit { name: String::new(), qtype: String::new() };
+    const UNREADABLE: Audit = Audit {
+        name: String::new(),
+        qtype: String::new(),
+    };
 }
 
 impl Resolver {
-    /// Phases parse, budget, size, type, shape and policy. Cheap and
-    /// synchronous, so the UDP loop runs it inline and only forwarding is
-    /// spawned.
+    /// Every phase but forward. Cheap and synchronous (no I/O), so the UDP
+    /// loop runs it inline and spawns only forwarding.
     fn screen(&self, bytes: &[u8], transport: Transport) -> Screened {
-        // --- parse: the header first, to know whom to answer.
+        let incoming = match self.read(bytes) {
+            Ok(incoming) => incoming,
+            Err(screened) => return screened,
+        };
+        match self.judge(bytes, transport, &incoming) {
+            Ok(forward) => Screened::Forward(Box::new(forward)),
+            Err(refusal) => self.refuse(&incoming.request, &incoming.audit, &refusal),
+        }
+    }
+
+    /// Phase parse: the header first, to know whom to answer and whether to
+    /// answer at all; then the whole message, when its counts are sane.
+    fn read(&self, bytes: &[u8]) -> Result<Incoming, Screened> {
         let Some(id) = bytes.get(..2).map(|id| u16::from_be_bytes([id[0], id[1]])) else {
-            debug!(sandbox = self.sandbox, len = bytes.len(), "dropping message too short for an id");
-            return Screened::Ignore;
+            debug!(
+                sandbox = self.sandbox,
+                len = bytes.len(),
+                "dropping message too short for an id"
+            );
+            return Err(Screened::Ignore);
         };
         let Some(header) = wire::read_header(bytes) else {
             if bytes.get(2).is_some_and(|flags| flags & 0x80 != 0) {
-                return Screened::Ignore;
+                return Err(Screened::Ignore);
             }
-            return self.refuse(
-                &RequestView::id_only(id),
-                &Audit::UNREADABLE,
-                Refusal::Malformed { detail: "shorter than a DNS header" },
-            );
+            let refusal = Refusal::Malformed {
+                detail: "shorter than a DNS header",
+            };
+            return Err(self.refuse(&RequestView::id_only(id), &Audit::UNREADABLE, &refusal));
         };
         // Answering a reply could start a loop between two resolvers.
         if header.message_type() == MessageType::Response {
-            debug!(sandbox = self.sandbox, id, "dropping a response sent to the resolver");
-            return Screened::Ignore;
+            debug!(
+                sandbox = self.sandbox,
+                id, "dropping a response sent to the resolver"
+            );
+            return Err(Screened::Ignore);
         }
         let parsed = if wire::counts_fit(&header, bytes.len()) {
             wire::parse_exact(bytes)
@@ -201,96 +261,78 @@ impl Resolver {
         };
         let (request, audit) = match &parsed {
             Ok(message) => {
-                let audit = message.queries().first().map_or(Audit::UNREADABLE, |q| Audit {
-                    name: shape::canonical_name(q.name()).text,
-                    qtype: shape::qtype_name(q.query_type()),
-                });
+                let audit = message
+                    .queries()
+                    .first()
+                    .map_or(Audit::UNREADABLE, |q| Audit {
+                        name: shape::canonical_name(q.name()).text,
+                        qtype: shape::qtype_name(q.query_type()),
+                    });
                 (RequestView::from_message(message), audit)
             }
             Err(_) => (RequestView::from_header(&header), Audit::UNREADABLE),
         };
+        Ok(Incoming {
+            header,
+            parsed,
+            request,
+            audit,
+        })
+    }
 
-        // --- budget: before anything else costs work or an audit record.
+    /// Phases budget, size, form, type, shape and policy.
+    fn judge(
+        &self,
+        bytes: &[u8],
+        transport: Transport,
+        incoming: &Incoming,
+    ) -> Result<Forward, Refusal> {
+        // Budget before anything else costs work.
         if !self.all_queries.try_take(Instant::now()) {
-            return self.refuse(&request, &audit, Refusal::RateLimited { budget: Budget::AllQueries });
+            return Err(Refusal::RateLimited {
+                budget: Budget::AllQueries,
+            });
         }
+        let edns_payload = incoming
+            .parsed
+            .as_ref()
+            .ok()
+            .and_then(|message| message.extensions().as_ref())
+            .map(Edns::max_payload);
+        let udp_reply_max = self.check_size(bytes.len(), edns_payload, transport)?;
+        let message = incoming
+            .parsed
+            .as_ref()
+            .map_err(|&detail| Refusal::Malformed { detail })?;
+        let question = check_form(&incoming.header, message)?;
 
-        // UPDATE and NOTIFY give sections other meanings; judge the opcode
-        // before the sections.
-        if header.op_code() != OpCode::Query {
-            let opcode = header.op_code().to_string();
-            return self.refuse(&request, &audit, Refusal::OpcodeRefused { opcode });
-        }
-        let message = match parsed {
-            Ok(message) => message,
-            Err(detail) => return self.refuse(&request, &audit, Refusal::Malformed { detail }),
-        };
-        let question = match message.queries() {
-            [question] => question,
-            _ => {
-                let detail = "expected exactly one question";
-                return self.refuse(&request, &audit, Refusal::Malformed { detail });
-            }
-        };
-        // Stub resolvers send a question and at most an OPT record; anything
-        // else would ride along to upstream unjudged.
-        if !message.answers().is_empty()
-            || !message.name_servers().is_empty()
-            || !message.additionals().is_empty()
-            || !message.signature().is_empty()
-        {
-            let detail = "a query may carry only an OPT record";
-            return self.refuse(&request, &audit, Refusal::Malformed { detail });
-        }
-
-        // --- size
-        let udp_reply_max = match transport {
-            Transport::Tcp => None,
-            Transport::Udp => {
-                let (max_query, max_reply) = match message.extensions() {
-                    Some(edns) => (
-                        self.limits.max_query_bytes,
-                        usize::from(edns.max_payload()).max(PLAIN_UDP_MAX),
-                    ),
-                    None => (PLAIN_UDP_MAX, PLAIN_UDP_MAX),
-                };
-                if bytes.len() > max_query {
-                    let refusal = Refusal::QueryTooLarge { len: bytes.len(), max: max_query };
-                    return self.refuse(&request, &audit, refusal);
-                }
-                Some(max_reply)
-            }
-        };
-
-        // --- type
         if question.query_class() != DNSClass::IN {
-            let class = question.query_class().to_string();
-            return self.refuse(&request, &audit, Refusal::QueryClassRefused { class });
+            return Err(Refusal::QueryClassRefused {
+                class: question.query_class().to_string(),
+            });
         }
         let qtype = question.query_type();
         let rule = shape::qtype_rule(qtype);
         if rule == QtypeRule::Refused {
-            let refusal = Refusal::QueryTypeRefused { qtype: audit.qtype.clone() };
-            return self.refuse(&request, &audit, refusal);
+            return Err(Refusal::QueryTypeRefused {
+                qtype: incoming.audit.qtype.clone(),
+            });
         }
 
-        // --- shape
         let canonical = shape::canonical_name(question.name());
-        if let Err(refusal) = shape::check_shape(question.name(), &canonical, &self.limits) {
-            return self.refuse(&request, &audit, refusal);
-        }
+        shape::check_shape(question.name(), &canonical, &self.limits)?;
+        // Spent only on TXT queries that could otherwise go out.
         if rule == QtypeRule::Txt && !self.txt_queries.try_take(Instant::now()) {
-            return self.refuse(&request, &audit, Refusal::RateLimited { budget: Budget::Txt });
+            return Err(Refusal::RateLimited {
+                budget: Budget::Txt,
+            });
         }
 
-        // --- policy
         match self.policy.check_name(self.sandbox, &canonical.text) {
-            NameVerdict::Deny { rule, reason } => {
-                self.refuse(&request, &audit, Refusal::PolicyDeny { rule, reason })
-            }
-            NameVerdict::Allow => Screened::Forward(Forward {
+            NameVerdict::Deny { rule, reason } => Err(Refusal::PolicyDeny { rule, reason }),
+            NameVerdict::Allow => Ok(Forward {
                 query: bytes.to_vec(),
-                request,
+                request: incoming.request.clone(),
                 qname: question.name().clone(),
                 name: canonical.text,
                 qtype,
@@ -299,8 +341,39 @@ impl Resolver {
         }
     }
 
-    fn refuse(&self, request: &RequestView, audit: &Audit, refusal: Refusal) -> Screened {
-        let rcode = match &refusal {
+    /// Phase size: a stub resolver's query is a question and an OPT record;
+    /// anything bigger carries something else. Judged before the form, so
+    /// an oversized query is refused as oversized even when it is also
+    /// malformed (then it counts as having no EDNS). Returns the largest
+    /// reply a UDP client takes.
+    fn check_size(
+        &self,
+        len: usize,
+        edns_payload: Option<u16>,
+        transport: Transport,
+    ) -> Result<Option<usize>, Refusal> {
+        if transport == Transport::Tcp {
+            // The frame reader already bounded the message.
+            return Ok(None);
+        }
+        let (max_query, max_reply) = match edns_payload {
+            Some(payload) => (
+                self.limits.max_query_bytes,
+                usize::from(payload).max(PLAIN_UDP_MAX),
+            ),
+            None => (PLAIN_UDP_MAX, PLAIN_UDP_MAX),
+        };
+        if len > max_query {
+            return Err(Refusal::QueryTooLarge {
+                len,
+                max: max_query,
+            });
+        }
+        Ok(Some(max_reply))
+    }
+
+    fn refuse(&self, request: &RequestView, audit: &Audit, refusal: &Refusal) -> Screened {
+        let rcode = match refusal {
             Refusal::Malformed { .. } => ResponseCode::FormErr,
             Refusal::OpcodeRefused { .. } => ResponseCode::NotImp,
             Refusal::PolicyDeny { .. } => match self.limits.deny_rcode {
@@ -317,11 +390,18 @@ impl Resolver {
             why = %refusal,
             "query refused"
         );
-        self.policy.record_refusal(self.sandbox, &audit.name, &audit.qtype, &refusal);
-        self.synthesize(request, rcode, false).map_or(Screened::Ignore, Screened::Reply)
+        self.policy
+            .record_refusal(self.sandbox, &audit.name, &audit.qtype, refusal);
+        self.synthesize(request, rcode, false)
+            .map_or(Screened::Ignore, Screened::Reply)
     }
 
-    fn synthesize(&self, request: &RequestView, rcode: ResponseCode, truncated: bool) -> Option<Vec<u8>> {
+    fn synthesize(
+        &self,
+        request: &RequestView,
+        rcode: ResponseCode,
+        truncated: bool,
+    ) -> Option<Vec<u8>> {
         match wire::synthesize(request, rcode, truncated) {
             Ok(reply) => Some(reply),
             Err(error) => {
@@ -332,7 +412,7 @@ impl Resolver {
     }
 
     /// Phase forward: relay the upstream reply, and report its addresses.
-    async fn forward(&self, forward: Forward) -> Option<Vec<u8>> {
+    async fn forward(&self, forward: Box<Forward>) -> Option<Vec<u8>> {
         let reply = match self.upstream.exchange(&forward.query).await {
             Ok(reply) => reply,
             Err(error) => {
@@ -351,7 +431,8 @@ impl Resolver {
             // Upstream retried over TCP and got more than this client takes
             // over UDP: tell it to ask again over TCP, as a server would.
             Some(max) if reply.len() > max => {
-                let rcode = wire::read_header(&reply).map_or(ResponseCode::NoError, |h| h.response_code());
+                let rcode =
+                    wire::read_header(&reply).map_or(ResponseCode::NoError, |h| h.response_code());
                 debug!(sandbox = self.sandbox, name = %forward.name, len = reply.len(), max, "reply too big for UDP, truncating");
                 self.synthesize(&forward.request, rcode, true)
             }
@@ -382,12 +463,18 @@ impl Resolver {
             return;
         }
         debug!(sandbox = self.sandbox, name = %forward.name, count = answers.len(), "recording answers");
-        self.policy.record_answers(self.sandbox, &forward.name, &answers);
+        self.policy
+            .record_answers(self.sandbox, &forward.name, &answers);
     }
 }
 
 async fn serve_udp(resolver: Arc<Resolver>, socket: Arc<UdpSocket>) {
-    let in_flight = Arc::new(Semaphore::new(resolver.limits.max_udp_in_flight));
+    let in_flight = Arc::new(Semaphore::new(
+        resolver
+            .limits
+            .max_udp_in_flight
+            .min(Semaphore::MAX_PERMITS),
+    ));
     let mut forwards = JoinSet::new();
     let mut buf = vec![0_u8; UDP_RECV_BUF];
     loop {
@@ -409,7 +496,9 @@ async fn serve_udp(resolver: Arc<Resolver>, socket: Arc<UdpSocket>) {
             Screened::Forward(forward) => {
                 let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
                     warn!(sandbox = resolver.sandbox, name = %forward.name, "too many queries in flight, answering SERVFAIL");
-                    if let Some(reply) = resolver.synthesize(&forward.request, ResponseCode::ServFail, false) {
+                    if let Some(reply) =
+                        resolver.synthesize(&forward.request, ResponseCode::ServFail, false)
+                    {
                         send_udp(&resolver, &socket, &reply, peer).await;
                     }
                     continue;
@@ -434,7 +523,12 @@ async fn send_udp(resolver: &Resolver, socket: &UdpSocket, reply: &[u8], peer: S
 }
 
 async fn serve_tcp(resolver: Arc<Resolver>, listener: TcpListener) {
-    let open = Arc::new(Semaphore::new(resolver.limits.max_tcp_connections));
+    let open = Arc::new(Semaphore::new(
+        resolver
+            .limits
+            .max_tcp_connections
+            .min(Semaphore::MAX_PERMITS),
+    ));
     let mut connections = JoinSet::new();
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -465,7 +559,12 @@ async fn serve_tcp(resolver: Arc<Resolver>, listener: TcpListener) {
 async fn serve_connection(resolver: &Resolver, mut stream: TcpStream, peer: SocketAddr) {
     let idle = resolver.limits.tcp_idle_timeout;
     loop {
-        let query = match timeout(idle, wire::read_frame(&mut stream, resolver.limits.max_tcp_message_bytes)).await {
+        let query = match timeout(
+            idle,
+            wire::read_frame(&mut stream, resolver.limits.max_tcp_message_bytes),
+        )
+        .await
+        {
             Ok(Ok(query)) => query,
             Ok(Err(FrameError::Closed)) => return,
             Ok(Err(FrameError::BadLength(len))) => {

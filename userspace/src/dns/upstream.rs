@@ -63,7 +63,7 @@ impl Upstream {
                     if let Some(secs) = words
                         .filter_map(|option| option.strip_prefix("timeout:"))
                         .filter_map(|secs| secs.parse::<u64>().ok())
-                        .last()
+                        .next_back()
                     {
                         timeout = Duration::from_secs(secs.clamp(1, 30));
                     }
@@ -72,15 +72,19 @@ impl Upstream {
             }
         }
         if servers.is_empty() {
-            return Err(DnsError::NoNameservers { path: path.to_owned() });
+            return Err(DnsError::NoNameservers {
+                path: path.to_owned(),
+            });
         }
         Ok(Self { servers, timeout })
     }
 
+    /// The servers, in the order they are tried.
     pub fn servers(&self) -> &[SocketAddr] {
         &self.servers
     }
 
+    /// The bound on each attempt.
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -89,7 +93,8 @@ impl Upstream {
     /// order; on each, UDP first and TCP when the UDP reply is truncated.
     /// Replies whose id or question differ from the query's are not taken.
     pub async fn exchange(&self, query: &[u8]) -> Result<Vec<u8>, DnsError> {
-        let expected = ExpectedReply::from_query(query).map_err(|source| DnsError::BadQuery { source })?;
+        let expected =
+            ExpectedReply::from_query(query).map_err(|source| DnsError::BadQuery { source })?;
         let mut last = DnsError::NoUpstreams;
         for &server in &self.servers {
             match self.exchange_with(server, query, &expected).await {
@@ -103,10 +108,18 @@ impl Upstream {
         if self.servers.is_empty() {
             return Err(last);
         }
-        Err(DnsError::UpstreamsFailed { tried: self.servers.len(), last: Box::new(last) })
+        Err(DnsError::UpstreamsFailed {
+            tried: self.servers.len(),
+            last: Box::new(last),
+        })
     }
 
-    async fn exchange_with(&self, server: SocketAddr, query: &[u8], expected: &ExpectedReply) -> Result<Vec<u8>, DnsError> {
+    async fn exchange_with(
+        &self,
+        server: SocketAddr,
+        query: &[u8],
+        expected: &ExpectedReply,
+    ) -> Result<Vec<u8>, DnsError> {
         let reply = self.exchange_udp(server, query, expected).await?;
         // The TC bit is in the third byte; a matching reply has a header.
         let truncated = wire::read_header(&reply).is_some_and(|header| header.truncated());
@@ -117,7 +130,12 @@ impl Upstream {
         self.exchange_tcp(server, query, expected).await
     }
 
-    async fn exchange_udp(&self, server: SocketAddr, query: &[u8], expected: &ExpectedReply) -> Result<Vec<u8>, DnsError> {
+    async fn exchange_udp(
+        &self,
+        server: SocketAddr,
+        query: &[u8],
+        expected: &ExpectedReply,
+    ) -> Result<Vec<u8>, DnsError> {
         let io_error = |source| DnsError::UpstreamIo { server, source };
         let local: SocketAddr = match server {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -133,7 +151,10 @@ impl Upstream {
         loop {
             let len = timeout_at(deadline, socket.recv(&mut buf))
                 .await
-                .map_err(|_| DnsError::UpstreamTimeout { server, timeout: self.timeout })?
+                .map_err(|_| DnsError::UpstreamTimeout {
+                    server,
+                    timeout: self.timeout,
+                })?
                 .map_err(io_error)?;
             let reply = &buf[..len];
             // A late reply to an earlier query on a reused port, or a forgery:
@@ -145,17 +166,26 @@ impl Upstream {
         }
     }
 
-    async fn exchange_tcp(&self, server: SocketAddr, query: &[u8], expected: &ExpectedReply) -> Result<Vec<u8>, DnsError> {
+    async fn exchange_tcp(
+        &self,
+        server: SocketAddr,
+        query: &[u8],
+        expected: &ExpectedReply,
+    ) -> Result<Vec<u8>, DnsError> {
         let io_error = |source| DnsError::UpstreamIo { server, source };
         let attempt = async {
             let mut stream = TcpStream::connect(server).await.map_err(io_error)?;
-            wire::write_frame(&mut stream, query).await.map_err(io_error)?;
-            let reply = wire::read_frame(&mut stream, usize::from(u16::MAX)).await.map_err(|_| {
-                io_error(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "connection closed before a whole reply",
-                ))
-            })?;
+            wire::write_frame(&mut stream, query)
+                .await
+                .map_err(io_error)?;
+            let reply = wire::read_frame(&mut stream, usize::from(u16::MAX))
+                .await
+                .map_err(|_| {
+                    io_error(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "connection closed before a whole reply",
+                    ))
+                })?;
             if expected.matches(&reply) {
                 Ok(reply)
             } else {
@@ -164,6 +194,9 @@ impl Upstream {
         };
         timeout(self.timeout, attempt)
             .await
-            .map_err(|_| DnsError::UpstreamTimeout { server, timeout: self.timeout })?
+            .map_err(|_| DnsError::UpstreamTimeout {
+                server,
+                timeout: self.timeout,
+            })?
     }
 }
