@@ -1,0 +1,481 @@
+//! The kernel datapath against the real kernel: real cgroups, real eBPF,
+//! real network namespaces, a real `sluice daemon`. Each test shows what a
+//! test host actually received. Needs root; skips with a message otherwise.
+
+mod harness;
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use harness::{dns::TestDns, fields, privileged, Daemon, EchoServer, TestNet, UdpCanary};
+use sluice::audit::{HostSource, Kind, Verdict};
+
+fn allow_net_profile(net: &TestNet, port: u16) -> String {
+    format!(
+        r#"name = "test-net"
+[[rule]]
+name = "test-host"
+action = "allow"
+ips = ["{}/32", "{}/128"]
+ports = [{port}]
+"#,
+        net.v4(2),
+        net.v6(2)
+    )
+}
+
+#[test]
+fn sandboxed_connects_reach_their_original_destination_v4_v6_and_mapped() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new();
+    let server = EchoServer::start(net.tcp_listener("[::]:8080".parse().unwrap()));
+    let daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("dest", &allow_net_profile(&net, 8080));
+    let output = sandbox.python(&format!(
+        r#"
+import os, socket
+for label, family, addr in [("v4", socket.AF_INET, ("{v4}", 8080)),
+                            ("v6", socket.AF_INET6, ("{v6}", 8080)),
+                            ("mapped", socket.AF_INET6, ("::ffff:{v4}", 8080))]:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(addr)
+    peer = s.getpeername()
+    s.sendall(("hello-" + label).encode())
+    data = s.recv(100)
+    s.close()
+    print(label + "_peer=" + peer[0] + ":" + str(peer[1]))
+    print(label + "_echo=" + data.decode())
+print("pid=" + str(os.getpid()))
+"#,
+        v4 = net.v4(2),
+        v6 = net.v6(2)
+    ));
+    let got = fields(&output);
+    for label in ["v4", "v6", "mapped"] {
+        assert_eq!(got[&format!("{label}_echo")], format!("hello-{label}"), "{label} bytes did not round-trip");
+    }
+    // getpeername shows the address the sandbox asked for, not sluice's.
+    assert_eq!(got["v4_peer"], format!("{}:8080", net.v4(2)));
+    assert_eq!(got["v6_peer"], format!("{}:8080", net.v6(2)));
+    assert_eq!(got["mapped_peer"], format!("::ffff:{}:8080", net.v4(2)));
+
+    // The test host received exactly these three connections.
+    let mut payloads: Vec<String> = server.seen().iter().map(|s| String::from_utf8_lossy(&s.received).into_owned()).collect();
+    payloads.sort();
+    assert_eq!(payloads, ["hello-mapped", "hello-v4", "hello-v6"]);
+
+    // The proxy recovered destination, sandbox and pid for each.
+    let pid: u32 = got["pid"].parse().unwrap();
+    let decisions = daemon.wait_decisions("three allowed connects", |d| {
+        d.iter().filter(|d| d.kind == Kind::Connect && d.verdict == Verdict::Allow).count() == 3
+    });
+    let mut destinations: Vec<SocketAddr> = decisions
+        .iter()
+        .filter(|d| d.kind == Kind::Connect)
+        .map(|d| {
+            assert_eq!(d.sandbox.as_deref(), Some("dest"));
+            assert_eq!(d.pid, Some(pid));
+            assert_eq!(d.rule, "test-host");
+            d.destination.unwrap()
+        })
+        .collect();
+    destinations.sort();
+    let v4: SocketAddr = SocketAddr::new(net.v4(2), 8080);
+    let v6: SocketAddr = SocketAddr::new(net.v6(2), 8080);
+    let mut expected = vec![v4, v4, v6];
+    expected.sort();
+    assert_eq!(destinations, expected);
+}
+
+#[test]
+fn five_hundred_concurrent_connects_from_two_sandboxes_are_attributed_correctly() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new();
+    let server = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v4(2), 8080)));
+    let daemon = Daemon::start(None);
+    let allowed = daemon.sandbox("crowd-a", &allow_net_profile(&net, 8080));
+    // Same destination, but this sandbox may only use another port.
+    let denied = daemon.sandbox("crowd-b", &allow_net_profile(&net, 9999));
+    let script = |tag: &str| {
+        format!(
+            r#"
+import os, socket, threading
+barrier = threading.Barrier(250)
+results = []
+def one(i):
+    s = socket.socket()
+    s.settimeout(20)
+    barrier.wait()
+    try:
+        s.connect(("{ip}", 8080))
+        msg = ("{tag}-%d" % i).encode()
+        s.sendall(msg)
+        data = s.recv(100)
+        results.append("ok" if data == msg else "closed")
+    except OSError:
+        results.append("closed")
+    finally:
+        s.close()
+threads = [threading.Thread(target=one, args=(i,)) for i in range(250)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("pid=" + str(os.getpid()))
+print("ok=" + str(results.count("ok")))
+print("closed=" + str(results.count("closed")))
+"#,
+            ip = net.v4(2)
+        )
+    };
+    let (script_a, script_b) = (script("A"), script("B"));
+    let (a, b) = (allowed.clone(), denied.clone());
+    let run_a = std::thread::spawn(move || a.python(&script_a));
+    let run_b = std::thread::spawn(move || b.python(&script_b));
+    let (out_a, out_b) = (fields(&run_a.join().unwrap()), fields(&run_b.join().unwrap()));
+    assert_eq!(out_a["ok"], "250", "sandbox A: {out_a:?}");
+    assert_eq!(out_b["ok"], "0", "sandbox B: {out_b:?}");
+    assert_eq!(out_b["closed"], "250");
+
+    // The host got A's 250 connections and not one of B's.
+    std::thread::sleep(Duration::from_millis(200));
+    let seen = server.seen();
+    assert_eq!(server.accepted(), 250);
+    assert!(seen.iter().all(|s| s.received.starts_with(b"A-")), "a B connection reached the host");
+
+    let (pid_a, pid_b): (u32, u32) = (out_a["pid"].parse().unwrap(), out_b["pid"].parse().unwrap());
+    let decisions = daemon.wait_decisions("500 connect decisions", |d| d.iter().filter(|d| d.kind == Kind::Connect).count() >= 500);
+    let connects: Vec<_> = decisions.iter().filter(|d| d.kind == Kind::Connect).collect();
+    assert_eq!(connects.len(), 500);
+    for d in connects {
+        match d.sandbox.as_deref() {
+            Some("crowd-a") => assert_eq!((d.pid, d.verdict), (Some(pid_a), Verdict::Allow), "{d}"),
+            Some("crowd-b") => assert_eq!((d.pid, d.verdict), (Some(pid_b), Verdict::Deny), "{d}"),
+            other => panic!("decision attributed to {other:?}: {d}"),
+        }
+    }
+}
+
+#[test]
+fn a_child_cgroup_made_inside_the_sandbox_stays_enforced() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new();
+    let server = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v4(2), 8080)));
+    let canary_ip = net.add_host(3);
+    let canary = EchoServer::start(net.tcp_listener(SocketAddr::new(canary_ip, 8080)));
+    let daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("nested", &allow_net_profile(&net, 8080));
+    let output = sandbox.python(&format!(
+        r#"
+import os, socket
+cg = "{cgroup}/inner/deeper"
+os.makedirs(cg)
+with open(cg + "/cgroup.procs", "w") as f: f.write("0")
+print("cgroup=" + open("/proc/self/cgroup").read().strip().split("::")[-1])
+s = socket.create_connection(("{ip}", 8080), timeout=10)
+s.sendall(b"from-inner"); print("echo=" + s.recv(100).decode()); s.close()
+s = socket.create_connection(("{canary}", 8080), timeout=10)
+s.sendall(b"escape")
+print("canary=" + repr(s.recv(100)))
+"#,
+        cgroup = sandbox.cgroup.display(),
+        ip = net.v4(2),
+        canary = canary_ip
+    ));
+    let got = fields(&output);
+    assert!(got["cgroup"].ends_with("/nested/inner/deeper"), "{got:?}");
+    assert_eq!(got["echo"], "from-inner");
+    assert_eq!(got["canary"], "b''", "the canary connection was not closed");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(canary.accepted(), 0, "the canary was reached from a child cgroup");
+    assert_eq!(server.accepted(), 1);
+    let decisions = daemon.wait_decisions("allow and deny from the child cgroup", |d| {
+        d.iter().filter(|d| d.kind == Kind::Connect).count() >= 2
+    });
+    for d in decisions.iter().filter(|d| d.kind == Kind::Connect) {
+        assert_eq!(d.sandbox.as_deref(), Some("nested"), "{d}");
+    }
+}
+
+#[test]
+fn udp_raw_and_packet_sockets_are_refused_in_the_kernel() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new();
+    let canary4 = UdpCanary::start(net.udp_socket(SocketAddr::new(net.v4(2), 9999)));
+    let canary6 = UdpCanary::start(net.udp_socket(SocketAddr::new(net.v6(2), 9999)));
+    let daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("sockets", &allow_net_profile(&net, 9999));
+    let output = sandbox.python(&format!(
+        r#"
+import socket
+def attempt(label, f):
+    try:
+        f(); print(label + "=allowed")
+    except PermissionError:
+        print(label + "=EPERM")
+    except OSError as e:
+        print(label + "=" + type(e).__name__ + ":" + str(e.errno))
+def udp_send4():
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("{v4}", 9999))
+def udp_send6():
+    socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).sendto(b"x", ("{v6}", 9999))
+def udp_connect():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(("{v4}", 9999)); s.send(b"x")
+attempt("udp_send4", udp_send4)
+attempt("udp_send6", udp_send6)
+attempt("udp_connect", udp_connect)
+attempt("raw4", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+attempt("raw6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6))
+attempt("ping", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP))
+attempt("packet", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0))
+attempt("mptcp", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262))
+attempt("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+"#,
+        v4 = net.v4(2),
+        v6 = net.v6(2)
+    ));
+    let got = fields(&output);
+    for label in ["udp_send4", "udp_send6", "udp_connect", "raw4", "raw6", "ping", "packet", "mptcp"] {
+        assert_eq!(got[label], "EPERM", "{label} was not refused: {got:?}");
+    }
+    assert_eq!(got["unix"], "allowed", "Unix sockets must keep working");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(canary4.received() + canary6.received(), 0, "a datagram reached the canary");
+
+    let decisions = daemon.wait_decisions("kernel refusals", |d| d.iter().filter(|d| d.kind == Kind::Kernel).count() >= 8);
+    assert!(decisions.iter().filter(|d| d.kind == Kind::Kernel).all(|d| d.sandbox.as_deref() == Some("sockets")));
+    let status = daemon.statuses().into_iter().find(|s| s.record.name == "sockets").unwrap();
+    assert!(status.refused >= 8, "kernel counters: {status:?}");
+}
+
+#[test]
+fn processes_outside_any_sandbox_are_untouched() {
+    if !privileged() {
+        return;
+    }
+    let local = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let local = EchoServer::start(local);
+    let daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("contrast", "name = \"nothing\"\n");
+    let script = format!(
+        r#"
+import socket
+try:
+    s = socket.create_connection(("127.0.0.1", {port}), timeout=10)
+    s.sendall(b"hi"); data = s.recv(10); s.close()
+    print("result=" + ("echo" if data == b"hi" else "closed"))
+except OSError as e:
+    print("result=" + type(e).__name__)
+"#,
+        port = local.addr.port()
+    );
+    // Outside: a plain process, no cgroup change.
+    let outside = fields(&harness::run_python(std::process::Command::new("python3"), &script));
+    assert_eq!(outside["result"], "echo");
+    // Inside: the same connect is redirected and denied (no rule allows it).
+    let inside = fields(&sandbox.python(&script));
+    assert_eq!(inside["result"], "closed");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(local.accepted(), 1, "only the outside process may reach the listener");
+    let decisions = daemon.wait_decisions("one deny", |d| d.iter().any(|d| d.kind == Kind::Connect));
+    let connects: Vec<_> = decisions.iter().filter(|d| d.kind == Kind::Connect).collect();
+    assert_eq!(connects.len(), 1, "the outside connect must not reach the proxy");
+    assert_eq!(connects[0].sandbox.as_deref(), Some("contrast"));
+    assert_eq!(connects[0].rule, "default-deny");
+}
+
+#[test]
+fn a_killed_daemon_fails_closed_and_a_restarted_one_resumes() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new();
+    let server = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v4(2), 8080)));
+    let canary_ip = net.add_host(3);
+    let canary = EchoServer::start(net.tcp_listener(SocketAddr::new(canary_ip, 8080)));
+    let udp_canary = UdpCanary::start(net.udp_socket(SocketAddr::new(canary_ip, 53)));
+    let mut daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("survivor", &allow_net_profile(&net, 8080));
+    let script = format!(
+        r#"
+import socket
+for label, ip in [("allowed", "{ip}"), ("canary", "{canary}")]:
+    try:
+        s = socket.create_connection((ip, 8080), timeout=15)
+        s.sendall(b"ping"); data = s.recv(10); s.close()
+        print(label + "=" + ("echo" if data == b"ping" else "closed"))
+    except OSError as e:
+        print(label + "=" + type(e).__name__)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
+try:
+    u.sendto(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x04test\x00\x00\x01\x00\x01", ("{canary}", 53))
+    u.recvfrom(512); print("dns=answered")
+except OSError as e:
+    print("dns=" + type(e).__name__)
+"#,
+        ip = net.v4(2),
+        canary = canary_ip
+    );
+
+    daemon.kill();
+    let down = fields(&sandbox.python(&script));
+    assert_eq!(down["allowed"], "ConnectionRefusedError", "{down:?}");
+    assert_eq!(down["canary"], "ConnectionRefusedError", "{down:?}");
+    assert_ne!(down["dns"], "answered");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.accepted() + canary.accepted() + udp_canary.received(), 0, "traffic left while sluice was down");
+
+    daemon.restart();
+    let health = harness::block_on(daemon.client().health()).unwrap();
+    assert!(health.adopted, "the restarted daemon should re-adopt the pinned programs");
+    assert!(daemon.statuses().iter().any(|s| s.record.name == "survivor"), "sandbox not re-adopted");
+    let up = fields(&sandbox.python(&script));
+    assert_eq!(up["allowed"], "echo", "{up:?}");
+    assert_eq!(up["canary"], "closed", "{up:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.accepted(), 1);
+    assert_eq!(canary.accepted() + udp_canary.received(), 0, "the canary was reached");
+}
+
+#[test]
+fn denied_hosts_get_nothing_and_allowed_bytes_arrive_intact_both_ways() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new();
+    let server = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v4(2), 8080)));
+    let canary_ip = net.add_host(3);
+    let canary = EchoServer::start(net.tcp_listener(SocketAddr::new(canary_ip, 8080)));
+    let daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("bulk", &allow_net_profile(&net, 8080));
+    let output = sandbox.python(&format!(
+        r#"
+import hashlib, os, socket, threading
+payload = os.urandom(4 * 1024 * 1024)
+s = socket.create_connection(("{ip}", 8080), timeout=20)
+received = bytearray()
+def reader():
+    while len(received) < len(payload):
+        chunk = s.recv(65536)
+        if not chunk: break
+        received.extend(chunk)
+t = threading.Thread(target=reader); t.start()
+s.sendall(payload); t.join(); s.close()
+print("sent=" + hashlib.sha256(payload).hexdigest())
+print("back=" + hashlib.sha256(bytes(received)).hexdigest())
+c = socket.create_connection(("{canary}", 8080), timeout=10)
+c.sendall(b"GET /secret HTTP/1.1\r\nHost: {canary}\r\n\r\n")
+answer = b""
+while True:
+    chunk = c.recv(4096)
+    if not chunk: break
+    answer += chunk
+print("denied_status=" + answer.split(b"\r\n")[0].decode())
+print("denied_rule=" + [l for l in answer.decode().splitlines() if l.startswith("rule: ")][0])
+"#,
+        ip = net.v4(2),
+        canary = canary_ip
+    ));
+    let got = fields(&output);
+    assert_eq!(got["sent"], got["back"], "bytes changed on the way back");
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].received.len(), 4 * 1024 * 1024);
+    assert_eq!(sha256_hex(&seen[0].received), got["sent"], "bytes changed on the way there");
+    assert_eq!(got["denied_status"], "HTTP/1.1 403 Forbidden");
+    assert_eq!(got["denied_rule"], "rule: default-deny");
+    assert_eq!(canary.accepted(), 0, "the denied host was reached");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let output = std::process::Command::new("python3")
+        .args(["-c", "import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(bytes)?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn dns_allowed_names_resolve_denied_names_do_not_and_the_policy_sees_the_name() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new();
+    let server4 = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v4(2), 8080)));
+    let server6 = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v6(2), 8080)));
+    let canary_ip = net.add_host(3);
+    let canary = EchoServer::start(net.tcp_listener(SocketAddr::new(canary_ip, 8080)));
+    let zone = HashMap::from([
+        ("allowed.test".to_owned(), vec![net.v4(2), net.v6(2)]),
+        ("denied.test".to_owned(), vec![canary_ip]),
+    ]);
+    let dns = TestDns::start(net.udp_socket(SocketAddr::new(net.v4(2), 53)), zone);
+    let daemon = Daemon::start(Some(dns.addr));
+    let sandbox = daemon.sandbox(
+        "names",
+        "name = \"by-name\"\n[[rule]]\nname = \"allowed-name\"\naction = \"allow\"\nhosts = [\"allowed.test\"]\nports = [8080]\n",
+    );
+    // The sandbox's resolv.conf names a test-net address with no server on
+    // it: queries only get answers because sluice redirects them.
+    let resolv = daemon.dir.join("resolv.conf");
+    harness::write_file(&resolv, &format!("nameserver {}\noptions timeout:2 attempts:1\n", net.v4(99)));
+    let script = format!(
+        r#"
+import socket
+found = sorted({{a[4][0] for a in socket.getaddrinfo("allowed.test", 8080, type=socket.SOCK_STREAM)}})
+print("allowed=" + ",".join(found))
+try:
+    socket.getaddrinfo("denied.test", 8080, type=socket.SOCK_STREAM); print("denied=resolved")
+except socket.gaierror as e:
+    print("denied=gaierror")
+for family, ip in [("v4", "{v4}"), ("v6", "{v6}")]:
+    s = socket.create_connection((ip, 8080), timeout=10)
+    s.sendall(b"by-name-" + family.encode()); print(family + "=" + s.recv(100).decode()); s.close()
+s = socket.create_connection(("{canary}", 8080), timeout=10)
+s.sendall(b"x"); print("canary=" + repr(s.recv(10)))
+"#,
+        v4 = net.v4(2),
+        v6 = net.v6(2),
+        canary = canary_ip
+    );
+    let mut command = sandbox.command("unshare");
+    command.args(["-m", "sh", "-c", &format!("mount --bind {} /etc/resolv.conf && exec python3 \"$0\" \"$@\"", resolv.display())]);
+    // run_python appends `-c SCRIPT`, which become "$0" "$@" above.
+    let output = harness::run_python(command, &script);
+    let got = fields(&output);
+    assert_eq!(got["allowed"], format!("{},{}", net.v4(2), net.v6(2)));
+    assert_eq!(got["denied"], "gaierror");
+    assert_eq!(got["v4"], "by-name-v4");
+    assert_eq!(got["v6"], "by-name-v6");
+    assert_eq!(got["canary"], "b''");
+    assert!(dns.questions().iter().any(|q| q == "allowed.test"));
+    assert!(!dns.questions().iter().any(|q| q == "denied.test"), "a denied name was forwarded upstream");
+    assert_eq!(canary.accepted(), 0);
+    assert_eq!((server4.accepted(), server6.accepted()), (1, 1));
+
+    let decisions = daemon.wait_decisions("named connects", |d| {
+        d.iter().filter(|d| d.kind == Kind::Connect && d.verdict == Verdict::Allow).count() == 2
+    });
+    for d in decisions.iter().filter(|d| d.kind == Kind::Connect && d.verdict == Verdict::Allow) {
+        assert_eq!(d.host.as_deref(), Some("allowed.test"), "{d}");
+        assert_eq!(d.host_source, Some(HostSource::Dns), "{d}");
+        assert_eq!(d.rule, "allowed-name");
+    }
+    assert!(decisions.iter().any(|d| d.kind == Kind::Dns && d.verdict == Verdict::Deny && d.host.as_deref() == Some("denied.test")));
+    let canary_decision = decisions.iter().find(|d| d.destination == Some(SocketAddr::new(canary_ip, 8080))).unwrap();
+    assert_eq!((canary_decision.verdict, canary_decision.host_source), (Verdict::Deny, Some(HostSource::Ip)));
+}
