@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context as _};
 
-use crate::{run, step};
+use crate::{run as run_command, step};
 
 /// LLVM major version bpf-linker is built against.
 const LLVM: &str = "22";
@@ -38,7 +38,7 @@ fn nightly_rust_src() -> anyhow::Result<()> {
         return Ok(());
     }
     step("installing rust-src for the nightly toolchain (kernel programs build core from source)");
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    run_command(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
 /// Debian packages: LLVM for bpf-linker; iproute2, curl, python3 and dig for
@@ -63,8 +63,8 @@ fn apt_packages() -> anyhow::Result<()> {
         bail!("missing packages {missing:?} and no apt-get to install them: install them by hand");
     }
     step(&format!("installing Debian packages: {} (apt-get)", missing.join(" ")));
-    run(Command::new("apt-get").arg("update"))?;
-    run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    run_command(Command::new("apt-get").arg("update"))?;
+    run_command(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
         .context("apt-get install failed (are you root?)")
 }
 
@@ -74,7 +74,7 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
     step("building bpf-linker against LLVM 22 (cargo install, about 2 minutes)");
     let prefix = format!("/usr/lib/llvm-{LLVM}");
-    run(Command::new("cargo")
+    run_command(Command::new("cargo")
         .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", &format!("llvm-{LLVM}")])
         // Without LLVM_PREFIX its build script finds an older llvm-config first.
         .env(format!("LLVM_SYS_{LLVM}1_PREFIX"), &prefix)
