@@ -46,11 +46,19 @@ pub fn privileged() -> bool {
     true
 }
 
-/// Unique small numbers per test in this process: subnet octet, names.
-fn next_id() -> u32 {
+/// A subnet octet no other test in this run uses: ten per process, spread
+/// by pid so two test binaries never collide.
+fn next_subnet() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    // Spread across processes too, so two test binaries never collide.
-    (std::process::id() % 20) * 10 + NEXT.fetch_add(1, Ordering::Relaxed) % 10 + 10
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    assert!(n < 10, "more than ten test networks in one test binary");
+    (std::process::id() % 24) * 10 + n + 10
+}
+
+/// A daemon instance name unique on this machine.
+fn next_instance() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("sluice-test-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 fn sh(args: &[&str]) {
@@ -69,7 +77,7 @@ pub struct TestNet {
 
 impl TestNet {
     pub fn new() -> Self {
-        let n = next_id();
+        let n = next_subnet();
         let name = format!("sluice-t{n}-{}", std::process::id());
         let host_if = format!("slh{n}");
         let ns_if = format!("sln{n}");
@@ -276,7 +284,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(upstream_dns: Option<SocketAddr>) -> Self {
-        let instance = format!("sluice-test-{}-{}", std::process::id(), next_id());
+        let instance = next_instance();
         let dir = std::env::temp_dir().join(&instance);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

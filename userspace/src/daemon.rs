@@ -560,7 +560,7 @@ async fn forward_kernel_events(mut events: datapath::EventStream, registry: Arc<
 
 fn kernel_decision(event: &KernelEvent, registry: &Registry) -> Decision {
     let rule = match event.reason {
-        datapath::RefusalReason::Socket => "kernel-socket",
+        datapath::RefusalReason::Socket | datapath::RefusalReason::SocketKilled => "kernel-socket",
         datapath::RefusalReason::Egress => "kernel-egress",
         datapath::RefusalReason::UdpConnect | datapath::RefusalReason::UdpSend => "kernel-udp",
         _ => "kernel",
@@ -575,7 +575,7 @@ fn kernel_decision(event: &KernelEvent, registry: &Registry) -> Decision {
     decision.destination = event.destination;
     decision.protocol = Some(match event.reason {
         datapath::RefusalReason::UdpConnect | datapath::RefusalReason::UdpSend => "udp".into(),
-        datapath::RefusalReason::Socket => "socket".into(),
+        datapath::RefusalReason::Socket | datapath::RefusalReason::SocketKilled => "socket".into(),
         _ => "ip".into(),
     });
     decision

@@ -1,3 +1,150 @@
+//! `cargo xtask demo`: sluice confining a real command under the built-in
+//! profile, with nothing leaving this machine.
+//!
+//! A network namespace stands in for the internet: `docs.demo.test`
+//! (198.18.0.10, the benchmarking range, which the built-in profile treats as
+//! public), `intranet.demo.test` (10.231.250.10, an internal address), and a
+//! DNS server (198.18.0.53) that knows both. The sandboxed shell uses that
+//! DNS server through its own resolv.conf; sluice resolves for it and decides
+//! every connection.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::step;
+
+const NETNS: &str = "sluice-demo";
+const HOST_IF: &str = "sluice-demo0";
+const NS_IF: &str = "sluice-demo1";
+
+/// What the sandboxed shell does; each line is echoed before it runs.
+const SCRIPT: &str = r#"
+run() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; echo "(exit $?)"; }
+run curl -sS --max-time 5 http://docs.demo.test/
+run curl -sS --max-time 5 http://intranet.demo.test/
+run curl -sS --max-time 5 telnet://docs.demo.test:25
+run python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"quic?", ("198.18.0.10", 443))'
+run python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)'
+"#;
+
 pub fn run() -> anyhow::Result<()> {
-    anyhow::bail!("demo: not written yet")
+    if !Path::new("/usr/sbin/dnsmasq").exists() {
+        step("installing dnsmasq-base (the demo's stand-in DNS server)");
+        crate::run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "dnsmasq-base"]))?;
+    }
+    let sluice = crate::build_sluice()?;
+    let dir = std::env::temp_dir().join("sluice-demo");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("www"))?;
+    std::fs::write(dir.join("www/index.html"), "hello from docs.demo.test, reached through sluice\n")?;
+    std::fs::write(dir.join("resolv.conf"), "nameserver 198.18.0.53\noptions timeout:2 attempts:1\n")?;
+    std::fs::write(dir.join("demo.sh"), SCRIPT)?;
+
+    step("creating the stand-in internet (network namespace sluice-demo)");
+    let net = DemoNet::create()?;
+    let _servers = net.start_servers(&dir)?;
+
+    step("running a shell under `sluice run` with the built-in profile");
+    eprintln!("  (the profile: `sluice policy default`; every line below marked 'sluice:' is a decision)\n");
+    let inner = format!(
+        "mount --bind {} /etc/resolv.conf && exec sh {}",
+        dir.join("resolv.conf").display(),
+        dir.join("demo.sh").display()
+    );
+    let status = Command::new(&sluice)
+        .args(["run", "--name", "demo", "--upstream-dns", "198.18.0.53:53", "--", "unshare", "-m", "sh", "-c", &inner])
+        .status()
+        .context("running sluice")?;
+    eprintln!();
+    step(&format!("sluice run finished ({status}); the sandbox, its cgroup and its programs are gone"));
+    drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+struct DemoNet;
+
+impl DemoNet {
+    fn create() -> anyhow::Result<Self> {
+        // A leftover from an interrupted demo.
+        let _ = quiet(&["ip", "link", "del", HOST_IF]);
+        let _ = quiet(&["ip", "netns", "del", NETNS]);
+        let net = Self;
+        sh(&["ip", "netns", "add", NETNS])?;
+        sh(&["ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF])?;
+        sh(&["ip", "link", "set", NS_IF, "netns", NETNS])?;
+        for addr in ["198.18.0.1/24", "10.231.250.1/24"] {
+            sh(&["ip", "addr", "add", addr, "dev", HOST_IF])?;
+        }
+        sh(&["ip", "link", "set", HOST_IF, "up"])?;
+        for addr in ["198.18.0.10/24", "198.18.0.53/24", "10.231.250.10/24"] {
+            sh(&["ip", "netns", "exec", NETNS, "ip", "addr", "add", addr, "dev", NS_IF])?;
+        }
+        sh(&["ip", "netns", "exec", NETNS, "ip", "link", "set", NS_IF, "up"])?;
+        sh(&["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"])?;
+        Ok(net)
+    }
+
+    fn start_servers(&self, dir: &Path) -> anyhow::Result<Servers> {
+        let web = Command::new("ip")
+            .args(["netns", "exec", NETNS, "python3", "-m", "http.server", "80", "--bind", "0.0.0.0", "--directory"])
+            .arg(dir.join("www"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let dns = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                NETNS,
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=198.18.0.53",
+                "--address=/docs.demo.test/198.18.0.10",
+                "--address=/intranet.demo.test/10.231.250.10",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let servers = Servers(vec![web, dns]);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        Ok(servers)
+    }
+}
+
+impl Drop for DemoNet {
+    fn drop(&mut self) {
+        let _ = quiet(&["ip", "link", "del", HOST_IF]);
+        let _ = quiet(&["ip", "netns", "del", NETNS]);
+    }
+}
+
+struct Servers(Vec<Child>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(args[0]).args(&args[1..]).status().with_context(|| format!("running {args:?}"))?;
+    if !status.success() {
+        bail!("{args:?} failed (the demo needs root)");
+    }
+    Ok(())
+}
+
+fn quiet(args: &[&str]) -> std::io::Result<std::process::ExitStatus> {
+    Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status()
 }

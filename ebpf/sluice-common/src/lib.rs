@@ -30,6 +30,8 @@ pub mod names {
     pub const SOCK_CREATE: &str = "sluice_sock_create";
     pub const SOCKET_CREATE_LSM: &str = "sluice_socket_create";
     pub const EGRESS: &str = "sluice_egress";
+    pub const SYS_ENTER: &str = "sluice_sys_enter";
+    pub const ENFORCED_PARENTS: &str = "ENFORCED_PARENTS";
 }
 
 /// How many sandboxes can have counters at once; slot 0 counts flows of
@@ -165,6 +167,9 @@ pub const REASON_SOCKET: u8 = 3;
 pub const REASON_EGRESS: u8 = 4;
 /// A connect with a transport sluice cannot proxy (neither TCP nor UDP).
 pub const REASON_TRANSPORT: u8 = 5;
+/// A process asked for a socket family no sandbox may have (packet, vsock,
+/// ...) without going through a launcher that refuses it, and was killed.
+pub const REASON_SOCKET_KILLED: u8 = 6;
 
 impl Flow {
     /// The original destination as a socket address.

@@ -26,18 +26,18 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_socket_cookie, bpf_send_signal, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
+    macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    programs::{BtfTracePointContext, LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use sluice_common::{
     Counters, EndpointKey, Flow, FlowKey, Ip6Words, RefusedEvent, SandboxEntry, Target, FAMILY_V4,
     FAMILY_V6, MAX_CGROUP_DEPTH, MAX_SANDBOX_SLOTS, PROTO_TCP, PROTO_UDP, REASON_EGRESS,
-    REASON_SOCKET, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
+    REASON_SOCKET, REASON_SOCKET_KILLED, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
 };
 
 const DNS_PORT: u16 = 53;
@@ -65,6 +65,10 @@ static ENDPOINTS: HashMap<EndpointKey, u8> = HashMap::with_max_entries(2 * MAX_S
 static DEFAULT_TARGET: Array<Target> = Array::with_max_entries(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SANDBOX_SLOTS, 0);
+/// cgroup ids of the enforced parents, for the one program that is not
+/// attached to a cgroup (`sys_enter`).
+#[map]
+static ENFORCED_PARENTS: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -358,6 +362,12 @@ fn socket_allowed(family: i32, sock_type: i32, protocol: i32) -> bool {
 
 #[inline(always)]
 fn refuse_socket(family: i32, sock_type: i32, protocol: i32) -> i32 {
+    emit_socket_refusal(family, sock_type, protocol, REASON_SOCKET);
+    REFUSE
+}
+
+#[inline(always)]
+fn emit_socket_refusal(family: i32, sock_type: i32, protocol: i32, reason: u8) {
     let (sandbox_cgroup, entry) = current_sandbox();
     count(entry.slot, |c| c.refused += 1);
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
@@ -369,11 +379,10 @@ fn refuse_socket(family: i32, sock_type: i32, protocol: i32) -> i32 {
             family: family as u16,
             sock_type: sock_type as u16,
             protocol: protocol as u16,
-            reason: REASON_SOCKET,
+            reason,
             ..RefusedEvent::default()
         },
     );
-    REFUSE
 }
 
 /// `security_socket_create(family, type, protocol, kern)` for processes in
@@ -400,6 +409,45 @@ pub fn sluice_sock_create(ctx: SockContext) -> i32 {
         return ALLOW;
     }
     refuse_socket(family, sock_type, protocol)
+}
+
+const SYS_SOCKET: i64 = 41;
+
+/// Backstop for kernels whose BPF LSM cannot be used: `socket(2)` of a
+/// family no sandbox may have (packet, vsock, ...) by a process under an
+/// enforced parent gets the process killed before it returns. `sluice run`
+/// refuses such sockets earlier with a seccomp filter (EPERM); this covers
+/// processes that entered a sandbox cgroup some other way. Runs for every
+/// syscall on the host, so it leaves at the first check for all but socket().
+#[btf_tracepoint(function = "sys_enter")]
+pub fn sluice_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    let id: i64 = ctx.arg(1);
+    if id != SYS_SOCKET {
+        return 0;
+    }
+    let regs: *const u64 = ctx.arg(0);
+    // pt_regs.di (the first syscall argument) is the 15th word on x86_64.
+    // SAFETY: tp_btf arguments are BTF-typed pointers the verifier checks.
+    let family = unsafe { read_volatile(regs.add(14)) } as i32;
+    let sock_type = unsafe { read_volatile(regs.add(13)) } as i32;
+    if matches!(family, AF_UNIX | AF_INET | AF_INET6 | AF_NETLINK) {
+        return 0;
+    }
+    for level in 1..=MAX_CGROUP_DEPTH {
+        // SAFETY: plain helper calls.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        if unsafe { ENFORCED_PARENTS.get(&id) }.is_some() {
+            let (_, entry) = current_sandbox();
+            count(entry.slot, |c| c.refused += 1);
+            emit_socket_refusal(family, sock_type & 0xf, 0, REASON_SOCKET_KILLED);
+            unsafe { bpf_send_signal(9) };
+            return 0;
+        }
+    }
+    0
 }
 
 /// Drops every packet leaving a sandbox that is not addressed to sluice.

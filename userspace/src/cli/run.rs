@@ -120,9 +120,13 @@ async fn spawn_and_wait(cgroup: &Path, argv: &[OsString]) -> anyhow::Result<u8> 
     let procs = CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
     let mut command = std::process::Command::new(&argv[0]);
     command.args(&argv[1..]);
+    let filter = crate::sandbox::seccomp::socket_filter();
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
-        command.pre_exec(move || enter_cgroup(&procs));
+        command.pre_exec(move || {
+            enter_cgroup(&procs)?;
+            crate::sandbox::seccomp::install(&filter)
+        });
     }
     let mut child = match tokio::process::Command::from(command).spawn() {
         Ok(child) => child,

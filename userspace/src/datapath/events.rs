@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
 use sluice_common::{
-    words_to_ip, RefusedEvent, REASON_EGRESS, REASON_SOCKET, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
+    words_to_ip, RefusedEvent, REASON_EGRESS, REASON_SOCKET, REASON_SOCKET_KILLED, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -16,6 +16,7 @@ pub enum RefusalReason {
     UdpConnect,
     UdpSend,
     Socket,
+    SocketKilled,
     Egress,
     Transport,
     Unknown,
@@ -27,6 +28,7 @@ impl RefusalReason {
             REASON_UDP_CONNECT => Self::UdpConnect,
             REASON_UDP_SEND => Self::UdpSend,
             REASON_SOCKET => Self::Socket,
+            REASON_SOCKET_KILLED => Self::SocketKilled,
             REASON_EGRESS => Self::Egress,
             REASON_TRANSPORT => Self::Transport,
             _ => Self::Unknown,
@@ -39,6 +41,7 @@ impl RefusalReason {
             Self::UdpConnect => "UDP is only allowed for DNS (port 53); the UDP connect was refused",
             Self::UdpSend => "UDP is only allowed for DNS (port 53); the datagram was refused",
             Self::Socket => "sandboxes may only create TCP, UDP, Unix and netlink sockets",
+            Self::SocketKilled => "sandboxes may only create TCP, UDP, Unix and netlink sockets; the process asked for another family and was killed",
             Self::Egress => "packet not addressed to sluice dropped on egress",
             Self::Transport => "transport cannot be proxied",
             Self::Unknown => "refused in the kernel",
@@ -62,7 +65,7 @@ pub struct KernelEvent {
 impl From<&RefusedEvent> for KernelEvent {
     fn from(raw: &RefusedEvent) -> Self {
         let reason = RefusalReason::from_code(raw.reason);
-        let (destination, socket) = if reason == RefusalReason::Socket {
+        let (destination, socket) = if matches!(reason, RefusalReason::Socket | RefusalReason::SocketKilled) {
             (None, Some((raw.family, raw.sock_type, raw.protocol)))
         } else {
             (Some(SocketAddr::new(words_to_ip(raw.dst_ip), raw.dst_port)), None)

@@ -20,7 +20,7 @@ use std::{
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
-        links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
         LsmCgroup, SockOps,
     },
     Btf, Ebpf, EbpfLoader,
@@ -68,7 +68,8 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     names::GETPEERNAME4,
     names::GETPEERNAME6,
 ];
-const MAPS: [&str; 7] = [
+const MAPS: [&str; 8] = [
+    names::ENFORCED_PARENTS,
     names::SANDBOXES,
     names::FLOWS_BY_COOKIE,
     names::FLOWS_BY_ADDR,
@@ -134,6 +135,16 @@ impl Datapath {
             default_map.set(0, default_target, 0).map_err(ebpf_err("writing the default target"))?;
         }
 
+        {
+            let map = ebpf.map_mut(names::ENFORCED_PARENTS).ok_or_else(|| DatapathError::Setup("map ENFORCED_PARENTS missing".into()))?;
+            let mut parents: HashMap<&mut MapData, u64, u8> =
+                HashMap::try_from(map).map_err(ebpf_err("map ENFORCED_PARENTS has an unexpected type"))?;
+            let parent_id = std::fs::metadata(cgroup_parent)
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                .map_err(io_err(format!("reading cgroup {}", cgroup_parent.display())))?;
+            parents.insert(parent_id, 1, 0).map_err(ebpf_err("recording the enforced parent"))?;
+        }
+
         let cgroup = File::open(cgroup_parent).map_err(io_err(format!("opening cgroup {}", cgroup_parent.display())))?;
         let lsm_enabled = attach_all(&mut ebpf, &cgroup, &links_dir)?;
         Self::from_maps(pin_dir, Origin::Loaded, lsm_enabled, |name| {
@@ -143,7 +154,7 @@ impl Datapath {
 
     fn adopt(pin_dir: &Path) -> Result<Self, DatapathError> {
         let links_dir = pin_dir.join("links");
-        for name in SOCK_ADDR_PROGRAMS.iter().chain(&[names::SOCK_OPS, names::SOCK_CREATE, names::EGRESS]) {
+        for name in SOCK_ADDR_PROGRAMS.iter().chain(&[names::SOCK_OPS, names::SOCK_CREATE, names::EGRESS, names::SYS_ENTER]) {
             let pin = links_dir.join(name);
             if !pin.exists() {
                 return Err(DatapathError::Setup(format!(
@@ -324,17 +335,25 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<bool, 
     };
 
     // Socket creation first: from here on no raw or packet socket can be
-    // made in a sandbox.
-    let lsm_enabled = match attach_lsm(ebpf, cgroup) {
+    // made in a sandbox. The LSM hook refuses non-IP sockets with EPERM
+    // where the kernel allows BPF LSM programs; elsewhere the sys_enter
+    // backstop kills a process that makes one (and `sluice run` refuses them
+    // earlier with seccomp).
+    let btf = Btf::from_sys_fs().map_err(ebpf_err("reading kernel BTF"))?;
+    let lsm_enabled = match attach_lsm(ebpf, cgroup, &btf) {
         Ok(link) => {
             pin(link, names::SOCKET_CREATE_LSM)?;
             true
         }
         Err(error) => {
-            tracing::warn!(%error, "BPF LSM unavailable: packet sockets are not refused in the kernel (IPv4/IPv6 raw sockets still are)");
+            tracing::info!(%error, "BPF LSM programs cannot be loaded on this kernel; using the sys_enter backstop for non-IP sockets");
             false
         }
     };
+    let sys_enter: &mut BtfTracePoint = program(ebpf, names::SYS_ENTER)?.try_into().map_err(ebpf_err("sys_enter"))?;
+    sys_enter.load("sys_enter", &btf).map_err(ebpf_err("loading the sys_enter backstop"))?;
+    let id = sys_enter.attach().map_err(ebpf_err("attaching the sys_enter backstop"))?;
+    pin(sys_enter.take_link(id).map_err(ebpf_err("sys_enter link"))?.into(), names::SYS_ENTER)?;
     let sock_create: &mut CgroupSock = program(ebpf, names::SOCK_CREATE)?.try_into().map_err(ebpf_err("sock_create"))?;
     sock_create.load().map_err(ebpf_err("loading sock_create"))?;
     let id = sock_create.attach(cgroup, CgroupAttachMode::Single).map_err(ebpf_err("attaching sock_create"))?;
@@ -368,14 +387,13 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<bool, 
     Ok(lsm_enabled)
 }
 
-fn attach_lsm(ebpf: &mut Ebpf, cgroup: &File) -> Result<FdLink, DatapathError> {
-    let btf = Btf::from_sys_fs().map_err(ebpf_err("reading kernel BTF"))?;
+fn attach_lsm(ebpf: &mut Ebpf, cgroup: &File, btf: &Btf) -> Result<FdLink, DatapathError> {
     let prog: &mut LsmCgroup = ebpf
         .program_mut(names::SOCKET_CREATE_LSM)
         .ok_or_else(|| DatapathError::Setup("LSM program missing".into()))?
         .try_into()
         .map_err(ebpf_err("socket_create"))?;
-    prog.load("socket_create", &btf).map_err(ebpf_err("loading the LSM socket_create hook"))?;
+    prog.load("socket_create", btf).map_err(ebpf_err("loading the LSM socket_create hook"))?;
     let id = prog.attach(cgroup).map_err(ebpf_err("attaching the LSM socket_create hook"))?;
     Ok(prog.take_link(id).map_err(ebpf_err("socket_create link"))?.into())
 }

@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 mod names;
+pub mod seccomp;
 
 use std::{
     collections::HashMap,
