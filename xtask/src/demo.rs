@@ -23,10 +23,10 @@ const NS_IF: &str = "sluice-demo1";
 
 /// What the sandboxed shell does; each line is echoed before it runs.
 const SCRIPT: &str = r#"
-run() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; echo "(exit $?)"; }
-run curl -sS --max-time 5 http://docs.demo.test/
-run curl -sS --max-time 5 http://intranet.demo.test/
-run curl -sS --max-time 5 telnet://docs.demo.test:25
+run() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; echo "(exit $?)"; sleep 0.3; }
+run curl -sS --max-time 5 -w '[HTTP %{http_code}]\n' http://docs.demo.test/
+run curl -sS --max-time 5 -w '[HTTP %{http_code}]\n' http://intranet.demo.test/
+run curl -sS --max-time 5 http://docs.demo.test:8080/
 run python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"quic?", ("198.18.0.10", 443))'
 run python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)'
 "#;

@@ -61,16 +61,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
 
     if let Some(client) = ControlClient::connect(&args.instance.control_socket()).await {
         let status = client.register(&request).await?;
+        let tally = Tally::default();
         let follower = show.then(|| {
             let client = ControlClient::new(&args.instance.control_socket());
-            let name = name.clone();
-            tokio::spawn(async move { client.follow(Some(&name), |d| print_decision(&d)).await })
+            let (name, tally) = (name.clone(), tally.clone());
+            tokio::spawn(async move { client.follow(Some(&name), |d| tally.print(&d)).await })
         });
         let result = spawn_and_wait(&status.record.cgroup, &args.command).await;
         // Let the last decisions arrive before the summary.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         if let Some(follower) = follower {
             follower.abort();
+            if let Ok(code) = result {
+                tally.summary(&name, code);
+            }
         }
         client.unregister(&name).await?;
         return result;
@@ -84,12 +88,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     config.serve_control = false;
     config.upstream_dns.clone_from(&args.upstream_dns);
     config.decision_log.clone_from(&args.decision_log);
-    let daemon = Daemon::start(config).await?;
+    let daemon = match Daemon::start(config.clone()).await {
+        Ok(daemon) => daemon,
+        Err(error) => {
+            let _ = daemon::teardown_instance(&config);
+            return Err(error);
+        }
+    };
+    let tally = Tally::default();
     let printer = show.then(|| {
         let mut live = daemon.log().subscribe();
+        let tally = tally.clone();
         tokio::spawn(async move {
             while let Ok(decision) = live.recv().await {
-                print_decision(&decision);
+                tally.print(&decision);
             }
         })
     });
@@ -100,6 +112,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     if let Some(printer) = printer {
         printer.abort();
+        if let Ok(code) = result {
+            tally.summary(&name, code);
+        }
     }
     let teardown = daemon.teardown().await;
     let code = result?;
@@ -107,11 +122,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     Ok(code)
 }
 
-fn print_decision(decision: &Decision) -> bool {
-    if decision.verdict != Verdict::Info {
+/// Prints decisions as they come and keeps a tally for the summary.
+#[derive(Clone, Default)]
+struct Tally(std::sync::Arc<std::sync::Mutex<(u32, u32)>>);
+
+impl Tally {
+    fn print(&self, decision: &Decision) -> bool {
+        let mut counts = self.0.lock().expect("lock poisoned");
+        match decision.verdict {
+            Verdict::Allow => counts.0 += 1,
+            Verdict::Deny => counts.1 += 1,
+            Verdict::Info => return true,
+        }
         eprintln!("sluice: {decision}");
+        true
     }
-    true
+
+    fn summary(&self, name: &str, code: u8) {
+        let (allowed, denied) = *self.0.lock().expect("lock poisoned");
+        eprintln!("sluice: sandbox {name}: {allowed} allowed, {denied} denied; command exited with {code}");
+    }
 }
 
 /// Runs the command inside `cgroup` from its first instruction, forwards

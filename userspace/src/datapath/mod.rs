@@ -111,7 +111,10 @@ impl Datapath {
         if pin_dir.join("maps").join(names::SANDBOXES).exists() {
             return Self::adopt(pin_dir);
         }
-        Self::load(cgroup_parent, pin_dir, default_target)
+        Self::load(cgroup_parent, pin_dir, default_target).inspect_err(|_| {
+            // Half-attached state would keep redirecting to nobody: remove it.
+            let _ = teardown(pin_dir);
+        })
     }
 
     fn load(cgroup_parent: &Path, pin_dir: &Path, default_target: Target) -> Result<Self, DatapathError> {
