@@ -41,6 +41,12 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// The benchmark's client, run directly and inside a sandbox.
+    #[command(hide = true)]
+    BenchClient {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +69,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             bench::run(quick)
         }
+        Task::BenchClient { args } => bench::client(&args),
     }
 }
 
