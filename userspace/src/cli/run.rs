@@ -158,6 +158,7 @@ async fn spawn_and_wait(cgroup: &Path, argv: &[OsString]) -> anyhow::Result<u8> 
             crate::sandbox::seccomp::install(&filter)
         });
     }
+    let forwarder = SignalForwarder::install()?;
     let mut child = match tokio::process::Command::from(command).spawn() {
         Ok(child) => child,
         Err(error) => {
@@ -166,7 +167,7 @@ async fn spawn_and_wait(cgroup: &Path, argv: &[OsString]) -> anyhow::Result<u8> 
         }
     };
     let pid = child.id().context("child has no pid")? as i32;
-    let forwarder = tokio::spawn(forward_signals(pid));
+    let forwarder = tokio::spawn(forwarder.forward_to(pid));
     let status = child.wait().await?;
     forwarder.abort();
     Ok(match (status.code(), status.signal()) {
@@ -195,36 +196,52 @@ fn enter_cgroup(procs: &CString) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Forwards termination and user signals to the child. With a terminal, the
+/// Signals `sluice run` catches and hands to the child. With a terminal, the
 /// kernel already sends keyboard signals (INT, QUIT) and WINCH to the whole
-/// foreground group, child included: forwarding them would deliver twice.
-async fn forward_signals(child: i32) {
-    // SAFETY: plain syscall.
-    let tty = unsafe { libc::isatty(0) } == 1;
-    let mut kinds = vec![SignalKind::terminate(), SignalKind::hangup(), SignalKind::user_defined1(), SignalKind::user_defined2()];
-    if !tty {
-        kinds.extend([SignalKind::interrupt(), SignalKind::quit(), SignalKind::window_change()]);
-    } else {
-        // Still catch them so sluice itself survives to clean up.
-        kinds.extend([SignalKind::interrupt(), SignalKind::quit()]);
-    }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for kind in kinds {
-        let Ok(mut stream) = signal(kind) else { continue };
-        let tx = tx.clone();
-        let raw = kind.as_raw_value();
-        tokio::spawn(async move {
-            while stream.recv().await.is_some() {
-                let _ = tx.send(raw);
-            }
-        });
-    }
-    let keyboard = [libc::SIGINT, libc::SIGQUIT];
-    while let Some(raw) = rx.recv().await {
-        if tty && keyboard.contains(&raw) {
-            continue;
+/// foreground group, child included: those are caught (so sluice survives to
+/// clean up) but not forwarded, which would deliver them twice.
+struct SignalForwarder {
+    streams: Vec<(libc::c_int, tokio::signal::unix::Signal)>,
+    tty: bool,
+}
+
+impl SignalForwarder {
+    /// Installs the handlers; must happen before the child exists, or a
+    /// signal arriving in between would kill sluice instead.
+    fn install() -> std::io::Result<Self> {
+        // SAFETY: plain syscall.
+        let tty = unsafe { libc::isatty(0) } == 1;
+        let mut kinds = vec![
+            SignalKind::terminate(),
+            SignalKind::hangup(),
+            SignalKind::user_defined1(),
+            SignalKind::user_defined2(),
+            SignalKind::interrupt(),
+            SignalKind::quit(),
+        ];
+        if !tty {
+            kinds.push(SignalKind::window_change());
         }
-        // SAFETY: plain syscall to our own child.
-        unsafe { libc::kill(child, raw) };
+        let streams = kinds.into_iter().map(|kind| Ok((kind.as_raw_value(), signal(kind)?))).collect::<std::io::Result<_>>()?;
+        Ok(Self { streams, tty })
+    }
+
+    async fn forward_to(self, child: i32) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (raw, mut stream) in self.streams {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    let _ = tx.send(raw);
+                }
+            });
+        }
+        while let Some(raw) = rx.recv().await {
+            if self.tty && (raw == libc::SIGINT || raw == libc::SIGQUIT) {
+                continue;
+            }
+            // SAFETY: plain syscall to our own child.
+            unsafe { libc::kill(child, raw) };
+        }
     }
 }

@@ -1,0 +1,169 @@
+//! `sluice run` and the CLI as a user meets them: exit codes, standard
+//! streams, signals, clean-up, and errors that say what to do.
+
+mod harness;
+
+use std::{
+    io::Write,
+    os::unix::process::CommandExt,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use harness::{privileged, Daemon, SLUICE};
+
+fn sluice() -> Command {
+    let mut command = Command::new(SLUICE);
+    command.stdin(Stdio::null());
+    command
+}
+
+/// An instance name per test, for the embedded daemons it causes.
+fn instance(test: &str) -> String {
+    format!("sluicecli{}{test}", std::process::id())
+}
+
+/// Nothing of an instance's embedded daemons may remain.
+fn assert_no_leftovers(prefix: &str) {
+    for dir in ["/sys/fs/bpf", "/run", "/sys/fs/cgroup/unified"] {
+        let leftovers: Vec<_> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with(prefix)).collect()
+            })
+            .unwrap_or_default();
+        assert!(leftovers.is_empty(), "left behind in {dir}: {leftovers:?}");
+    }
+}
+
+#[test]
+fn run_passes_streams_and_exit_codes_through_and_cleans_up() {
+    if !privileged() {
+        return;
+    }
+    let instance = instance("streams");
+    let prefix = format!("{instance}-run-");
+    let mut child = sluice()
+        .args(["run", "--instance", &instance, "--quiet", "--", "sh", "-c", "tr a-z A-Z; echo to-stderr >&2; exit 7"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hello sandbox\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(7), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "HELLO SANDBOX\n");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("to-stderr"));
+    assert_no_leftovers(&prefix);
+
+    let killed = sluice().args(["run", "--instance", &instance, "-q", "--", "sh", "-c", "kill -9 $$"]).output().unwrap();
+    assert_eq!(killed.status.code(), Some(137), "128 + SIGKILL");
+
+    let missing = sluice().args(["run", "--instance", &instance, "-q", "--", "/nonexistent/tool"]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(127));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot run /nonexistent/tool"));
+    assert_no_leftovers(&prefix);
+}
+
+#[test]
+fn run_forwards_signals_and_kills_what_the_command_left_behind() {
+    if !privileged() {
+        return;
+    }
+    let marker = std::env::temp_dir().join(format!("sluice-orphan-{}", std::process::id()));
+    let script = format!(
+        "(sleep 300; touch {marker}) & echo started; trap 'exit 42' TERM; while true; do sleep 0.1; done",
+        marker = marker.display()
+    );
+    let mut child = sluice()
+        .args(["run", "--instance", &instance("signals"), "-q", "--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    assert_eq!(&first, b"started\n");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "sluice run did not end after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(42), "the command's own exit code after SIGTERM");
+    // The background sleeper was killed with the sandbox, not left running.
+    let sleepers = Command::new("pgrep").args(["-f", "sleep 300"]).output().unwrap();
+    assert!(sleepers.stdout.is_empty(), "orphans survived: {}", String::from_utf8_lossy(&sleepers.stdout));
+    assert!(!marker.exists());
+}
+
+#[test]
+fn a_broken_profile_is_refused_with_line_and_column_before_anything_runs() {
+    if !privileged() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sluice-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let profile = dir.join("broken.toml");
+    std::fs::write(&profile, "name = \"x\"\n[[rule]]\naction = \"allow\"\nports = [0]\n").unwrap();
+    let marker = dir.join("ran");
+    let output = sluice()
+        .args(["run", "--instance", &instance("broken"), "--profile"])
+        .arg(&profile)
+        .args(["--", "touch"])
+        .arg(&marker)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr.contains("broken.toml:4:"), "no line/column in: {stderr}");
+    assert!(stderr.contains("port 0"), "{stderr}");
+    assert!(!marker.exists(), "the command ran despite the broken profile");
+
+    let check = sluice().args(["policy", "check"]).arg(&profile).output().unwrap();
+    assert_eq!(check.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn errors_say_what_to_do() {
+    if !privileged() {
+        return;
+    }
+    let mut as_nobody = sluice();
+    as_nobody.args(["run", "--", "true"]).uid(65534).gid(65534);
+    let output = as_nobody.output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("must run as root"), "{output:?}");
+
+    let output = sluice().args(["sandbox", "ls", "--instance", "sluice-nobody-here"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no sluice daemon is listening") && stderr.contains("sluice daemon --instance"), "{stderr}");
+}
+
+#[test]
+fn sandbox_ls_shows_sandboxes_and_their_kernel_counters() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("listed", "name = \"closed\"\n");
+    let output = sandbox.python(
+        "import socket\nfor _ in range(3):\n    s = socket.socket(); s.settimeout(5)\n    try:\n        s.connect(('127.0.0.1', 9)); s.recv(1)\n    except OSError: pass\n    s.close()\ntry: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))\nexcept OSError: pass\n",
+    );
+    assert!(output.status.success(), "{output:?}");
+    let ls = sluice().args(["sandbox", "ls", "--instance", &daemon.instance]).output().unwrap();
+    assert!(ls.status.success(), "{ls:?}");
+    let text = String::from_utf8_lossy(&ls.stdout);
+    let row = text.lines().find(|l| l.starts_with("listed ")).unwrap_or_else(|| panic!("no row for the sandbox:\n{text}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    // NAME PROFILE PIDS REDIRECTED DNS REFUSED DROPPED CGROUP
+    assert_eq!(columns[1], "closed");
+    assert_eq!(columns[3], "3", "redirected connects: {row}");
+    assert_eq!(columns[5], "1", "refused datagrams: {row}");
+    assert!(columns[7].ends_with("/listed"));
+}
