@@ -490,3 +490,85 @@ s.sendall(b"x"); print("canary=" + repr(s.recv(10)))
     let canary_decision = decisions.iter().find(|d| d.destination == Some(SocketAddr::new(canary_ip, 8080))).unwrap();
     assert_eq!((canary_decision.verdict, canary_decision.host_source), (Verdict::Deny, Some(HostSource::Ip)));
 }
+
+#[test]
+fn an_unregistered_cgroup_under_the_enforced_parent_is_redirected_and_denied() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new();
+    let server = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v4(2), 8080)));
+    let daemon = Daemon::start(None);
+    // Registered sandboxes live beside it; this one never registers.
+    let known = daemon.sandbox("known", &allow_net_profile(&net, 8080));
+    let rogue = known.cgroup.parent().unwrap().join("rogue");
+    std::fs::create_dir(&rogue).unwrap();
+    let script = format!(
+        r#"
+import socket
+try:
+    s = socket.create_connection(("{ip}", 8080), timeout=10); s.sendall(b"x"); print("tcp=" + repr(s.recv(10)))
+except OSError as e:
+    print("tcp=" + type(e).__name__)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+u.sendto(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x04test\x00\x00\x01\x00\x01", ("{ip}", 53))
+reply = u.recvfrom(512)[0]
+print("dns_rcode=" + str(reply[3] & 0xf))
+"#,
+        ip = net.v4(2)
+    );
+    let got = fields(&harness::run_python(harness::in_cgroup(&rogue, "python3"), &script));
+    // Closed before the proxy read anything: an orderly close or a reset.
+    assert!(got["tcp"] == "b''" || got["tcp"] == "ConnectionResetError", "{got:?}");
+    assert!(got["dns_rcode"] == "3" || got["dns_rcode"] == "5", "DNS was answered: {got:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.accepted(), 0, "an unregistered cgroup reached the host");
+    let decisions = daemon.wait_decisions("unknown sandbox", |d| d.iter().any(|d| d.rule == "unknown-sandbox"));
+    let denial = decisions.iter().find(|d| d.kind == Kind::Connect).unwrap();
+    assert_eq!((denial.verdict, denial.sandbox.as_deref()), (Verdict::Deny, None));
+    assert!(denial.reason.contains("not a registered sandbox"), "{denial}");
+    let _ = std::fs::remove_dir(&rogue);
+}
+
+#[test]
+fn malformed_first_bytes_are_refused_and_the_daemon_keeps_serving() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new();
+    let server = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v4(2), 8080)));
+    let daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("fuzzy", &allow_net_profile(&net, 8080));
+    let output = sandbox.python(&format!(
+        r#"
+import socket
+def send(label, data):
+    s = socket.create_connection(("{ip}", 8080), timeout=15)
+    s.sendall(data)
+    try:
+        answer = s.recv(100)
+    except OSError as e:
+        answer = type(e).__name__.encode()
+    s.close()
+    print(label + "=" + repr(answer))
+send("garbage_tls", b"\x16\x03\x01\x00\x05garbage-not-a-hello")
+send("huge_header", b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+send("two_hosts", b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n")
+send("truncated_tls", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc")
+send("good", b"still-serving")
+"#,
+        ip = net.v4(2)
+    ));
+    let got = fields(&output);
+    for label in ["garbage_tls", "huge_header", "two_hosts", "truncated_tls"] {
+        assert_eq!(got[label], "b''", "{label} was not refused: {got:?}");
+    }
+    assert_eq!(got["good"], "b'still-serving'");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.accepted(), 1, "only the good connection may reach the host");
+    let decisions = daemon.wait_decisions("four malformed", |d| d.iter().filter(|d| d.rule == "malformed-request").count() >= 4);
+    let reasons: Vec<&str> = decisions.iter().filter(|d| d.rule == "malformed-request").map(|d| d.reason.as_str()).collect();
+    assert!(reasons.iter().any(|r| r.contains("16 KiB")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("more than one Host")), "{reasons:?}");
+    assert!(harness::block_on(daemon.client().health()).is_ok(), "daemon stopped serving");
+}
