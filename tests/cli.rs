@@ -56,7 +56,8 @@ fn run_passes_streams_and_exit_codes_through_and_cleans_up() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("to-stderr"));
     assert_no_leftovers(&prefix);
 
-    let killed = sluice().args(["run", "--instance", &instance, "-q", "--", "sh", "-c", "kill -9 $$"]).output().unwrap();
+    let killed =
+        sluice().args(["run", "--instance", &instance, "-q", "--", "sh", "-c", "kill -9 $$"]).output().unwrap();
     assert_eq!(killed.status.code(), Some(137), "128 + SIGKILL");
 
     let missing = sluice().args(["run", "--instance", &instance, "-q", "--", "/nonexistent/tool"]).output().unwrap();
@@ -72,7 +73,7 @@ fn run_forwards_signals_and_kills_what_the_command_left_behind() {
     }
     let marker = std::env::temp_dir().join(format!("sluice-orphan-{}", std::process::id()));
     let script = format!(
-        "(sleep 300; touch {marker}) & echo started; trap 'exit 42' TERM; while true; do sleep 0.1; done",
+        "trap 'exit 42' TERM; (sleep 300; touch {marker}) & echo $!; while true; do sleep 0.1; done",
         marker = marker.display()
     );
     let mut child = sluice()
@@ -80,9 +81,10 @@ fn run_forwards_signals_and_kills_what_the_command_left_behind() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut first = [0u8; 8];
-    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
-    assert_eq!(&first, b"started\n");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let orphan: u32 = line.trim().parse().unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{orphan}")).exists());
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -95,8 +97,10 @@ fn run_forwards_signals_and_kills_what_the_command_left_behind() {
     };
     assert_eq!(status.code(), Some(42), "the command's own exit code after SIGTERM");
     // The background sleeper was killed with the sandbox, not left running.
-    let sleepers = Command::new("pgrep").args(["-f", "sleep 300"]).output().unwrap();
-    assert!(sleepers.stdout.is_empty(), "orphans survived: {}", String::from_utf8_lossy(&sleepers.stdout));
+    // (A zombie waiting to be reaped by init is dead too.)
+    let state = std::fs::read_to_string(format!("/proc/{orphan}/stat")).unwrap_or_default();
+    let alive = state.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'));
+    assert!(!alive, "orphan {orphan} survived: {state}");
     assert!(!marker.exists());
 }
 
@@ -142,7 +146,10 @@ fn errors_say_what_to_do() {
     let output = sluice().args(["sandbox", "ls", "--instance", "sluice-nobody-here"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("no sluice daemon is listening") && stderr.contains("sluice daemon --instance"), "{stderr}");
+    assert!(
+        stderr.contains("no sluice daemon is listening") && stderr.contains("sluice daemon --instance"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -159,7 +166,8 @@ fn sandbox_ls_shows_sandboxes_and_their_kernel_counters() {
     let ls = sluice().args(["sandbox", "ls", "--instance", &daemon.instance]).output().unwrap();
     assert!(ls.status.success(), "{ls:?}");
     let text = String::from_utf8_lossy(&ls.stdout);
-    let row = text.lines().find(|l| l.starts_with("listed ")).unwrap_or_else(|| panic!("no row for the sandbox:\n{text}"));
+    let row =
+        text.lines().find(|l| l.starts_with("listed ")).unwrap_or_else(|| panic!("no row for the sandbox:\n{text}"));
     let columns: Vec<&str> = row.split_whitespace().collect();
     // NAME PROFILE PIDS REDIRECTED DNS REFUSED DROPPED CGROUP
     assert_eq!(columns[1], "closed");

@@ -62,7 +62,8 @@ print("pid=" + str(os.getpid()))
     assert_eq!(got["mapped_peer"], format!("::ffff:{}:8080", net.v4(2)));
 
     // The test host received exactly these three connections.
-    let mut payloads: Vec<String> = server.seen().iter().map(|s| String::from_utf8_lossy(&s.received).into_owned()).collect();
+    let mut payloads: Vec<String> =
+        server.seen().iter().map(|s| String::from_utf8_lossy(&s.received).into_owned()).collect();
     payloads.sort();
     assert_eq!(payloads, ["hello-mapped", "hello-v4", "hello-v6"]);
 
@@ -146,7 +147,8 @@ print("closed=" + str(results.count("closed")))
     assert!(seen.iter().all(|s| s.received.starts_with(b"A-")), "a B connection reached the host");
 
     let (pid_a, pid_b): (u32, u32) = (out_a["pid"].parse().unwrap(), out_b["pid"].parse().unwrap());
-    let decisions = daemon.wait_decisions("500 connect decisions", |d| d.iter().filter(|d| d.kind == Kind::Connect).count() >= 500);
+    let decisions =
+        daemon.wait_decisions("500 connect decisions", |d| d.iter().filter(|d| d.kind == Kind::Connect).count() >= 500);
     let connects: Vec<_> = decisions.iter().filter(|d| d.kind == Kind::Connect).collect();
     assert_eq!(connects.len(), 500);
     for d in connects {
@@ -249,7 +251,8 @@ attempt("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
 
     // A packet socket from a process that entered the cgroup directly: the
     // kernel backstop kills it before socket() returns.
-    let killed = sandbox.python("import socket\ns = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)\nprint('created')");
+    let killed =
+        sandbox.python("import socket\ns = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)\nprint('created')");
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&killed.status), Some(9), "{killed:?}");
     assert!(killed.stdout.is_empty(), "the packet socket was created: {killed:?}");
     // The same through `sluice run` (which talks to this daemon): a clean EPERM.
@@ -259,7 +262,8 @@ attempt("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
     assert_eq!(fields(&output)["packet"], "EPERM");
     assert!(!daemon.statuses().iter().any(|s| s.record.name == "packet-run"), "sluice run left its sandbox behind");
 
-    let decisions = daemon.wait_decisions("kernel refusals", |d| d.iter().filter(|d| d.kind == Kind::Kernel).count() >= 7);
+    let decisions =
+        daemon.wait_decisions("kernel refusals", |d| d.iter().filter(|d| d.kind == Kind::Kernel).count() >= 7);
     assert!(decisions.iter().filter(|d| d.kind == Kind::Kernel).all(|d| d.sandbox.as_deref() == Some("sockets")));
     let status = daemon.statuses().into_iter().find(|s| s.record.name == "sockets").unwrap();
     assert!(status.refused >= 7, "kernel counters: {status:?}");
@@ -464,7 +468,12 @@ s.sendall(b"x"); print("canary=" + repr(s.recv(10)))
         canary = canary_ip
     );
     let mut command = sandbox.command("unshare");
-    command.args(["-m", "sh", "-c", &format!("mount --bind {} /etc/resolv.conf && exec python3 \"$0\" \"$@\"", resolv.display())]);
+    command.args([
+        "-m",
+        "sh",
+        "-c",
+        &format!("mount --bind {} /etc/resolv.conf && exec python3 \"$0\" \"$@\"", resolv.display()),
+    ]);
     // run_python appends `-c SCRIPT`, which become "$0" "$@" above.
     let output = harness::run_python(command, &script);
     let got = fields(&output);
@@ -486,7 +495,9 @@ s.sendall(b"x"); print("canary=" + repr(s.recv(10)))
         assert_eq!(d.host_source, Some(HostSource::Dns), "{d}");
         assert_eq!(d.rule, "allowed-name");
     }
-    assert!(decisions.iter().any(|d| d.kind == Kind::Dns && d.verdict == Verdict::Deny && d.host.as_deref() == Some("denied.test")));
+    assert!(decisions
+        .iter()
+        .any(|d| d.kind == Kind::Dns && d.verdict == Verdict::Deny && d.host.as_deref() == Some("denied.test")));
     let canary_decision = decisions.iter().find(|d| d.destination == Some(SocketAddr::new(canary_ip, 8080))).unwrap();
     assert_eq!((canary_decision.verdict, canary_decision.host_source), (Verdict::Deny, Some(HostSource::Ip)));
 }
@@ -566,8 +577,10 @@ send("good", b"still-serving")
     assert_eq!(got["good"], "b'still-serving'");
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(server.accepted(), 1, "only the good connection may reach the host");
-    let decisions = daemon.wait_decisions("four malformed", |d| d.iter().filter(|d| d.rule == "malformed-request").count() >= 4);
-    let reasons: Vec<&str> = decisions.iter().filter(|d| d.rule == "malformed-request").map(|d| d.reason.as_str()).collect();
+    let decisions =
+        daemon.wait_decisions("four malformed", |d| d.iter().filter(|d| d.rule == "malformed-request").count() >= 4);
+    let reasons: Vec<&str> =
+        decisions.iter().filter(|d| d.rule == "malformed-request").map(|d| d.reason.as_str()).collect();
     assert!(reasons.iter().any(|r| r.contains("16 KiB")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("more than one Host")), "{reasons:?}");
     assert!(harness::block_on(daemon.client().health()).is_ok(), "daemon stopped serving");

@@ -1,6 +1,6 @@
 //! Builds sluice's kernel programs (`ebpf/sluice-ebpf`) for the BPF target
 //! with the nightly toolchain and bpf-linker, and leaves the object in
-//! OUT_DIR for `include_bytes!`. The kernel crate is a workspace of its own,
+//! `OUT_DIR` for `include_bytes!`. The kernel crate is a workspace of its own,
 //! so this runs a separate cargo with a clean environment.
 use std::{env, path::PathBuf, process::Command};
 
@@ -20,12 +20,11 @@ fn main() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
     let target_dir = out_dir.join("ebpf-target");
 
-    if Command::new("bpf-linker").arg("--version").output().is_err() {
-        panic!(
-            "bpf-linker is not installed, so sluice's kernel programs cannot be built.\n\
-             Run `cargo xtask setup` (it installs LLVM 22, bpf-linker and nightly rust-src)."
-        );
-    }
+    assert!(
+        Command::new("bpf-linker").arg("--version").output().is_ok(),
+        "bpf-linker is not installed, so sluice's kernel programs cannot be built.\n\
+         Run `cargo xtask setup` (it installs LLVM 22, bpf-linker and nightly rust-src)."
+    );
 
     let mut cargo = Command::new("rustup");
     cargo
@@ -53,7 +52,9 @@ fn main() {
         }
     }
     let status = cargo.status().unwrap_or_else(|error| {
-        panic!("could not run `rustup run nightly cargo` to build the kernel programs: {error}. Run `cargo xtask setup`.")
+        panic!(
+            "could not run `rustup run nightly cargo` to build the kernel programs: {error}. Run `cargo xtask setup`."
+        )
     });
     assert!(
         status.success(),

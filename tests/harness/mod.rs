@@ -4,7 +4,7 @@
 //!
 //! Network rules: traffic only goes to loopback or to addresses configured
 //! here on veth pairs inside namespaces these tests create (10.231.N.0/24,
-//! fd00:231:N::/64).
+//! `fd00:231:N::/64`).
 #![allow(dead_code)]
 
 pub mod dns;
@@ -67,8 +67,8 @@ fn sh(args: &[&str]) {
 }
 
 /// A network namespace with one veth to the host: the host side is
-/// 10.231.N.1 / fd00:231:N::1, the namespace side 10.231.N.2 /
-/// fd00:231:N::2 (and more addresses on request).
+/// 10.231.N.1 / `fd00:231:N::1`, the namespace side 10.231.N.2 /
+/// `fd00:231:N::2` (and more addresses on request).
 pub struct TestNet {
     pub name: String,
     host_if: String,
@@ -105,7 +105,18 @@ impl TestNet {
     /// Adds another address inside the namespace (e.g. a canary host).
     pub fn add_host(&self, last_octet: u8) -> IpAddr {
         let ip = format!("10.231.{}.{last_octet}", self.n);
-        sh(&["ip", "netns", "exec", &self.name, "ip", "addr", "add", &format!("{ip}/24"), "dev", &format!("sln{}", self.n)]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.name,
+            "ip",
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            &format!("sln{}", self.n),
+        ]);
         ip.parse().unwrap()
     }
 
@@ -132,12 +143,7 @@ impl TestNet {
 
     /// Binds a TCP listener inside the namespace.
     pub fn tcp_listener(&self, addr: SocketAddr) -> TcpListener {
-        self.spawn(move || {
-            let socket = socket2_listener(addr);
-            socket
-        })
-        .join()
-        .unwrap()
+        self.spawn(move || socket2_listener(addr)).join().unwrap()
     }
 
     pub fn udp_socket(&self, addr: SocketAddr) -> UdpSocket {
@@ -221,7 +227,7 @@ fn echo(mut stream: TcpStream, peer: SocketAddr, seen: &Mutex<Vec<Seen>>) {
     stream.set_nonblocking(false).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut received = Vec::new();
-    let mut buf = [0u8; 65536];
+    let mut buf = vec![0u8; 65536];
     loop {
         match stream.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -458,7 +464,7 @@ pub fn run_python(mut command: Command, script: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn python3");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     loop {
         if child.try_wait().unwrap().is_some() {
             return child.wait_with_output().unwrap();

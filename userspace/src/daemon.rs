@@ -121,7 +121,8 @@ impl Daemon {
                 .with_context(|| format!("opening the decision log {:?}", config.decision_log))?,
         );
         let upstream = Arc::new(if config.upstream_dns.is_empty() {
-            Upstream::from_resolv_conf(Path::new("/etc/resolv.conf")).context("reading upstream DNS servers from /etc/resolv.conf")?
+            Upstream::from_resolv_conf(Path::new("/etc/resolv.conf"))
+                .context("reading upstream DNS servers from /etc/resolv.conf")?
         } else {
             Upstream::new(config.upstream_dns.clone(), Duration::from_secs(3))
         });
@@ -133,9 +134,9 @@ impl Daemon {
         } else {
             None
         };
-        let (proxy_port, dns_port) = adopted
-            .as_ref()
-            .map_or((config.proxy_port, config.dns_port), |d| (d.default_target().proxy_port, d.default_target().dns_port));
+        let (proxy_port, dns_port) = adopted.as_ref().map_or((config.proxy_port, config.dns_port), |d| {
+            (d.default_target().proxy_port, d.default_target().dns_port)
+        });
         let proxy_listener = TcpListener::bind(SocketAddr::new(LOOPBACK.into(), proxy_port))
             .await
             .with_context(|| format!("binding the proxy on {LOOPBACK}:{proxy_port} (is another daemon running?)"))?;
@@ -267,25 +268,22 @@ impl Daemon {
         let policy = compile(&request.profile)?;
         let _guard = self.registering.lock().await;
         let parent = self.config.cgroup_parent();
-        let (cgroup_path, owns_cgroup) = match &request.cgroup {
-            Some(path) => {
-                let absolute = self.config.cgroup_root.join(path.strip_prefix("/").unwrap_or(path));
-                if !absolute.starts_with(&parent) || absolute == parent {
-                    bail!("cgroup {} is not under the enforced parent {}", absolute.display(), parent.display());
-                }
-                if !absolute.is_dir() {
-                    bail!("cgroup {} does not exist", absolute.display());
-                }
-                (absolute, false)
+        let (cgroup_path, owns_cgroup) = if let Some(path) = &request.cgroup {
+            let absolute = self.config.cgroup_root.join(path.strip_prefix("/").unwrap_or(path));
+            if !absolute.starts_with(&parent) || absolute == parent {
+                bail!("cgroup {} is not under the enforced parent {}", absolute.display(), parent.display());
             }
-            None => {
-                let path = parent.join(&request.name);
-                let created = cgroup::create(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
-                if !created {
-                    bail!("cgroup {} already exists; pass it as `cgroup` to enroll it", path.display());
-                }
-                (path, true)
+            if !absolute.is_dir() {
+                bail!("cgroup {} does not exist", absolute.display());
             }
+            (absolute, false)
+        } else {
+            let path = parent.join(&request.name);
+            let created = cgroup::create(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+            if !created {
+                bail!("cgroup {} already exists; pass it as `cgroup` to enroll it", path.display());
+            }
+            (path, true)
         };
         let record = SandboxRecord {
             name: request.name.clone(),
@@ -300,12 +298,17 @@ impl Daemon {
         match self.install(record, policy).await {
             Ok(sandbox) => {
                 self.persist();
-                let mut decision = Decision::new(Kind::Lifecycle, Verdict::Info, "registered", format!(
-                    "sandbox {} enforced on {} with profile {}",
-                    sandbox.name(),
-                    sandbox.record.cgroup.display(),
-                    sandbox.record.profile.describe()
-                ));
+                let mut decision = Decision::new(
+                    Kind::Lifecycle,
+                    Verdict::Info,
+                    "registered",
+                    format!(
+                        "sandbox {} enforced on {} with profile {}",
+                        sandbox.name(),
+                        sandbox.record.cgroup.display(),
+                        sandbox.record.profile.describe()
+                    ),
+                );
                 decision.sandbox = Some(sandbox.name().to_owned());
                 self.log.record(decision);
                 Ok(self.status(&sandbox))
@@ -417,7 +420,9 @@ impl Daemon {
             };
             match result {
                 Ok(()) => tracing::info!(sandbox = %name, "re-adopted sandbox"),
-                Err(error) => tracing::error!(sandbox = %name, error = %format!("{error:#}"), "could not re-adopt sandbox"),
+                Err(error) => {
+                    tracing::error!(sandbox = %name, error = %format!("{error:#}"), "could not re-adopt sandbox");
+                }
             }
         }
         // Anything enrolled in the kernel that no record explains stays
@@ -515,11 +520,12 @@ impl DnsPolicy for DnsBridge {
         for (ip, ttl) in answers {
             sandbox.names.remember(name, *ip, *ttl);
         }
-        let mut decision = Decision::new(Kind::Dns, Verdict::Allow, "resolved", format!(
-            "{} -> {}",
-            name,
-            answers.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>().join(", ")
-        ));
+        let mut decision = Decision::new(
+            Kind::Dns,
+            Verdict::Allow,
+            "resolved",
+            format!("{} -> {}", name, answers.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>().join(", ")),
+        );
         decision.sandbox = Some(sandbox.name().to_owned());
         decision.host = Some(name.to_owned());
         self.log.record(decision);
@@ -567,7 +573,8 @@ fn kernel_decision(event: &KernelEvent, registry: &Registry) -> Decision {
     };
     let mut reason = event.reason.explain().to_owned();
     if let Some((family, sock_type, protocol)) = event.socket {
-        reason.push_str(&format!(" (family {family}, type {sock_type}, protocol {protocol})"));
+        use std::fmt::Write as _;
+        let _ = write!(reason, " (family {family}, type {sock_type}, protocol {protocol})");
     }
     let mut decision = Decision::new(Kind::Kernel, Verdict::Deny, rule, reason);
     decision.sandbox = registry.by_cgroup(event.sandbox_cgroup).map(|s| s.name().to_owned());

@@ -5,7 +5,7 @@
 //! (`xtask bench-client`), started either as a plain process (direct) or under
 //! `sluice run` (every connect redirected by the kernel programs and relayed
 //! by the proxy). Rows:
-//! - connect(): the syscall's latency, which inside a sandbox includes the
+//! - `connect()`: the syscall's latency, which inside a sandbox includes the
 //!   kernel hooks and a handshake with the proxy instead of the server;
 //! - round trip of 64 bytes on a kept connection, through the relay or not;
 //! - bulk upload throughput through the relay or not.
@@ -65,14 +65,14 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let mut sandboxed = Vec::new();
     for round in 1..=rounds {
         step(&format!("round {round}/{rounds}: direct, then through sluice"));
-        direct.push(parse(Command::new(&client).args(client_args("all")).output()?)?);
+        direct.push(parse(&Command::new(&client).args(client_args("all")).output()?)?);
         let mut run = Command::new(&sluice);
         run.args(["run", "--quiet", "--name", "bench", "--profile"]).arg(&profile).arg("--").arg(&client);
-        sandboxed.push(parse(run.args(client_args("all")).output()?)?);
+        sandboxed.push(parse(&run.args(client_args("all")).output()?)?);
     }
     let _ = std::fs::remove_dir_all(&dir);
 
-    let rows: [(&str, fn(&Sample) -> f64, &str, bool); 5] = [
+    let rows: [Row; 5] = [
         ("connect() p50", |s| s.connect_p50_us, "µs", false),
         ("connect() p99", |s| s.connect_p99_us, "µs", false),
         ("kept-conn round trip p50", |s| s.rtt_p50_us, "µs", false),
@@ -100,9 +100,14 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         );
     }
     println!("targets: kernel hook adds < 1 µs to connect(); relay adds < 30 µs at p50 on a kept connection; bulk >= 80% of direct");
-    println!("note: inside a sandbox connect() completes against sluice's proxy, not the server; both are on loopback here.");
+    println!(
+        "note: inside a sandbox connect() completes against sluice's proxy, not the server; both are on loopback here."
+    );
     Ok(())
 }
+
+/// A result row: name, the measure, its unit, and whether more is better.
+type Row = (&'static str, fn(&Sample) -> f64, &'static str, bool);
 
 fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned()
@@ -114,9 +119,13 @@ fn stats(samples: &[Sample], get: fn(&Sample) -> f64) -> (f64, f64, f64) {
     (values[values.len() / 2], values[0], values[values.len() - 1])
 }
 
-fn parse(output: std::process::Output) -> anyhow::Result<Sample> {
+fn parse(output: &std::process::Output) -> anyhow::Result<Sample> {
     if !output.status.success() {
-        bail!("bench client failed: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "bench client failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let mut sample = Sample::default();
     for line in String::from_utf8_lossy(&output.stdout).lines() {

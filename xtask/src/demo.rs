@@ -46,7 +46,7 @@ pub fn run() -> anyhow::Result<()> {
 
     step("creating the stand-in internet (network namespace sluice-demo)");
     let net = DemoNet::create()?;
-    let _servers = net.start_servers(&dir)?;
+    let _servers = DemoNet::start_servers(&dir)?;
 
     step("running a shell under `sluice run` with the built-in profile");
     eprintln!("  (the profile: `sluice policy default`; every line below marked 'sluice:' is a decision)\n");
@@ -89,7 +89,7 @@ impl DemoNet {
         Ok(net)
     }
 
-    fn start_servers(&self, dir: &Path) -> anyhow::Result<Servers> {
+    fn start_servers(dir: &Path) -> anyhow::Result<Servers> {
         let web = Command::new("ip")
             .args(["netns", "exec", NETNS, "python3", "-m", "http.server", "80", "--bind", "0.0.0.0", "--directory"])
             .arg(dir.join("www"))

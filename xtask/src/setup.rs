@@ -33,7 +33,8 @@ fn nightly_rust_src() -> anyhow::Result<()> {
              (install it with `rustup toolchain install nightly --component rust-src`)"
         );
     }
-    let components = Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]).output()?;
+    let components =
+        Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]).output()?;
     if String::from_utf8_lossy(&components.stdout).lines().any(|line| line.starts_with("rust-src")) {
         return Ok(());
     }
@@ -64,8 +65,13 @@ fn apt_packages() -> anyhow::Result<()> {
     }
     step(&format!("installing Debian packages: {} (apt-get)", missing.join(" ")));
     run_command(Command::new("apt-get").arg("update"))?;
-    run_command(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
-        .context("apt-get install failed (are you root?)")
+    run_command(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("apt-get install failed (are you root?)")
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
@@ -74,11 +80,13 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
     step("building bpf-linker against LLVM 22 (cargo install, about 2 minutes)");
     let prefix = format!("/usr/lib/llvm-{LLVM}");
-    run_command(Command::new("cargo")
-        .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", &format!("llvm-{LLVM}")])
-        // Without LLVM_PREFIX its build script finds an older llvm-config first.
-        .env(format!("LLVM_SYS_{LLVM}1_PREFIX"), &prefix)
-        .env("LLVM_PREFIX", &prefix))?;
+    run_command(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", &format!("llvm-{LLVM}")])
+            // Without LLVM_PREFIX its build script finds an older llvm-config first.
+            .env(format!("LLVM_SYS_{LLVM}1_PREFIX"), &prefix)
+            .env("LLVM_PREFIX", &prefix),
+    )?;
     if !succeeds("bpf-linker", &["--version"]) {
         bail!("bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH");
     }

@@ -25,8 +25,8 @@
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_get_socket_cookie, bpf_send_signal, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
+        bpf_send_signal, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -35,9 +35,9 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use sluice_common::{
-    Counters, EndpointKey, Flow, FlowKey, Ip6Words, RefusedEvent, SandboxEntry, Target, FAMILY_V4,
-    FAMILY_V6, MAX_CGROUP_DEPTH, MAX_SANDBOX_SLOTS, PROTO_TCP, PROTO_UDP, REASON_EGRESS,
-    REASON_SOCKET, REASON_SOCKET_KILLED, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
+    Counters, EndpointKey, Flow, FlowKey, Ip6Words, RefusedEvent, SandboxEntry, Target, FAMILY_V4, FAMILY_V6,
+    MAX_CGROUP_DEPTH, MAX_SANDBOX_SLOTS, PROTO_TCP, PROTO_UDP, REASON_EGRESS, REASON_SOCKET, REASON_SOCKET_KILLED,
+    REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
 };
 
 const DNS_PORT: u16 = 53;
@@ -84,7 +84,7 @@ fn sandbox_of(ancestor: impl Fn(i32) -> u64) -> (u64, SandboxEntry) {
             break;
         }
         // SAFETY: the value is copied out before the map can change it.
-        if let Some(entry) = unsafe { SANDBOXES.get(&id) } {
+        if let Some(entry) = unsafe { SANDBOXES.get(id) } {
             return (id, *entry);
         }
     }
@@ -120,7 +120,15 @@ fn emit(sandbox_cgroup: u64, cgroup: u64, event: RefusedEvent) {
 }
 
 #[inline(always)]
-fn refuse_addr(sandbox_cgroup: u64, slot: u32, dst_ip: Ip6Words, dst_port: u16, family: u8, proto: u8, reason: u8) -> i32 {
+fn refuse_addr(
+    sandbox_cgroup: u64,
+    slot: u32,
+    dst_ip: Ip6Words,
+    dst_port: u16,
+    family: u8,
+    proto: u8,
+    reason: u8,
+) -> i32 {
     count(slot, |c| c.refused += 1);
     // SAFETY: plain helper call.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
@@ -190,14 +198,25 @@ fn target_ip(target: &Target, v6: bool) -> Ip6Words {
 fn redirect(ctx: &SockAddrContext, v6: bool, connected: bool) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the program's run.
-    let (sock_type, protocol) = unsafe { (read_volatile(addr_of_mut!((*sa).type_)), read_volatile(addr_of_mut!((*sa).protocol))) };
+    let (sock_type, protocol) =
+        unsafe { (read_volatile(addr_of_mut!((*sa).type_)), read_volatile(addr_of_mut!((*sa).protocol))) };
     let (orig_ip, orig_port) = unsafe { user_dst(sa, v6) };
     let (sandbox_cgroup, entry) = current_sandbox();
     let family = if v6 && !is_mapped(orig_ip) { FAMILY_V6 } else { FAMILY_V4 };
     let proto = match sock_type {
         SOCK_STREAM => PROTO_TCP,
         SOCK_DGRAM => PROTO_UDP,
-        _ => return refuse_addr(sandbox_cgroup, entry.slot, orig_ip, orig_port, family, protocol as u8, REASON_TRANSPORT),
+        _ => {
+            return refuse_addr(
+                sandbox_cgroup,
+                entry.slot,
+                orig_ip,
+                orig_port,
+                family,
+                protocol as u8,
+                REASON_TRANSPORT,
+            )
+        }
     };
     if proto == PROTO_UDP && orig_port != DNS_PORT {
         let reason = if connected { REASON_UDP_CONNECT } else { REASON_UDP_SEND };
@@ -214,7 +233,7 @@ fn redirect(ctx: &SockAddrContext, v6: bool, connected: bool) -> i32 {
         proto,
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if FLOWS_BY_COOKIE.insert(&cookie, &flow, 0).is_err() {
+    if FLOWS_BY_COOKIE.insert(cookie, flow, 0).is_err() {
         // Without a record the proxy could not attribute the flow: refuse
         // rather than send it anywhere unattributed.
         return refuse_addr(sandbox_cgroup, entry.slot, orig_ip, orig_port, family, proto, REASON_TRANSPORT);
@@ -262,7 +281,7 @@ fn restore(ctx: &SockAddrContext, v6: bool, only_from_resolver: bool) -> i32 {
     let sa = ctx.sock_addr;
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out before the map can change it.
-    let Some(flow) = (unsafe { FLOWS_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(flow) = (unsafe { FLOWS_BY_COOKIE.get(cookie) }).copied() else {
         return ALLOW;
     };
     if only_from_resolver {
@@ -306,7 +325,7 @@ pub fn sluice_sock_ops(ctx: SockOpsContext) -> u32 {
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out before the map can change it.
-    let Some(flow) = (unsafe { FLOWS_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(flow) = (unsafe { FLOWS_BY_COOKIE.get(cookie) }).copied() else {
         return 1;
     };
     if flow.orig_port == DNS_PORT {
@@ -334,7 +353,7 @@ pub fn sluice_sock_ops(ctx: SockOpsContext) -> u32 {
     let ip = if family == AF_INET as u32 { mapped_v4(v4) } else { v6 };
     let key = FlowKey { ip, port, _pad: [0; 6] };
     // On failure the proxy finds no flow and refuses the connection.
-    let _ = FLOWS_BY_ADDR.insert(&key, &flow, 0);
+    let _ = FLOWS_BY_ADDR.insert(key, flow, 0);
     1
 }
 
@@ -342,7 +361,7 @@ pub fn sluice_sock_ops(ctx: SockOpsContext) -> u32 {
 #[cgroup_sock(sock_release)]
 pub fn sluice_sock_release(ctx: SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = FLOWS_BY_COOKIE.remove(&cookie);
+    let _ = FLOWS_BY_COOKIE.remove(cookie);
     ALLOW
 }
 
@@ -352,10 +371,9 @@ pub fn sluice_sock_release(ctx: SockContext) -> i32 {
 fn socket_allowed(family: i32, sock_type: i32, protocol: i32) -> bool {
     match family {
         AF_UNIX | AF_NETLINK => true,
-        AF_INET | AF_INET6 => matches!(
-            (sock_type as u32, protocol),
-            (SOCK_STREAM, 0 | IPPROTO_TCP) | (SOCK_DGRAM, 0 | IPPROTO_UDP)
-        ),
+        AF_INET | AF_INET6 => {
+            matches!((sock_type as u32, protocol), (SOCK_STREAM, 0 | IPPROTO_TCP) | (SOCK_DGRAM, 0 | IPPROTO_UDP))
+        }
         _ => false,
     }
 }
@@ -439,7 +457,7 @@ pub fn sluice_sys_enter(ctx: BtfTracePointContext) -> i32 {
         if id == 0 {
             break;
         }
-        if unsafe { ENFORCED_PARENTS.get(&id) }.is_some() {
+        if unsafe { ENFORCED_PARENTS.get(id) }.is_some() {
             let (_, entry) = current_sandbox();
             count(entry.slot, |c| c.refused += 1);
             emit_socket_refusal(family, sock_type & 0xf, 0, REASON_SOCKET_KILLED);
@@ -454,11 +472,10 @@ pub fn sluice_sys_enter(ctx: BtfTracePointContext) -> i32 {
 #[cgroup_skb(egress)]
 pub fn sluice_egress(ctx: SkBuffContext) -> i32 {
     match packet_destination(&ctx) {
-        Some(key) if unsafe { ENDPOINTS.get(&key) }.is_some() => ALLOW,
+        Some(key) if unsafe { ENDPOINTS.get(key) }.is_some() => ALLOW,
         dst => {
             let skb = ctx.skb.skb;
-            let (sandbox_cgroup, entry) =
-                sandbox_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) });
+            let (sandbox_cgroup, entry) = sandbox_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) });
             count(entry.slot, |c| c.dropped_packets += 1);
             let key = dst.unwrap_or_default();
             let cgroup = unsafe { bpf_skb_cgroup_id(skb) };

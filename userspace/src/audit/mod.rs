@@ -43,7 +43,7 @@ pub enum Verdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HostSource {
-    /// TLS ClientHello server name.
+    /// TLS `ClientHello` server name.
     Sni,
     /// HTTP/1 Host header.
     Http,
@@ -173,9 +173,10 @@ impl DecisionLog {
     }
 
     pub fn record(&self, decision: Decision) {
-        match decision.verdict {
-            Verdict::Deny => tracing::info!(target: "sluice::decision", "{decision}"),
-            _ => tracing::debug!(target: "sluice::decision", "{decision}"),
+        if decision.verdict == Verdict::Deny {
+            tracing::info!(target: "sluice::decision", "{decision}");
+        } else {
+            tracing::debug!(target: "sluice::decision", "{decision}");
         }
         let decision = Arc::new(decision);
         if let Some(tx) = &self.file_tx {

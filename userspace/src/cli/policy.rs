@@ -7,9 +7,7 @@ use crate::policy;
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Parse and compile a profile file; errors give line and column.
-    Check {
-        file: PathBuf,
-    },
+    Check { file: PathBuf },
     /// Print the built-in default profile.
     Default,
 }

@@ -222,7 +222,8 @@ impl SignalForwarder {
         if !tty {
             kinds.push(SignalKind::window_change());
         }
-        let streams = kinds.into_iter().map(|kind| Ok((kind.as_raw_value(), signal(kind)?))).collect::<std::io::Result<_>>()?;
+        let streams =
+            kinds.into_iter().map(|kind| Ok((kind.as_raw_value(), signal(kind)?))).collect::<std::io::Result<_>>()?;
         Ok(Self { streams, tty })
     }
 

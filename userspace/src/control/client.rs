@@ -57,7 +57,8 @@ impl ControlClient {
             None => "/v1/events".to_owned(),
         };
         let mut sender = self.handshake().await?;
-        let request = Request::builder().method(Method::GET).uri(path).header("host", "sluice").body(Full::new(Bytes::new()))?;
+        let request =
+            Request::builder().method(Method::GET).uri(path).header("host", "sluice").body(Full::new(Bytes::new()))?;
         let mut response = sender.send_request(request).await.context("control API request failed")?;
         let mut pending = Vec::new();
         while let Some(frame) = response.body_mut().frame().await {
@@ -75,7 +76,12 @@ impl ControlClient {
         Ok(())
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> anyhow::Result<T> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> anyhow::Result<T> {
         let (status, bytes) = self.send(method, path, body).await?;
         if !status.is_success() {
             bail!("{}", api_error(status, &bytes));
@@ -94,7 +100,12 @@ impl ControlClient {
         Ok(sender)
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> anyhow::Result<(StatusCode, Bytes)> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
         let mut sender = self.handshake().await?;
         let payload = match body {
             Some(body) => Bytes::from(serde_json::to_vec(body)?),

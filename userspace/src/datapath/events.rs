@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
 use sluice_common::{
-    words_to_ip, RefusedEvent, REASON_EGRESS, REASON_SOCKET, REASON_SOCKET_KILLED, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
+    words_to_ip, RefusedEvent, REASON_EGRESS, REASON_SOCKET, REASON_SOCKET_KILLED, REASON_TRANSPORT,
+    REASON_UDP_CONNECT, REASON_UDP_SEND,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -83,7 +84,9 @@ impl EventStream {
     pub(super) fn new(ring: RingBuf<MapData>) -> Self {
         // SAFETY: the ring buffer owns its fd and the AsyncFd owns the ring
         // buffer, so the fd stays open for as long as it is registered.
-        let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1).expect("ring buffer fd registers with the reactor");
+        let ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| e.into_parts().1)
+            .expect("ring buffer fd registers with the reactor");
         Self { ring }
     }
 

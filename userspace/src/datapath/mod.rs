@@ -26,8 +26,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use sluice_common::{
-    ip_to_words, names, Counters, EndpointKey, Flow, FlowKey, SandboxEntry, Target,
-    MAX_SANDBOX_SLOTS, PROTO_TCP, PROTO_UDP,
+    ip_to_words, names, Counters, EndpointKey, Flow, FlowKey, SandboxEntry, Target, MAX_SANDBOX_SLOTS, PROTO_TCP,
+    PROTO_UDP,
 };
 
 pub use events::{EventStream, KernelEvent, RefusalReason};
@@ -128,18 +128,23 @@ impl Datapath {
         // Maps first, so a partial failure below leaves something teardown
         // can find and remove.
         for name in MAPS {
-            let map = ebpf.map(name).ok_or_else(|| DatapathError::Setup(format!("map {name} missing from kernel object")))?;
+            let map =
+                ebpf.map(name).ok_or_else(|| DatapathError::Setup(format!("map {name} missing from kernel object")))?;
             map.pin(maps_dir.join(name)).map_err(ebpf_err(format!("pinning map {name}")))?;
         }
         {
-            let map = ebpf.map_mut(names::DEFAULT_TARGET).ok_or_else(|| DatapathError::Setup("map DEFAULT_TARGET missing".into()))?;
+            let map = ebpf
+                .map_mut(names::DEFAULT_TARGET)
+                .ok_or_else(|| DatapathError::Setup("map DEFAULT_TARGET missing".into()))?;
             let mut default_map: Array<&mut MapData, Target> =
                 Array::try_from(map).map_err(ebpf_err("map DEFAULT_TARGET has an unexpected type"))?;
             default_map.set(0, default_target, 0).map_err(ebpf_err("writing the default target"))?;
         }
 
         {
-            let map = ebpf.map_mut(names::ENFORCED_PARENTS).ok_or_else(|| DatapathError::Setup("map ENFORCED_PARENTS missing".into()))?;
+            let map = ebpf
+                .map_mut(names::ENFORCED_PARENTS)
+                .ok_or_else(|| DatapathError::Setup("map ENFORCED_PARENTS missing".into()))?;
             let mut parents: HashMap<&mut MapData, u64, u8> =
                 HashMap::try_from(map).map_err(ebpf_err("map ENFORCED_PARENTS has an unexpected type"))?;
             let parent_id = std::fs::metadata(cgroup_parent)
@@ -148,7 +153,8 @@ impl Datapath {
             parents.insert(parent_id, 1, 0).map_err(ebpf_err("recording the enforced parent"))?;
         }
 
-        let cgroup = File::open(cgroup_parent).map_err(io_err(format!("opening cgroup {}", cgroup_parent.display())))?;
+        let cgroup =
+            File::open(cgroup_parent).map_err(io_err(format!("opening cgroup {}", cgroup_parent.display())))?;
         let lsm_enabled = attach_all(&mut ebpf, &cgroup, &links_dir)?;
         Self::from_maps(pin_dir, Origin::Loaded, lsm_enabled, |name| {
             ebpf.take_map(name).ok_or_else(|| DatapathError::Setup(format!("map {name} missing")))
@@ -157,7 +163,9 @@ impl Datapath {
 
     fn adopt(pin_dir: &Path) -> Result<Self, DatapathError> {
         let links_dir = pin_dir.join("links");
-        for name in SOCK_ADDR_PROGRAMS.iter().chain(&[names::SOCK_OPS, names::SOCK_CREATE, names::EGRESS, names::SYS_ENTER]) {
+        for name in
+            SOCK_ADDR_PROGRAMS.iter().chain(&[names::SOCK_OPS, names::SOCK_CREATE, names::EGRESS, names::SYS_ENTER])
+        {
             let pin = links_dir.join(name);
             if !pin.exists() {
                 return Err(DatapathError::Setup(format!(
@@ -169,7 +177,8 @@ impl Datapath {
         let lsm_enabled = links_dir.join(names::SOCKET_CREATE_LSM).exists();
         let maps_dir = pin_dir.join("maps");
         let datapath = Self::from_maps(pin_dir, Origin::Adopted, lsm_enabled, |name| {
-            let data = MapData::from_pin(maps_dir.join(name)).map_err(ebpf_err(format!("opening pinned map {name}")))?;
+            let data =
+                MapData::from_pin(maps_dir.join(name)).map_err(ebpf_err(format!("opening pinned map {name}")))?;
             Map::from_map_data(data).map_err(ebpf_err(format!("pinned map {name}")))
         })?;
         Ok(datapath)
@@ -223,9 +232,14 @@ impl Datapath {
             return Err(DatapathError::Setup(format!("counter slot {} out of range", entry.slot)));
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, error)| io_err("counting CPUs")(error))?;
-        let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(ebpf_err("zeroing counters"))?;
+        let zero =
+            aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(ebpf_err("zeroing counters"))?;
         self.counters.lock().expect("lock poisoned").set(entry.slot, zero, 0).map_err(ebpf_err("zeroing counters"))?;
-        self.sandboxes.lock().expect("lock poisoned").insert(cgroup_id, entry, 0).map_err(ebpf_err("enrolling sandbox"))?;
+        self.sandboxes
+            .lock()
+            .expect("lock poisoned")
+            .insert(cgroup_id, entry, 0)
+            .map_err(ebpf_err("enrolling sandbox"))?;
         self.add_endpoint(entry.target, entry.target.dns_port, PROTO_UDP)?;
         self.add_endpoint(entry.target, entry.target.dns_port, PROTO_TCP)
     }
@@ -316,7 +330,9 @@ fn endpoint_keys(target: Target, port: u16, proto: u8) -> Vec<EndpointKey> {
 fn removed(result: Result<(), aya::maps::MapError>, what: &str) -> Result<(), DatapathError> {
     match result {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(ref error)) if error.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(ref error)) if error.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
         Err(error) => Err(ebpf_err(what.to_owned())(error)),
     }
 }
@@ -357,29 +373,51 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<bool, 
     sys_enter.load("sys_enter", &btf).map_err(ebpf_err("loading the sys_enter backstop"))?;
     let id = sys_enter.attach().map_err(ebpf_err("attaching the sys_enter backstop"))?;
     pin(sys_enter.take_link(id).map_err(ebpf_err("sys_enter link"))?.into(), names::SYS_ENTER)?;
-    let sock_create: &mut CgroupSock = program(ebpf, names::SOCK_CREATE)?.try_into().map_err(ebpf_err("sock_create"))?;
+    let sock_create: &mut CgroupSock =
+        program(ebpf, names::SOCK_CREATE)?.try_into().map_err(ebpf_err("sock_create"))?;
     sock_create.load().map_err(ebpf_err("loading sock_create"))?;
     let id = sock_create.attach(cgroup, CgroupAttachMode::Single).map_err(ebpf_err("attaching sock_create"))?;
-    pin(sock_create.take_link(id).map_err(ebpf_err("sock_create link"))?.try_into().map_err(ebpf_err("sock_create link"))?, names::SOCK_CREATE)?;
+    pin(
+        sock_create
+            .take_link(id)
+            .map_err(ebpf_err("sock_create link"))?
+            .try_into()
+            .map_err(ebpf_err("sock_create link"))?,
+        names::SOCK_CREATE,
+    )?;
 
-    let release: &mut CgroupSock = program(ebpf, "sluice_sock_release")?.try_into().map_err(ebpf_err("sock_release"))?;
+    let release: &mut CgroupSock =
+        program(ebpf, "sluice_sock_release")?.try_into().map_err(ebpf_err("sock_release"))?;
     release.load().map_err(ebpf_err("loading sock_release"))?;
     let id = release.attach(cgroup, CgroupAttachMode::Single).map_err(ebpf_err("attaching sock_release"))?;
-    pin(release.take_link(id).map_err(ebpf_err("sock_release link"))?.try_into().map_err(ebpf_err("sock_release link"))?, "sluice_sock_release")?;
+    pin(
+        release
+            .take_link(id)
+            .map_err(ebpf_err("sock_release link"))?
+            .try_into()
+            .map_err(ebpf_err("sock_release link"))?,
+        "sluice_sock_release",
+    )?;
 
     // sock_ops before connect: an established redirected connection must
     // always be re-keyed for the proxy.
     let sock_ops: &mut SockOps = program(ebpf, names::SOCK_OPS)?.try_into().map_err(ebpf_err("sock_ops"))?;
     sock_ops.load().map_err(ebpf_err("loading sock_ops"))?;
     let id = sock_ops.attach(cgroup, CgroupAttachMode::Single).map_err(ebpf_err("attaching sock_ops"))?;
-    pin(sock_ops.take_link(id).map_err(ebpf_err("sock_ops link"))?.try_into().map_err(ebpf_err("sock_ops link"))?, names::SOCK_OPS)?;
+    pin(
+        sock_ops.take_link(id).map_err(ebpf_err("sock_ops link"))?.try_into().map_err(ebpf_err("sock_ops link"))?,
+        names::SOCK_OPS,
+    )?;
 
     let egress: &mut CgroupSkb = program(ebpf, names::EGRESS)?.try_into().map_err(ebpf_err("egress"))?;
     egress.load().map_err(ebpf_err("loading egress"))?;
     let id = egress
         .attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
         .map_err(ebpf_err("attaching egress"))?;
-    pin(egress.take_link(id).map_err(ebpf_err("egress link"))?.try_into().map_err(ebpf_err("egress link"))?, names::EGRESS)?;
+    pin(
+        egress.take_link(id).map_err(ebpf_err("egress link"))?.try_into().map_err(ebpf_err("egress link"))?,
+        names::EGRESS,
+    )?;
 
     for name in SOCK_ADDR_PROGRAMS {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?.try_into().map_err(ebpf_err(name))?;

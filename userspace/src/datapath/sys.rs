@@ -35,7 +35,7 @@ fn fs_magic(path: &Path) -> Option<i64> {
     let c_path = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs fills the zeroed struct.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) };
     (rc == 0).then_some(stat.f_type as i64)
 }
 

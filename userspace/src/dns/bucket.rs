@@ -22,13 +22,7 @@ struct BucketState {
 impl TokenBucket {
     /// A bucket that starts full, so a sandbox's first burst is not refused.
     pub(crate) fn new(limit: RateLimit, now: Instant) -> Self {
-        Self {
-            limit,
-            state: Mutex::new(BucketState {
-                tokens: f64::from(limit.burst),
-                last_refill: now,
-            }),
-        }
+        Self { limit, state: Mutex::new(BucketState { tokens: f64::from(limit.burst), last_refill: now }) }
     }
 
     /// Takes one token if there is one.
@@ -60,13 +54,7 @@ mod tests {
     #[test]
     fn burst_then_refill_at_rate() {
         let start = Instant::now();
-        let bucket = TokenBucket::new(
-            RateLimit {
-                per_second: 10,
-                burst: 20,
-            },
-            start,
-        );
+        let bucket = TokenBucket::new(RateLimit { per_second: 10, burst: 20 }, start);
         let taken = (0..25).filter(|_| bucket.try_take(start)).count();
         assert_eq!(taken, 20, "a full bucket gives exactly the burst");
 
@@ -79,14 +67,8 @@ mod tests {
     #[test]
     fn refill_never_exceeds_burst() {
         let start = Instant::now();
-        let bucket = TokenBucket::new(
-            RateLimit {
-                per_second: 1000,
-                burst: 5,
-            },
-            start,
-        );
-        let much_later = start + Duration::from_secs(3600);
+        let bucket = TokenBucket::new(RateLimit { per_second: 1000, burst: 5 }, start);
+        let much_later = start + Duration::from_hours(1);
         let taken = (0..100).filter(|_| bucket.try_take(much_later)).count();
         assert_eq!(taken, 5);
     }
@@ -94,13 +76,7 @@ mod tests {
     #[test]
     fn time_going_backwards_does_not_refill() {
         let start = Instant::now() + Duration::from_secs(10);
-        let bucket = TokenBucket::new(
-            RateLimit {
-                per_second: 100,
-                burst: 1,
-            },
-            start,
-        );
+        let bucket = TokenBucket::new(RateLimit { per_second: 100, burst: 1 }, start);
         assert!(bucket.try_take(start));
         assert!(!bucket.try_take(start - Duration::from_secs(5)));
         assert!(!bucket.try_take(start));

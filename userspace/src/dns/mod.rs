@@ -125,29 +125,16 @@ impl fmt::Display for Refusal {
             Self::QueryTooLarge { len, max } => {
                 write!(f, "query too large: {len} bytes, limit {max}")
             }
-            Self::LabelTooLong { len, max } => write!(
-                f,
-                "name too long (tunnelling-shaped): a label of {len} bytes, limit {max}"
-            ),
-            Self::NameTooLong { len, max } => write!(
-                f,
-                "name too long (tunnelling-shaped): {len} bytes, limit {max}"
-            ),
-            Self::NotAHostname => {
-                f.write_str("tunnelling-shaped name: bytes other than letters, digits, '-' and '_'")
+            Self::LabelTooLong { len, max } => {
+                write!(f, "name too long (tunnelling-shaped): a label of {len} bytes, limit {max}")
             }
+            Self::NameTooLong { len, max } => write!(f, "name too long (tunnelling-shaped): {len} bytes, limit {max}"),
+            Self::NotAHostname => f.write_str("tunnelling-shaped name: bytes other than letters, digits, '-' and '_'"),
             Self::EncodedLabel { label } => {
-                write!(
-                    f,
-                    "tunnelling-shaped name: label {label:?} looks like encoded data"
-                )
+                write!(f, "tunnelling-shaped name: label {label:?} looks like encoded data")
             }
-            Self::RateLimited {
-                budget: Budget::AllQueries,
-            } => f.write_str("rate limited: too many queries"),
-            Self::RateLimited {
-                budget: Budget::Txt,
-            } => f.write_str("rate limited: too many TXT queries"),
+            Self::RateLimited { budget: Budget::AllQueries } => f.write_str("rate limited: too many queries"),
+            Self::RateLimited { budget: Budget::Txt } => f.write_str("rate limited: too many TXT queries"),
             Self::QueryTypeRefused { qtype } => write!(f, "query type {qtype} refused"),
             Self::QueryClassRefused { class } => write!(f, "query class {class} refused"),
             Self::OpcodeRefused { opcode } => write!(f, "opcode {opcode} not supported"),
@@ -222,14 +209,8 @@ impl Default for Limits {
             encoded_label_min_len: 24,
             max_query_bytes: 1232,
             max_tcp_message_bytes: 4096,
-            all_queries: RateLimit {
-                per_second: 200,
-                burst: 400,
-            },
-            txt_queries: RateLimit {
-                per_second: 10,
-                burst: 20,
-            },
+            all_queries: RateLimit { per_second: 200, burst: 400 },
+            txt_queries: RateLimit { per_second: 10, burst: 20 },
             deny_rcode: DenyRcode::NxDomain,
             max_udp_in_flight: 64,
             max_tcp_connections: 16,
@@ -263,10 +244,7 @@ pub enum DnsError {
         source: hickory_proto::ProtoError,
     },
     #[error("upstream {server} did not answer within {timeout:?}")]
-    UpstreamTimeout {
-        server: SocketAddr,
-        timeout: Duration,
-    },
+    UpstreamTimeout { server: SocketAddr, timeout: Duration },
     #[error("upstream {server}: {source}")]
     UpstreamIo {
         server: SocketAddr,

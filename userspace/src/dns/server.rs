@@ -53,9 +53,7 @@ impl SandboxResolver {
         limits: Limits,
     ) -> Result<SandboxResolver, DnsError> {
         let (udp, tcp) = bind_pair(addr).await?;
-        let local_addr = udp
-            .local_addr()
-            .map_err(|source| DnsError::Bind { addr, source })?;
+        let local_addr = udp.local_addr().map_err(|source| DnsError::Bind { addr, source })?;
         let now = Instant::now();
         let resolver = Arc::new(Resolver {
             sandbox,
@@ -65,16 +63,10 @@ impl SandboxResolver {
             txt_queries: TokenBucket::new(limits.txt_queries, now),
             limits,
         });
-        let tasks = vec![
-            tokio::spawn(serve_udp(Arc::clone(&resolver), Arc::new(udp))),
-            tokio::spawn(serve_tcp(resolver, tcp)),
-        ];
+        let tasks =
+            vec![tokio::spawn(serve_udp(Arc::clone(&resolver), Arc::new(udp))), tokio::spawn(serve_tcp(resolver, tcp))];
         info!(sandbox, %local_addr, "sandbox resolver listening");
-        Ok(Self {
-            local_addr,
-            sandbox,
-            tasks,
-        })
+        Ok(Self { local_addr, sandbox, tasks })
     }
 
     /// The address both listeners are bound to.
@@ -121,9 +113,7 @@ pub(super) async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListene
             Err(error) => return Err(bind_error(error)),
         }
     }
-    Err(bind_error(last.unwrap_or_else(|| {
-        io::Error::from(io::ErrorKind::AddrInUse)
-    })))
+    Err(bind_error(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse))))
 }
 
 /// State shared by a sandbox's listeners.
@@ -177,14 +167,10 @@ struct Incoming {
 /// opcode is judged first.
 fn check_form<'m>(header: &Header, message: &'m Message) -> Result<&'m Query, Refusal> {
     if header.op_code() != OpCode::Query {
-        return Err(Refusal::OpcodeRefused {
-            opcode: header.op_code().to_string(),
-        });
+        return Err(Refusal::OpcodeRefused { opcode: header.op_code().to_string() });
     }
     let [question] = message.queries() else {
-        return Err(Refusal::Malformed {
-            detail: "expected exactly one question",
-        });
+        return Err(Refusal::Malformed { detail: "expected exactly one question" });
     };
     // Anything else would ride along to upstream unjudged.
     if !message.answers().is_empty()
@@ -192,9 +178,7 @@ fn check_form<'m>(header: &Header, message: &'m Message) -> Result<&'m Query, Re
         || !message.additionals().is_empty()
         || !message.signature().is_empty()
     {
-        return Err(Refusal::Malformed {
-            detail: "a query may carry only an OPT record",
-        });
+        return Err(Refusal::Malformed { detail: "a query may carry only an OPT record" });
     }
     Ok(question)
 }
@@ -206,10 +190,7 @@ struct Audit {
 }
 
 impl Audit {
-    const UNREADABLE: Audit = Audit {
-        name: String::new(),
-        qtype: String::new(),
-    };
+    const UNREADABLE: Audit = Audit { name: String::new(), qtype: String::new() };
 }
 
 impl Resolver {
@@ -230,28 +211,19 @@ impl Resolver {
     /// answer at all; then the whole message, when its counts are sane.
     fn read(&self, bytes: &[u8]) -> Result<Incoming, Screened> {
         let Some(id) = bytes.get(..2).map(|id| u16::from_be_bytes([id[0], id[1]])) else {
-            debug!(
-                sandbox = self.sandbox,
-                len = bytes.len(),
-                "dropping message too short for an id"
-            );
+            debug!(sandbox = self.sandbox, len = bytes.len(), "dropping message too short for an id");
             return Err(Screened::Ignore);
         };
         let Some(header) = wire::read_header(bytes) else {
             if bytes.get(2).is_some_and(|flags| flags & 0x80 != 0) {
                 return Err(Screened::Ignore);
             }
-            let refusal = Refusal::Malformed {
-                detail: "shorter than a DNS header",
-            };
+            let refusal = Refusal::Malformed { detail: "shorter than a DNS header" };
             return Err(self.refuse(&RequestView::id_only(id), &Audit::UNREADABLE, &refusal));
         };
         // Answering a reply could start a loop between two resolvers.
         if header.message_type() == MessageType::Response {
-            debug!(
-                sandbox = self.sandbox,
-                id, "dropping a response sent to the resolver"
-            );
+            debug!(sandbox = self.sandbox, id, "dropping a response sent to the resolver");
             return Err(Screened::Ignore);
         }
         let parsed = if wire::counts_fit(&header, bytes.len()) {
@@ -261,71 +233,43 @@ impl Resolver {
         };
         let (request, audit) = match &parsed {
             Ok(message) => {
-                let audit = message
-                    .queries()
-                    .first()
-                    .map_or(Audit::UNREADABLE, |q| Audit {
-                        name: shape::canonical_name(q.name()).text,
-                        qtype: shape::qtype_name(q.query_type()),
-                    });
+                let audit = message.queries().first().map_or(Audit::UNREADABLE, |q| Audit {
+                    name: shape::canonical_name(q.name()).text,
+                    qtype: shape::qtype_name(q.query_type()),
+                });
                 (RequestView::from_message(message), audit)
             }
             Err(_) => (RequestView::from_header(&header), Audit::UNREADABLE),
         };
-        Ok(Incoming {
-            header,
-            parsed,
-            request,
-            audit,
-        })
+        Ok(Incoming { header, parsed, request, audit })
     }
 
     /// Phases budget, size, form, type, shape and policy.
-    fn judge(
-        &self,
-        bytes: &[u8],
-        transport: Transport,
-        incoming: &Incoming,
-    ) -> Result<Forward, Refusal> {
+    fn judge(&self, bytes: &[u8], transport: Transport, incoming: &Incoming) -> Result<Forward, Refusal> {
         // Budget before anything else costs work.
         if !self.all_queries.try_take(Instant::now()) {
-            return Err(Refusal::RateLimited {
-                budget: Budget::AllQueries,
-            });
+            return Err(Refusal::RateLimited { budget: Budget::AllQueries });
         }
-        let edns_payload = incoming
-            .parsed
-            .as_ref()
-            .ok()
-            .and_then(|message| message.extensions().as_ref())
-            .map(Edns::max_payload);
+        let edns_payload =
+            incoming.parsed.as_ref().ok().and_then(|message| message.extensions().as_ref()).map(Edns::max_payload);
         let udp_reply_max = self.check_size(bytes.len(), edns_payload, transport)?;
-        let message = incoming
-            .parsed
-            .as_ref()
-            .map_err(|&detail| Refusal::Malformed { detail })?;
+        let message = incoming.parsed.as_ref().map_err(|&detail| Refusal::Malformed { detail })?;
         let question = check_form(&incoming.header, message)?;
 
         if question.query_class() != DNSClass::IN {
-            return Err(Refusal::QueryClassRefused {
-                class: question.query_class().to_string(),
-            });
+            return Err(Refusal::QueryClassRefused { class: question.query_class().to_string() });
         }
         let qtype = question.query_type();
         let rule = shape::qtype_rule(qtype);
         if rule == QtypeRule::Refused {
-            return Err(Refusal::QueryTypeRefused {
-                qtype: incoming.audit.qtype.clone(),
-            });
+            return Err(Refusal::QueryTypeRefused { qtype: incoming.audit.qtype.clone() });
         }
 
         let canonical = shape::canonical_name(question.name());
         shape::check_shape(question.name(), &canonical, &self.limits)?;
         // Spent only on TXT queries that could otherwise go out.
         if rule == QtypeRule::Txt && !self.txt_queries.try_take(Instant::now()) {
-            return Err(Refusal::RateLimited {
-                budget: Budget::Txt,
-            });
+            return Err(Refusal::RateLimited { budget: Budget::Txt });
         }
 
         match self.policy.check_name(self.sandbox, &canonical.text) {
@@ -357,17 +301,11 @@ impl Resolver {
             return Ok(None);
         }
         let (max_query, max_reply) = match edns_payload {
-            Some(payload) => (
-                self.limits.max_query_bytes,
-                usize::from(payload).max(PLAIN_UDP_MAX),
-            ),
+            Some(payload) => (self.limits.max_query_bytes, usize::from(payload).max(PLAIN_UDP_MAX)),
             None => (PLAIN_UDP_MAX, PLAIN_UDP_MAX),
         };
         if len > max_query {
-            return Err(Refusal::QueryTooLarge {
-                len,
-                max: max_query,
-            });
+            return Err(Refusal::QueryTooLarge { len, max: max_query });
         }
         Ok(Some(max_reply))
     }
@@ -390,18 +328,11 @@ impl Resolver {
             why = %refusal,
             "query refused"
         );
-        self.policy
-            .record_refusal(self.sandbox, &audit.name, &audit.qtype, refusal);
-        self.synthesize(request, rcode, false)
-            .map_or(Screened::Ignore, Screened::Reply)
+        self.policy.record_refusal(self.sandbox, &audit.name, &audit.qtype, refusal);
+        self.synthesize(request, rcode, false).map_or(Screened::Ignore, Screened::Reply)
     }
 
-    fn synthesize(
-        &self,
-        request: &RequestView,
-        rcode: ResponseCode,
-        truncated: bool,
-    ) -> Option<Vec<u8>> {
+    fn synthesize(&self, request: &RequestView, rcode: ResponseCode, truncated: bool) -> Option<Vec<u8>> {
         match wire::synthesize(request, rcode, truncated) {
             Ok(reply) => Some(reply),
             Err(error) => {
@@ -431,8 +362,7 @@ impl Resolver {
             // Upstream retried over TCP and got more than this client takes
             // over UDP: tell it to ask again over TCP, as a server would.
             Some(max) if reply.len() > max => {
-                let rcode =
-                    wire::read_header(&reply).map_or(ResponseCode::NoError, |h| h.response_code());
+                let rcode = wire::read_header(&reply).map_or(ResponseCode::NoError, |h| h.response_code());
                 debug!(sandbox = self.sandbox, name = %forward.name, len = reply.len(), max, "reply too big for UDP, truncating");
                 self.synthesize(&forward.request, rcode, true)
             }
@@ -463,18 +393,12 @@ impl Resolver {
             return;
         }
         debug!(sandbox = self.sandbox, name = %forward.name, count = answers.len(), "recording answers");
-        self.policy
-            .record_answers(self.sandbox, &forward.name, &answers);
+        self.policy.record_answers(self.sandbox, &forward.name, &answers);
     }
 }
 
 async fn serve_udp(resolver: Arc<Resolver>, socket: Arc<UdpSocket>) {
-    let in_flight = Arc::new(Semaphore::new(
-        resolver
-            .limits
-            .max_udp_in_flight
-            .min(Semaphore::MAX_PERMITS),
-    ));
+    let in_flight = Arc::new(Semaphore::new(resolver.limits.max_udp_in_flight.min(Semaphore::MAX_PERMITS)));
     let mut forwards = JoinSet::new();
     let mut buf = vec![0_u8; UDP_RECV_BUF];
     loop {
@@ -496,9 +420,7 @@ async fn serve_udp(resolver: Arc<Resolver>, socket: Arc<UdpSocket>) {
             Screened::Forward(forward) => {
                 let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
                     warn!(sandbox = resolver.sandbox, name = %forward.name, "too many queries in flight, answering SERVFAIL");
-                    if let Some(reply) =
-                        resolver.synthesize(&forward.request, ResponseCode::ServFail, false)
-                    {
+                    if let Some(reply) = resolver.synthesize(&forward.request, ResponseCode::ServFail, false) {
                         send_udp(&resolver, &socket, &reply, peer).await;
                     }
                     continue;
@@ -523,12 +445,7 @@ async fn send_udp(resolver: &Resolver, socket: &UdpSocket, reply: &[u8], peer: S
 }
 
 async fn serve_tcp(resolver: Arc<Resolver>, listener: TcpListener) {
-    let open = Arc::new(Semaphore::new(
-        resolver
-            .limits
-            .max_tcp_connections
-            .min(Semaphore::MAX_PERMITS),
-    ));
+    let open = Arc::new(Semaphore::new(resolver.limits.max_tcp_connections.min(Semaphore::MAX_PERMITS)));
     let mut connections = JoinSet::new();
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -559,12 +476,7 @@ async fn serve_tcp(resolver: Arc<Resolver>, listener: TcpListener) {
 async fn serve_connection(resolver: &Resolver, mut stream: TcpStream, peer: SocketAddr) {
     let idle = resolver.limits.tcp_idle_timeout;
     loop {
-        let query = match timeout(
-            idle,
-            wire::read_frame(&mut stream, resolver.limits.max_tcp_message_bytes),
-        )
-        .await
-        {
+        let query = match timeout(idle, wire::read_frame(&mut stream, resolver.limits.max_tcp_message_bytes)).await {
             Ok(Ok(query)) => query,
             Ok(Err(FrameError::Closed)) => return,
             Ok(Err(FrameError::BadLength(len))) => {

@@ -75,53 +75,26 @@ pub(crate) fn canonical_name(name: &Name) -> CanonicalName {
             }
         }
     }
-    CanonicalName {
-        text,
-        hostname_bytes_only,
-    }
+    CanonicalName { text, hostname_bytes_only }
 }
 
 /// Refuses names shaped like tunnelling. Length checks come first: they are
 /// exact and cheap, and tell the audit log the plainest reason.
-pub(crate) fn check_shape(
-    name: &Name,
-    canonical: &CanonicalName,
-    limits: &Limits,
-) -> Result<(), Refusal> {
-    if let Some(len) = name
-        .iter()
-        .map(<[u8]>::len)
-        .find(|&len| len > limits.max_label_len)
-    {
-        return Err(Refusal::LabelTooLong {
-            len,
-            max: limits.max_label_len,
-        });
+pub(crate) fn check_shape(name: &Name, canonical: &CanonicalName, limits: &Limits) -> Result<(), Refusal> {
+    if let Some(len) = name.iter().map(<[u8]>::len).find(|&len| len > limits.max_label_len) {
+        return Err(Refusal::LabelTooLong { len, max: limits.max_label_len });
     }
     // Measured on the wire labels, not on the escaped text, so escapes do
     // not make a name look longer than it is.
-    let name_len = name
-        .iter()
-        .map(|label| label.len() + 1)
-        .sum::<usize>()
-        .saturating_sub(1);
+    let name_len = name.iter().map(|label| label.len() + 1).sum::<usize>().saturating_sub(1);
     if name_len > limits.max_name_len {
-        return Err(Refusal::NameTooLong {
-            len: name_len,
-            max: limits.max_name_len,
-        });
+        return Err(Refusal::NameTooLong { len: name_len, max: limits.max_name_len });
     }
     if !canonical.hostname_bytes_only {
         return Err(Refusal::NotAHostname);
     }
-    if let Some(label) = canonical
-        .text
-        .split('.')
-        .find(|label| looks_encoded(label, limits.encoded_label_min_len))
-    {
-        return Err(Refusal::EncodedLabel {
-            label: label.to_owned(),
-        });
+    if let Some(label) = canonical.text.split('.').find(|label| looks_encoded(label, limits.encoded_label_min_len)) {
+        return Err(Refusal::EncodedLabel { label: label.to_owned() });
     }
     Ok(())
 }
@@ -168,18 +141,12 @@ pub(crate) fn looks_encoded(label: &str, min_len: usize) -> bool {
     if label.len() < min_len {
         return false;
     }
-    let body: Vec<u8> = label
-        .bytes()
-        .filter(|b| !matches!(b, b'-' | b'_'))
-        .collect();
+    let body: Vec<u8> = label.bytes().filter(|b| !matches!(b, b'-' | b'_')).collect();
     if !body.iter().all(u8::is_ascii_hexdigit) && shannon_entropy(&body) < MIN_ENTROPY_BITS {
         return false;
     }
-    let random_chars: usize = label
-        .split(['-', '_'])
-        .filter(|segment| segment_looks_random(segment.as_bytes()))
-        .map(str::len)
-        .sum();
+    let random_chars: usize =
+        label.split(['-', '_']).filter(|segment| segment_looks_random(segment.as_bytes())).map(str::len).sum();
     random_chars >= MIN_RANDOM_CHARS
 }
 
@@ -210,18 +177,12 @@ fn segment_looks_random(segment: &[u8]) -> bool {
     let letters = segment.iter().filter(|b| b.is_ascii_alphabetic()).count();
     let digits = segment.iter().filter(|b| b.is_ascii_digit()).count();
 
-    let hex_with_both = segment.len() >= 6
-        && letters > 0
-        && digits > 0
-        && segment.iter().all(u8::is_ascii_hexdigit);
+    let hex_with_both = segment.len() >= 6 && letters > 0 && digits > 0 && segment.iter().all(u8::is_ascii_hexdigit);
     if hex_with_both || (digits >= 16 && letters == 0) {
         return true;
     }
 
-    let switches = segment
-        .windows(2)
-        .filter(|pair| pair[0].is_ascii_digit() != pair[1].is_ascii_digit())
-        .count();
+    let switches = segment.windows(2).filter(|pair| pair[0].is_ascii_digit() != pair[1].is_ascii_digit()).count();
     if switches >= 2 {
         return true;
     }
@@ -310,14 +271,8 @@ mod tests {
     #[test]
     fn base32_and_hex_labels_look_encoded() {
         for label in ENCODED_LABELS {
-            assert!(
-                label.len() >= 24,
-                "fixture {label} is too short to be judged"
-            );
-            assert!(
-                looks_encoded(label, 24),
-                "{label} was not flagged as encoded"
-            );
+            assert!(label.len() >= 24, "fixture {label} is too short to be judged");
+            assert!(looks_encoded(label, 24), "{label} was not flagged as encoded");
         }
     }
 
@@ -325,10 +280,7 @@ mod tests {
     fn short_labels_are_never_judged() {
         assert!(!looks_encoded("6aa30f8b08e16409b46e01", 24));
         assert!(looks_encoded("6aa30f8b08e16409b46e01", 16));
-        assert!(!looks_encoded(
-            "6aa30f8b08e16409b46e0173d6de2f56",
-            usize::MAX
-        ));
+        assert!(!looks_encoded("6aa30f8b08e16409b46e0173d6de2f56", usize::MAX));
     }
 
     /// Random base32 of tunnel-sized labels: nearly all must be caught.
@@ -346,16 +298,11 @@ mod tests {
         for len in [24, 32, 40] {
             let caught = (0..500)
                 .filter(|_| {
-                    let label: String = (0..len)
-                        .map(|_| char::from(ALPHABET[(next() % 32) as usize]))
-                        .collect();
+                    let label: String = (0..len).map(|_| char::from(ALPHABET[(next() % 32) as usize])).collect();
                     looks_encoded(&label, 24)
                 })
                 .count();
-            assert!(
-                caught >= 490,
-                "only {caught}/500 random base32 labels of {len} caught"
-            );
+            assert!(caught >= 490, "only {caught}/500 random base32 labels of {len} caught");
         }
     }
 
@@ -373,15 +320,11 @@ mod tests {
 
     #[test]
     fn canonical_name_escapes_odd_bytes() {
-        let odd =
-            Name::from_labels(vec![&b"a.b"[..], &b"evil"[..], &b"com"[..]]).expect("valid labels");
+        let odd = Name::from_labels(vec![&b"a.b"[..], &b"evil"[..], &b"com"[..]]).expect("valid labels");
         let canonical = canonical_name(&odd);
         assert_eq!(canonical.text, "a\\046b.evil.com");
         assert!(!canonical.hostname_bytes_only);
-        assert_eq!(
-            check_shape(&odd, &canonical, &Limits::default()),
-            Err(Refusal::NotAHostname)
-        );
+        assert_eq!(check_shape(&odd, &canonical, &Limits::default()), Err(Refusal::NotAHostname));
     }
 
     #[test]
@@ -392,20 +335,12 @@ mod tests {
             check_shape(&n, &canonical_name(&n), &limits)
         };
         assert_eq!(check("storage-bucket-eu-west-1.s3.amazonaws.com."), Ok(()));
-        assert_eq!(
-            check(&format!("{}.example.com.", "a".repeat(41))),
-            Err(Refusal::LabelTooLong { len: 41, max: 40 })
-        );
+        assert_eq!(check(&format!("{}.example.com.", "a".repeat(41))), Err(Refusal::LabelTooLong { len: 41, max: 40 }));
         let long_name = format!("{}.example.com.", ["abcdefghij"; 17].join("."));
-        assert!(matches!(
-            check(&long_name),
-            Err(Refusal::NameTooLong { max: 180, .. })
-        ));
+        assert!(matches!(check(&long_name), Err(Refusal::NameTooLong { max: 180, .. })));
         assert_eq!(
             check("mzxw6ytboi2gk3tfmzxw6ytboi.t.example.com."),
-            Err(Refusal::EncodedLabel {
-                label: "mzxw6ytboi2gk3tfmzxw6ytboi".into()
-            })
+            Err(Refusal::EncodedLabel { label: "mzxw6ytboi2gk3tfmzxw6ytboi".into() })
         );
         // The longest ordinary name: an IPv6 reverse lookup.
         let ptr = format!("{}ip6.arpa.", "0.".repeat(32));
@@ -414,22 +349,11 @@ mod tests {
 
     #[test]
     fn qtype_rules() {
-        for lookup in [
-            RecordType::A,
-            RecordType::AAAA,
-            RecordType::HTTPS,
-            RecordType::SRV,
-            RecordType::CAA,
-        ] {
+        for lookup in [RecordType::A, RecordType::AAAA, RecordType::HTTPS, RecordType::SRV, RecordType::CAA] {
             assert_eq!(qtype_rule(lookup), QtypeRule::Lookup);
         }
         assert_eq!(qtype_rule(RecordType::TXT), QtypeRule::Txt);
-        for refused in [
-            RecordType::NULL,
-            RecordType::ANY,
-            RecordType::AXFR,
-            RecordType::Unknown(65_000),
-        ] {
+        for refused in [RecordType::NULL, RecordType::ANY, RecordType::AXFR, RecordType::Unknown(65_000)] {
             assert_eq!(qtype_rule(refused), QtypeRule::Refused);
         }
         assert_eq!(qtype_name(RecordType::Unknown(65_000)), "TYPE65000");

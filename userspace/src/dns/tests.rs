@@ -27,8 +27,8 @@ use tokio::{
 };
 
 use super::{
-    server::bind_pair, wire, Budget, DenyRcode, DnsError, DnsPolicy, Limits, NameVerdict,
-    RateLimit, Refusal, SandboxResolver, Upstream,
+    server::bind_pair, wire, Budget, DenyRcode, DnsError, DnsPolicy, Limits, NameVerdict, RateLimit, Refusal,
+    SandboxResolver, Upstream,
 };
 
 const SANDBOX: u64 = 42;
@@ -76,9 +76,7 @@ impl Drop for TestUpstream {
 
 impl TestUpstream {
     async fn start() -> Self {
-        let (udp, tcp) = bind_pair(LOCALHOST)
-            .await
-            .expect("test upstream binds on loopback");
+        let (udp, tcp) = bind_pair(LOCALHOST).await.expect("test upstream binds on loopback");
         let addr = udp.local_addr().expect("bound socket has an address");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let udp = Arc::new(udp);
@@ -111,8 +109,7 @@ impl TestUpstream {
                     let seen = Arc::clone(&seen);
                     tokio::spawn(async move {
                         while let Ok(query) = wire::read_frame(&mut stream, 65_535).await {
-                            let Some(reply) = authoritative_answer(&query, Via::Tcp, &seen).await
-                            else {
+                            let Some(reply) = authoritative_answer(&query, Via::Tcp, &seen).await else {
                                 return;
                             };
                             if wire::write_frame(&mut stream, &reply).await.is_err() {
@@ -123,11 +120,7 @@ impl TestUpstream {
                 }
             })
         };
-        Self {
-            addr,
-            seen,
-            tasks: vec![udp_task, tcp_task],
-        }
+        Self { addr, seen, tasks: vec![udp_task, tcp_task] }
     }
 
     fn upstream(&self) -> Upstream {
@@ -135,17 +128,11 @@ impl TestUpstream {
     }
 
     fn seen(&self) -> Vec<Seen> {
-        self.seen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     fn seen_for(&self, name: &str) -> Vec<Seen> {
-        self.seen()
-            .into_iter()
-            .filter(|seen| seen.name == name)
-            .collect()
+        self.seen().into_iter().filter(|seen| seen.name == name).collect()
     }
 }
 
@@ -162,13 +149,11 @@ async fn authoritative_answer(query: &[u8], via: Via, seen: &Mutex<Vec<Seen>>) -
     let question = request.query()?.clone();
     let qname = question.name().to_lowercase().to_ascii();
     let qname = qname.trim_end_matches('.').to_owned();
-    seen.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(Seen {
-            name: qname.clone(),
-            qtype: question.query_type(),
-            via,
-        });
+    seen.lock().unwrap_or_else(PoisonError::into_inner).push(Seen {
+        name: qname.clone(),
+        qtype: question.query_type(),
+        via,
+    });
 
     let mut reply = Message::new();
     reply.set_header(Header::response_from_request(request.header()));
@@ -185,18 +170,10 @@ async fn authoritative_answer(query: &[u8], via: Via, seen: &Mutex<Vec<Seen>>) -
             reply.add_answer(a(&owner, WWW_V4));
         }
         ("www.example.test", RecordType::AAAA) => {
-            reply.add_answer(Record::from_rdata(
-                name(&owner),
-                120,
-                RData::AAAA(AAAA(WWW_V6)),
-            ));
+            reply.add_answer(Record::from_rdata(name(&owner), 120, RData::AAAA(AAAA(WWW_V6))));
         }
         ("alias.example.test", RecordType::A) => {
-            reply.add_answer(Record::from_rdata(
-                name(&owner),
-                60,
-                RData::CNAME(CNAME(name("www.example.test."))),
-            ));
+            reply.add_answer(Record::from_rdata(name(&owner), 60, RData::CNAME(CNAME(name("www.example.test.")))));
             reply.add_answer(a("www.example.test.", WWW_V4));
         }
         ("txt.example.test", RecordType::TXT) => {
@@ -237,27 +214,23 @@ struct RecordingPolicy {
 impl DnsPolicy for RecordingPolicy {
     fn check_name(&self, _sandbox: u64, name: &str) -> NameVerdict {
         if name == "denied.test" || name.ends_with(".denied.test") {
-            NameVerdict::Deny {
-                rule: "deny-test".into(),
-                reason: "test zone is off limits".into(),
-            }
+            NameVerdict::Deny { rule: "deny-test".into(), reason: "test zone is off limits".into() }
         } else {
             NameVerdict::Allow
         }
     }
 
     fn record_answers(&self, sandbox: u64, name: &str, answers: &[(IpAddr, Duration)]) {
-        self.answers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((sandbox, name.to_owned(), answers.to_vec()));
+        self.answers.lock().unwrap_or_else(PoisonError::into_inner).push((sandbox, name.to_owned(), answers.to_vec()));
     }
 
     fn record_refusal(&self, sandbox: u64, name: &str, qtype: &str, why: &Refusal) {
-        self.refusals
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((sandbox, name.to_owned(), qtype.to_owned(), why.clone()));
+        self.refusals.lock().unwrap_or_else(PoisonError::into_inner).push((
+            sandbox,
+            name.to_owned(),
+            qtype.to_owned(),
+            why.clone(),
+        ));
     }
 }
 
@@ -273,10 +246,7 @@ impl RecordingPolicy {
     }
 
     fn refusals(&self) -> Vec<RefusalRecord> {
-        self.refusals
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.refusals.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }
 
@@ -305,11 +275,7 @@ impl Harness {
         )
         .await
         .expect("resolver starts on loopback");
-        Self {
-            upstream,
-            policy,
-            resolver,
-        }
+        Self { upstream, policy, resolver }
     }
 
     fn addr(&self) -> SocketAddr {
@@ -343,9 +309,7 @@ fn encode(message: &Message) -> Vec<u8> {
 
 /// Sends raw bytes over UDP; the reply, or `None` if none came in `wait`.
 async fn udp_raw(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
-    let socket = UdpSocket::bind(LOCALHOST)
-        .await
-        .expect("client binds on loopback");
+    let socket = UdpSocket::bind(LOCALHOST).await.expect("client binds on loopback");
     socket.connect(server).await.expect("client connects");
     socket.send(bytes).await.expect("client sends");
     let mut buf = vec![0_u8; 65_535];
@@ -354,16 +318,10 @@ async fn udp_raw(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Vec
 }
 
 async fn udp_ask(server: SocketAddr, message: &Message) -> Message {
-    let reply = udp_raw(server, &encode(message), WAIT)
-        .await
-        .expect("a reply over UDP");
+    let reply = udp_raw(server, &encode(message), WAIT).await.expect("a reply over UDP");
     let reply = Message::from_vec(&reply).expect("the reply parses");
     assert_eq!(reply.id(), message.id(), "reply id matches");
-    assert_eq!(
-        reply.queries(),
-        message.queries(),
-        "reply echoes the question"
-    );
+    assert_eq!(reply.queries(), message.queries(), "reply echoes the question");
     reply
 }
 
@@ -371,17 +329,11 @@ struct TcpClient(TcpStream);
 
 impl TcpClient {
     async fn connect(server: SocketAddr) -> Self {
-        Self(
-            TcpStream::connect(server)
-                .await
-                .expect("client connects over TCP"),
-        )
+        Self(TcpStream::connect(server).await.expect("client connects over TCP"))
     }
 
     async fn ask(&mut self, message: &Message) -> Message {
-        wire::write_frame(&mut self.0, &encode(message))
-            .await
-            .expect("client writes");
+        wire::write_frame(&mut self.0, &encode(message)).await.expect("client writes");
         let reply = timeout(WAIT, wire::read_frame(&mut self.0, 65_535))
             .await
             .expect("a reply in time")
@@ -394,10 +346,7 @@ impl TcpClient {
     /// Whether the server closed the connection within `wait`.
     async fn closed_within(&mut self, wait: Duration) -> bool {
         let mut byte = [0_u8; 1];
-        matches!(
-            timeout(wait, self.0.read(&mut byte)).await,
-            Ok(Ok(0) | Err(_))
-        )
+        matches!(timeout(wait, self.0.read(&mut byte)).await, Ok(Ok(0) | Err(_)))
     }
 }
 
@@ -424,7 +373,7 @@ async fn allowed_a_over_udp_is_answered_and_recorded() {
     assert_eq!(addresses(&reply), vec![IpAddr::V4(WWW_V4)]);
     assert_eq!(
         h.policy.answers_for("www.example.test"),
-        vec![vec![(IpAddr::V4(WWW_V4), Duration::from_secs(300))]],
+        vec![vec![(IpAddr::V4(WWW_V4), Duration::from_mins(5))]],
         "record_answers gets the lowercased name, the address and its TTL"
     );
     assert_eq!(h.upstream.seen_for("www.example.test").len(), 1);
@@ -434,25 +383,15 @@ async fn allowed_a_over_udp_is_answered_and_recorded() {
 #[tokio::test]
 async fn aaaa_works_over_udp_and_tcp() {
     let h = Harness::start().await;
-    let reply = udp_ask(
-        h.addr(),
-        &with_edns(query("www.example.test.", RecordType::AAAA), 1232),
-    )
-    .await;
+    let reply = udp_ask(h.addr(), &with_edns(query("www.example.test.", RecordType::AAAA), 1232)).await;
     assert_eq!(addresses(&reply), vec![IpAddr::V6(WWW_V6)]);
-    assert!(
-        reply.extensions().is_some(),
-        "EDNS from upstream is relayed"
-    );
+    assert!(reply.extensions().is_some(), "EDNS from upstream is relayed");
 
     let mut tcp = TcpClient::connect(h.addr()).await;
     let reply = tcp.ask(&query("www.example.test.", RecordType::AAAA)).await;
     assert_eq!(addresses(&reply), vec![IpAddr::V6(WWW_V6)]);
 
-    assert_eq!(
-        h.policy.answers_for("www.example.test"),
-        vec![vec![(IpAddr::V6(WWW_V6), Duration::from_secs(120))]; 2]
-    );
+    assert_eq!(h.policy.answers_for("www.example.test"), vec![vec![(IpAddr::V6(WWW_V6), Duration::from_mins(2))]; 2]);
 }
 
 #[tokio::test]
@@ -461,16 +400,10 @@ async fn tcp_answers_several_queries_on_one_connection() {
     let mut tcp = TcpClient::connect(h.addr()).await;
     let first = tcp.ask(&query("www.example.test.", RecordType::A)).await;
     let second = tcp.ask(&query("www.example.test.", RecordType::AAAA)).await;
-    let third = tcp
-        .ask(&query("nothing.example.test.", RecordType::A))
-        .await;
+    let third = tcp.ask(&query("nothing.example.test.", RecordType::A)).await;
     assert_eq!(addresses(&first), vec![IpAddr::V4(WWW_V4)]);
     assert_eq!(addresses(&second), vec![IpAddr::V6(WWW_V6)]);
-    assert_eq!(
-        third.response_code(),
-        ResponseCode::NXDomain,
-        "upstream NXDOMAIN relayed"
-    );
+    assert_eq!(third.response_code(), ResponseCode::NXDomain, "upstream NXDOMAIN relayed");
 }
 
 #[tokio::test]
@@ -480,7 +413,7 @@ async fn cname_chain_addresses_are_attributed_to_the_queried_name() {
     assert_eq!(reply.answers().len(), 2, "CNAME and A relayed unchanged");
     assert_eq!(
         h.policy.answers_for("alias.example.test"),
-        vec![vec![(IpAddr::V4(WWW_V4), Duration::from_secs(60))]],
+        vec![vec![(IpAddr::V4(WWW_V4), Duration::from_mins(1))]],
         "the CNAME's shorter TTL bounds the mapping"
     );
     assert!(h.policy.answers_for("www.example.test").is_empty());
@@ -497,18 +430,11 @@ async fn denied_name_gets_nxdomain_and_never_reaches_upstream() {
     let reply = tcp.ask(&query("denied.test.", RecordType::AAAA)).await;
     assert_eq!(reply.response_code(), ResponseCode::NXDomain);
 
-    assert!(
-        h.upstream.seen().is_empty(),
-        "upstream saw {:?}",
-        h.upstream.seen()
-    );
+    assert!(h.upstream.seen().is_empty(), "upstream saw {:?}", h.upstream.seen());
     let refusals = h.policy.refusals();
     assert_eq!(refusals.len(), 2);
     let (sandbox, name, qtype, why) = &refusals[0];
-    assert_eq!(
-        (*sandbox, name.as_str(), qtype.as_str()),
-        (SANDBOX, "secret.denied.test", "A")
-    );
+    assert_eq!((*sandbox, name.as_str(), qtype.as_str()), (SANDBOX, "secret.denied.test", "A"));
     assert_eq!(
         why.to_string(),
         "denied by policy rule deny-test: test zone is off limits",
@@ -519,11 +445,7 @@ async fn denied_name_gets_nxdomain_and_never_reaches_upstream() {
 
 #[tokio::test]
 async fn deny_rcode_can_be_refused() {
-    let h = Harness::with_limits(Limits {
-        deny_rcode: DenyRcode::Refused,
-        ..Limits::default()
-    })
-    .await;
+    let h = Harness::with_limits(Limits { deny_rcode: DenyRcode::Refused, ..Limits::default() }).await;
     let reply = udp_ask(h.addr(), &query("x.denied.test.", RecordType::A)).await;
     assert_eq!(reply.response_code(), ResponseCode::Refused);
     assert!(h.upstream.seen().is_empty());
@@ -541,54 +463,24 @@ async fn tunnelling_shaped_names_are_refused_before_upstream() {
         assert_eq!(reply.response_code(), ResponseCode::Refused, "{qname}");
     }
     // Over TCP too, with a binary label.
-    let binary =
-        Name::from_labels(vec![&b"\x00\xff"[..], b"example", b"test"]).expect("valid labels");
+    let binary = Name::from_labels(vec![&b"\x00\xff"[..], b"example", b"test"]).expect("valid labels");
     let mut binary_query = query("example.test.", RecordType::A);
     binary_query.queries_mut()[0].set_name(binary);
     let mut tcp = TcpClient::connect(h.addr()).await;
-    assert_eq!(
-        tcp.ask(&binary_query).await.response_code(),
-        ResponseCode::Refused
-    );
+    assert_eq!(tcp.ask(&binary_query).await.response_code(), ResponseCode::Refused);
 
-    assert!(
-        h.upstream.seen().is_empty(),
-        "upstream saw {:?}",
-        h.upstream.seen()
-    );
-    let kinds: Vec<Refusal> = h
-        .policy
-        .refusals()
-        .into_iter()
-        .map(|(_, _, _, why)| why)
-        .collect();
-    assert!(matches!(
-        kinds[0],
-        Refusal::LabelTooLong { len: 41, max: 40 }
-    ));
-    assert!(
-        matches!(&kinds[1], Refusal::EncodedLabel { label } if label == "mzxw6ytboi2gk3tfmzxw6ytboi")
-    );
+    assert!(h.upstream.seen().is_empty(), "upstream saw {:?}", h.upstream.seen());
+    let kinds: Vec<Refusal> = h.policy.refusals().into_iter().map(|(_, _, _, why)| why).collect();
+    assert!(matches!(kinds[0], Refusal::LabelTooLong { len: 41, max: 40 }));
+    assert!(matches!(&kinds[1], Refusal::EncodedLabel { label } if label == "mzxw6ytboi2gk3tfmzxw6ytboi"));
     assert!(matches!(kinds[2], Refusal::EncodedLabel { .. }));
     assert!(matches!(kinds[3], Refusal::NameTooLong { max: 180, .. }));
     assert_eq!(kinds[4], Refusal::NotAHostname);
-    assert_eq!(
-        h.policy.refusals()[4].1,
-        "\\000\\255.example.test",
-        "odd bytes reach the audit log escaped"
-    );
+    assert_eq!(h.policy.refusals()[4].1, "\\000\\255.example.test", "odd bytes reach the audit log escaped");
 
     // An ordinary long label still goes through.
-    let reply = udp_ask(
-        h.addr(),
-        &query("storage-bucket-eu-west-1.example.test.", RecordType::A),
-    )
-    .await;
-    assert_eq!(
-        reply.response_code(),
-        ResponseCode::NXDomain,
-        "forwarded; upstream does not know it"
-    );
+    let reply = udp_ask(h.addr(), &query("storage-bucket-eu-west-1.example.test.", RecordType::A)).await;
+    assert_eq!(reply.response_code(), ResponseCode::NXDomain, "forwarded; upstream does not know it");
     assert_eq!(h.upstream.seen().len(), 1);
 }
 
@@ -609,25 +501,14 @@ async fn txt_flood_beyond_burst_is_refused() {
     // Burst 20, then 10/s: whatever refilled while the flood ran.
     let refilled = (started.elapsed().as_secs_f64() * 10.0).ceil() as usize;
     assert!(answered >= 20, "answered {answered}");
-    assert!(
-        answered <= 20 + refilled,
-        "answered {answered}, refill allowed {refilled}"
-    );
+    assert!(answered <= 20 + refilled, "answered {answered}, refill allowed {refilled}");
     assert!(refused >= 1, "no TXT refused; answered {answered}");
-    assert_eq!(
-        h.upstream.seen_for("txt.example.test").len(),
-        answered,
-        "refused TXT never reached upstream"
-    );
+    assert_eq!(h.upstream.seen_for("txt.example.test").len(), answered, "refused TXT never reached upstream");
     assert!(h
         .policy
         .refusals()
         .iter()
-        .all(|(_, _, qtype, why)| qtype == "TXT"
-            && *why
-                == Refusal::RateLimited {
-                    budget: Budget::Txt
-                }));
+        .all(|(_, _, qtype, why)| qtype == "TXT" && *why == Refusal::RateLimited { budget: Budget::Txt }));
 
     // The TXT budget is its own: ordinary lookups still pass.
     let reply = udp_ask(h.addr(), &query("www.example.test.", RecordType::A)).await;
@@ -636,40 +517,22 @@ async fn txt_flood_beyond_burst_is_refused() {
 
 #[tokio::test]
 async fn overall_budget_is_shared_by_udp_and_tcp() {
-    let limits = Limits {
-        all_queries: RateLimit {
-            per_second: 1,
-            burst: 4,
-        },
-        ..Limits::default()
-    };
+    let limits = Limits { all_queries: RateLimit { per_second: 1, burst: 4 }, ..Limits::default() };
     let h = Harness::with_limits(limits).await;
     let mut tcp = TcpClient::connect(h.addr()).await;
     let mut rcodes = Vec::new();
     let started = Instant::now();
     for i in 0..8 {
         let message = query("www.example.test.", RecordType::A);
-        let reply = if i % 2 == 0 {
-            udp_ask(h.addr(), &message).await
-        } else {
-            tcp.ask(&message).await
-        };
+        let reply = if i % 2 == 0 { udp_ask(h.addr(), &message).await } else { tcp.ask(&message).await };
         rcodes.push(reply.response_code());
     }
     // Burst 4, then 1/s.
     let refilled = started.elapsed().as_secs_f64().ceil() as usize;
-    let answered = rcodes
-        .iter()
-        .filter(|&&rcode| rcode == ResponseCode::NoError)
-        .count();
+    let answered = rcodes.iter().filter(|&&rcode| rcode == ResponseCode::NoError).count();
     assert!((4..=4 + refilled).contains(&answered), "rcodes {rcodes:?}");
     assert!(rcodes.contains(&ResponseCode::Refused), "rcodes {rcodes:?}");
-    assert!(
-        rcodes[..4]
-            .iter()
-            .all(|&rcode| rcode == ResponseCode::NoError),
-        "the burst is served first: {rcodes:?}"
-    );
+    assert!(rcodes[..4].iter().all(|&rcode| rcode == ResponseCode::NoError), "the burst is served first: {rcodes:?}");
     assert_eq!(h.upstream.seen().len(), answered);
 }
 
@@ -681,12 +544,7 @@ async fn null_any_and_zone_transfers_are_refused() {
         assert_eq!(reply.response_code(), ResponseCode::Refused, "{qtype}");
     }
     let mut tcp = TcpClient::connect(h.addr()).await;
-    assert_eq!(
-        tcp.ask(&query("www.example.test.", RecordType::AXFR))
-            .await
-            .response_code(),
-        ResponseCode::Refused
-    );
+    assert_eq!(tcp.ask(&query("www.example.test.", RecordType::AXFR)).await.response_code(), ResponseCode::Refused);
     assert!(h.upstream.seen().is_empty());
     let refusal = &h.policy.refusals()[0];
     assert_eq!(refusal.2, "NULL");
@@ -699,32 +557,17 @@ async fn malformed_messages_do_not_stop_the_listeners() {
     let short = Duration::from_millis(300);
 
     // Garbage with a readable id: FORMERR for that id.
-    let reply = udp_raw(h.addr(), b"\x12\x34 this is not DNS at all", WAIT)
-        .await
-        .expect("FORMERR reply");
+    let reply = udp_raw(h.addr(), b"\x12\x34 this is not DNS at all", WAIT).await.expect("FORMERR reply");
     let reply = Message::from_vec(&reply).expect("FORMERR parses");
-    assert_eq!(
-        (reply.id(), reply.response_code()),
-        (0x1234, ResponseCode::FormErr)
-    );
+    assert_eq!((reply.id(), reply.response_code()), (0x1234, ResponseCode::FormErr));
 
     // Too short for a header: FORMERR too; a single byte has no id: silence.
-    let reply = udp_raw(h.addr(), b"\xab\xcd\x01", WAIT)
-        .await
-        .expect("FORMERR reply");
-    assert_eq!(
-        Message::from_vec(&reply).expect("parses").response_code(),
-        ResponseCode::FormErr
-    );
+    let reply = udp_raw(h.addr(), b"\xab\xcd\x01", WAIT).await.expect("FORMERR reply");
+    assert_eq!(Message::from_vec(&reply).expect("parses").response_code(), ResponseCode::FormErr);
     assert_eq!(udp_raw(h.addr(), b"\x01", short).await, None);
 
     // A header claiming 65535 questions.
-    let reply = udp_raw(
-        h.addr(),
-        b"\x00\x07\x01\x00\xff\xff\x00\x00\x00\x00\x00\x00",
-        WAIT,
-    )
-    .await;
+    let reply = udp_raw(h.addr(), b"\x00\x07\x01\x00\xff\xff\x00\x00\x00\x00\x00\x00", WAIT).await;
     let reply = Message::from_vec(&reply.expect("FORMERR reply")).expect("parses");
     assert_eq!(reply.response_code(), ResponseCode::FormErr);
 
@@ -732,28 +575,17 @@ async fn malformed_messages_do_not_stop_the_listeners() {
     let mut two = query("www.example.test.", RecordType::A);
     two.add_query(Query::query(name("www.example.test."), RecordType::AAAA));
     let reply = udp_raw(h.addr(), &encode(&two), WAIT).await.expect("reply");
-    assert_eq!(
-        Message::from_vec(&reply).expect("parses").response_code(),
-        ResponseCode::FormErr
-    );
+    assert_eq!(Message::from_vec(&reply).expect("parses").response_code(), ResponseCode::FormErr);
     let mut smuggling = encode(&query("www.example.test.", RecordType::A));
     smuggling.extend_from_slice(b"payload");
     let reply = udp_raw(h.addr(), &smuggling, WAIT).await.expect("reply");
-    assert_eq!(
-        Message::from_vec(&reply).expect("parses").response_code(),
-        ResponseCode::FormErr
-    );
+    assert_eq!(Message::from_vec(&reply).expect("parses").response_code(), ResponseCode::FormErr);
 
     // A query carrying an answer record.
     let mut carrying = query("www.example.test.", RecordType::A);
     carrying.add_answer(a("www.example.test.", WWW_V4));
-    let reply = udp_raw(h.addr(), &encode(&carrying), WAIT)
-        .await
-        .expect("reply");
-    assert_eq!(
-        Message::from_vec(&reply).expect("parses").response_code(),
-        ResponseCode::FormErr
-    );
+    let reply = udp_raw(h.addr(), &encode(&carrying), WAIT).await.expect("reply");
+    assert_eq!(Message::from_vec(&reply).expect("parses").response_code(), ResponseCode::FormErr);
 
     // A response sent to the resolver is never answered (no loops).
     let mut response = query("www.example.test.", RecordType::A);
@@ -763,46 +595,22 @@ async fn malformed_messages_do_not_stop_the_listeners() {
     // An UPDATE: not implemented.
     let mut update = query("example.test.", RecordType::SOA);
     update.set_op_code(OpCode::Update);
-    let reply = udp_raw(h.addr(), &encode(&update), WAIT)
-        .await
-        .expect("reply");
-    assert_eq!(
-        Message::from_vec(&reply).expect("parses").response_code(),
-        ResponseCode::NotImp
-    );
+    let reply = udp_raw(h.addr(), &encode(&update), WAIT).await.expect("reply");
+    assert_eq!(Message::from_vec(&reply).expect("parses").response_code(), ResponseCode::NotImp);
 
     // Still serving, over UDP and over TCP after garbage on the same connection.
     let reply = udp_ask(h.addr(), &query("www.example.test.", RecordType::A)).await;
     assert_eq!(addresses(&reply), vec![IpAddr::V4(WWW_V4)]);
     let mut tcp = TcpClient::connect(h.addr()).await;
-    wire::write_frame(&mut tcp.0, b"\x55\x66garbage")
-        .await
-        .expect("write");
-    let reply = wire::read_frame(&mut tcp.0, 65_535)
-        .await
-        .expect("FORMERR over TCP");
-    assert_eq!(
-        Message::from_vec(&reply).expect("parses").response_code(),
-        ResponseCode::FormErr
-    );
+    wire::write_frame(&mut tcp.0, b"\x55\x66garbage").await.expect("write");
+    let reply = wire::read_frame(&mut tcp.0, 65_535).await.expect("FORMERR over TCP");
+    assert_eq!(Message::from_vec(&reply).expect("parses").response_code(), ResponseCode::FormErr);
     let reply = tcp.ask(&query("www.example.test.", RecordType::A)).await;
     assert_eq!(addresses(&reply), vec![IpAddr::V4(WWW_V4)]);
 
-    assert!(h
-        .upstream
-        .seen()
-        .iter()
-        .all(|seen| seen.name == "www.example.test"));
-    assert_eq!(
-        h.upstream.seen().len(),
-        2,
-        "only the two good queries went upstream"
-    );
-    assert!(h
-        .policy
-        .refusals()
-        .iter()
-        .any(|(_, _, _, why)| matches!(why, Refusal::Malformed { .. })));
+    assert!(h.upstream.seen().iter().all(|seen| seen.name == "www.example.test"));
+    assert_eq!(h.upstream.seen().len(), 2, "only the two good queries went upstream");
+    assert!(h.policy.refusals().iter().any(|(_, _, _, why)| matches!(why, Refusal::Malformed { .. })));
 }
 
 #[tokio::test]
@@ -815,21 +623,12 @@ async fn truncated_upstream_answer_is_retried_over_tcp() {
     let reply = tcp.ask(&query("big.example.test.", RecordType::A)).await;
     assert_eq!(reply.answers().len(), 40);
     assert!(!reply.truncated());
-    let vias: Vec<Via> = h
-        .upstream
-        .seen_for("big.example.test")
-        .iter()
-        .map(|seen| seen.via)
-        .collect();
+    let vias: Vec<Via> = h.upstream.seen_for("big.example.test").iter().map(|seen| seen.via).collect();
     assert_eq!(vias, vec![Via::Udp, Via::Tcp]);
     assert_eq!(h.policy.answers_for("big.example.test")[0].len(), 40);
 
     // A UDP client with a big EDNS buffer gets them all over UDP.
-    let reply = udp_ask(
-        h.addr(),
-        &with_edns(query("big.example.test.", RecordType::A), 4096),
-    )
-    .await;
+    let reply = udp_ask(h.addr(), &with_edns(query("big.example.test.", RecordType::A), 4096)).await;
     assert_eq!(reply.answers().len(), 40);
 
     // A plain UDP client cannot take 600+ bytes: it gets TC and retries
@@ -849,18 +648,14 @@ async fn oversized_udp_queries_are_refused() {
     let mut plain = encode(&query("www.example.test.", RecordType::A));
     plain.resize(600, 0);
     let reply = udp_raw(h.addr(), &plain, WAIT).await.expect("reply");
-    assert_eq!(
-        Message::from_vec(&reply).expect("parses").response_code(),
-        ResponseCode::Refused
-    );
+    assert_eq!(Message::from_vec(&reply).expect("parses").response_code(), ResponseCode::Refused);
 
     // With EDNS: padding (RFC 7830) up to 900 bytes passes, past 1232 does not.
     let padded = |len: usize| {
         let mut message = with_edns(query("www.example.test.", RecordType::A), 1232);
         let base = encode(&message).len();
         let mut edns = message.extensions().clone().expect("has EDNS");
-        edns.options_mut()
-            .insert(EdnsOption::Unknown(12, vec![0; len - base - 4]));
+        edns.options_mut().insert(EdnsOption::Unknown(12, vec![0; len - base - 4]));
         message.set_edns(edns);
         let bytes = encode(&message);
         assert_eq!(bytes.len(), len);
@@ -871,26 +666,11 @@ async fn oversized_udp_queries_are_refused() {
     let reply = udp_ask(h.addr(), &padded(1300)).await;
     assert_eq!(reply.response_code(), ResponseCode::Refused);
 
-    assert_eq!(
-        h.upstream.seen().len(),
-        1,
-        "only the 900-byte query went upstream"
-    );
-    let too_large: Vec<Refusal> = h
-        .policy
-        .refusals()
-        .into_iter()
-        .map(|(_, _, _, why)| why)
-        .collect();
+    assert_eq!(h.upstream.seen().len(), 1, "only the 900-byte query went upstream");
+    let too_large: Vec<Refusal> = h.policy.refusals().into_iter().map(|(_, _, _, why)| why).collect();
     assert_eq!(
         too_large,
-        vec![
-            Refusal::QueryTooLarge { len: 600, max: 512 },
-            Refusal::QueryTooLarge {
-                len: 1300,
-                max: 1232
-            }
-        ]
+        vec![Refusal::QueryTooLarge { len: 600, max: 512 }, Refusal::QueryTooLarge { len: 1300, max: 1232 }]
     );
 }
 
@@ -908,10 +688,7 @@ async fn tcp_message_over_limit_closes_the_connection() {
 
 #[tokio::test]
 async fn idle_tcp_connection_is_closed() {
-    let limits = Limits {
-        tcp_idle_timeout: Duration::from_millis(200),
-        ..Limits::default()
-    };
+    let limits = Limits { tcp_idle_timeout: Duration::from_millis(200), ..Limits::default() };
     let h = Harness::with_limits(limits).await;
     let mut tcp = TcpClient::connect(h.addr()).await;
     let reply = tcp.ask(&query("www.example.test.", RecordType::A)).await;
@@ -923,10 +700,7 @@ async fn idle_tcp_connection_is_closed() {
 
 #[tokio::test]
 async fn tcp_connections_per_sandbox_are_bounded() {
-    let limits = Limits {
-        max_tcp_connections: 2,
-        ..Limits::default()
-    };
+    let limits = Limits { max_tcp_connections: 2, ..Limits::default() };
     let h = Harness::with_limits(limits).await;
     let mut first = TcpClient::connect(h.addr()).await;
     let mut second = TcpClient::connect(h.addr()).await;
@@ -935,10 +709,7 @@ async fn tcp_connections_per_sandbox_are_bounded() {
     second.ask(&query("www.example.test.", RecordType::A)).await;
 
     let mut third = TcpClient::connect(h.addr()).await;
-    assert!(
-        third.closed_within(WAIT).await,
-        "a third connection is closed at once"
-    );
+    assert!(third.closed_within(WAIT).await, "a third connection is closed at once");
 
     drop(first);
     // The freed slot is reusable (the server notices the close first).
@@ -946,26 +717,15 @@ async fn tcp_connections_per_sandbox_are_bounded() {
     for _ in 0..50 {
         let mut fourth = TcpClient::connect(h.addr()).await;
         let message = query("www.example.test.", RecordType::A);
-        if wire::write_frame(&mut fourth.0, &encode(&message))
-            .await
-            .is_ok()
-        {
-            if let Ok(Ok(bytes)) = timeout(
-                Duration::from_millis(500),
-                wire::read_frame(&mut fourth.0, 65_535),
-            )
-            .await
-            {
+        if wire::write_frame(&mut fourth.0, &encode(&message)).await.is_ok() {
+            if let Ok(Ok(bytes)) = timeout(Duration::from_millis(500), wire::read_frame(&mut fourth.0, 65_535)).await {
                 reply = Some(bytes);
                 break;
             }
         }
         sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        reply.is_some(),
-        "a connection slot came free after a client left"
-    );
+    assert!(reply.is_some(), "a connection slot came free after a client left");
 }
 
 #[tokio::test]
@@ -983,24 +743,14 @@ async fn slow_upstream_does_not_block_other_udp_queries() {
     sleep(Duration::from_millis(100)).await;
     let reply = udp_ask(h.addr(), &query("www.example.test.", RecordType::A)).await;
     assert_eq!(addresses(&reply), vec![IpAddr::V4(WWW_V4)]);
-    assert!(
-        !slow.is_finished(),
-        "the fast query waited for the slow one"
-    );
+    assert!(!slow.is_finished(), "the fast query waited for the slow one");
     let slow_took = slow.await.expect("slow query task");
-    assert!(
-        slow_took >= Duration::from_millis(900),
-        "slow query took {slow_took:?}"
-    );
+    assert!(slow_took >= Duration::from_millis(900), "slow query took {slow_took:?}");
 }
 
 #[tokio::test]
 async fn udp_queries_in_flight_are_bounded() {
-    let h = Harness::with_limits(Limits {
-        max_udp_in_flight: 1,
-        ..Limits::default()
-    })
-    .await;
+    let h = Harness::with_limits(Limits { max_udp_in_flight: 1, ..Limits::default() }).await;
     let slow = tokio::spawn({
         let addr = h.addr();
         async move { udp_ask(addr, &query("slow.example.test.", RecordType::A)).await }
@@ -1036,15 +786,11 @@ async fn mismatching_server(also_answer: bool) -> (SocketAddr, JoinHandle<()>) {
             reply.add_queries(request.queries().to_vec());
             reply.add_answer(a("www.example.test.", Ipv4Addr::new(192, 0, 2, 66)));
             reply.set_id(request.id().wrapping_add(1));
-            let _ = socket
-                .send_to(&reply.to_vec().expect("encodes"), peer)
-                .await;
+            let _ = socket.send_to(&reply.to_vec().expect("encodes"), peer).await;
             if also_answer {
                 reply.set_id(request.id());
                 reply.answers_mut()[0] = a("www.example.test.", WWW_V4);
-                let _ = socket
-                    .send_to(&reply.to_vec().expect("encodes"), peer)
-                    .await;
+                let _ = socket.send_to(&reply.to_vec().expect("encodes"), peer).await;
             }
         }
     });
@@ -1058,8 +804,7 @@ async fn upstream_ignores_mismatched_replies_and_fails_over() {
     // A wrong-id reply is skipped, the right one taken.
     let (addr, task) = mismatching_server(true).await;
     let upstream = Upstream::new(vec![addr], Duration::from_secs(2));
-    let reply =
-        Message::from_vec(&upstream.exchange(&message).await.expect("exchange")).expect("parses");
+    let reply = Message::from_vec(&upstream.exchange(&message).await.expect("exchange")).expect("parses");
     assert_eq!(addresses(&reply), vec![IpAddr::V4(WWW_V4)]);
     task.abort();
 
@@ -1068,8 +813,7 @@ async fn upstream_ignores_mismatched_replies_and_fails_over() {
     let good = TestUpstream::start().await;
     let upstream = Upstream::new(vec![liar, good.addr], Duration::from_millis(300));
     let started = Instant::now();
-    let reply =
-        Message::from_vec(&upstream.exchange(&message).await.expect("exchange")).expect("parses");
+    let reply = Message::from_vec(&upstream.exchange(&message).await.expect("exchange")).expect("parses");
     assert_eq!(addresses(&reply), vec![IpAddr::V4(WWW_V4)]);
     assert!(started.elapsed() >= Duration::from_millis(300));
 
@@ -1082,15 +826,10 @@ async fn upstream_ignores_mismatched_replies_and_fails_over() {
         other => panic!("expected failure, got {other:?}"),
     }
     assert!(matches!(
-        Upstream::new(vec![], Duration::from_secs(1))
-            .exchange(&message)
-            .await,
+        Upstream::new(vec![], Duration::from_secs(1)).exchange(&message).await,
         Err(DnsError::NoUpstreams)
     ));
-    assert!(matches!(
-        upstream.exchange(b"nonsense").await,
-        Err(DnsError::BadQuery { .. })
-    ));
+    assert!(matches!(upstream.exchange(b"nonsense").await, Err(DnsError::BadQuery { .. })));
     liar_task.abort();
 }
 
@@ -1107,16 +846,9 @@ async fn upstream_failure_is_answered_servfail() {
     )
     .await
     .expect("resolver starts");
-    let reply = udp_ask(
-        resolver.local_addr(),
-        &query("www.example.test.", RecordType::A),
-    )
-    .await;
+    let reply = udp_ask(resolver.local_addr(), &query("www.example.test.", RecordType::A)).await;
     assert_eq!(reply.response_code(), ResponseCode::ServFail);
-    assert!(
-        policy.answers_for("www.example.test").is_empty(),
-        "nothing recorded from a liar"
-    );
+    assert!(policy.answers_for("www.example.test").is_empty(), "nothing recorded from a liar");
     task.abort();
 }
 
@@ -1137,12 +869,7 @@ async fn stop_closes_both_listeners() {
     }
     assert!(refused, "TCP listener still accepting after stop");
     assert_eq!(
-        udp_raw(
-            addr,
-            &encode(&query("www.example.test.", RecordType::A)),
-            Duration::from_millis(300)
-        )
-        .await,
+        udp_raw(addr, &encode(&query("www.example.test.", RecordType::A)), Duration::from_millis(300)).await,
         None
     );
 }
@@ -1180,10 +907,7 @@ async fn explicit_port_binds_udp_and_tcp_together() {
     assert!(matches!(taken, Err(DnsError::Bind { .. })));
 
     let mut tcp = TcpClient::connect(picked).await;
-    assert_eq!(
-        addresses(&tcp.ask(&query("www.example.test.", RecordType::A)).await),
-        vec![IpAddr::V4(WWW_V4)]
-    );
+    assert_eq!(addresses(&tcp.ask(&query("www.example.test.", RecordType::A)).await), vec![IpAddr::V4(WWW_V4)]);
 }
 
 #[tokio::test]
@@ -1205,17 +929,11 @@ async fn ipv6_loopback_listener_answers_aaaa() {
     .await
     .expect("resolver binds ::1");
     let socket = UdpSocket::bind(v6).await.expect("client binds ::1");
-    socket
-        .connect(resolver.local_addr())
-        .await
-        .expect("connects");
+    socket.connect(resolver.local_addr()).await.expect("connects");
     let message = query("www.example.test.", RecordType::AAAA);
     socket.send(&encode(&message)).await.expect("sends");
     let mut buf = vec![0_u8; 4096];
-    let len = timeout(WAIT, socket.recv(&mut buf))
-        .await
-        .expect("in time")
-        .expect("receives");
+    let len = timeout(WAIT, socket.recv(&mut buf)).await.expect("in time").expect("receives");
     let reply = Message::from_vec(&buf[..len]).expect("parses");
     assert_eq!(addresses(&reply), vec![IpAddr::V6(WWW_V6)]);
 }
@@ -1248,46 +966,25 @@ fn resolv_conf_nameservers_and_timeout() {
     assert_eq!(upstream.timeout(), Duration::from_secs(3));
 
     std::fs::write(&path, "search example.test\n").expect("write resolv.conf");
-    assert!(matches!(
-        Upstream::from_resolv_conf(&path),
-        Err(DnsError::NoNameservers { .. })
-    ));
+    assert!(matches!(Upstream::from_resolv_conf(&path), Err(DnsError::NoNameservers { .. })));
     std::fs::remove_dir_all(&dir).expect("clean up");
-    assert!(matches!(
-        Upstream::from_resolv_conf(&path),
-        Err(DnsError::ResolvConf { .. })
-    ));
+    assert!(matches!(Upstream::from_resolv_conf(&path), Err(DnsError::ResolvConf { .. })));
 }
 
 #[test]
 fn refusal_reasons_read_well() {
     let cases = [
         (
-            Refusal::Malformed {
-                detail: "expected exactly one question",
-            },
+            Refusal::Malformed { detail: "expected exactly one question" },
             "malformed query: expected exactly one question",
         ),
-        (
-            Refusal::QueryTooLarge { len: 600, max: 512 },
-            "query too large: 600 bytes, limit 512",
-        ),
+        (Refusal::QueryTooLarge { len: 600, max: 512 }, "query too large: 600 bytes, limit 512"),
         (
             Refusal::LabelTooLong { len: 41, max: 40 },
             "name too long (tunnelling-shaped): a label of 41 bytes, limit 40",
         ),
-        (
-            Refusal::RateLimited {
-                budget: Budget::Txt,
-            },
-            "rate limited: too many TXT queries",
-        ),
-        (
-            Refusal::OpcodeRefused {
-                opcode: "UPDATE".into(),
-            },
-            "opcode UPDATE not supported",
-        ),
+        (Refusal::RateLimited { budget: Budget::Txt }, "rate limited: too many TXT queries"),
+        (Refusal::OpcodeRefused { opcode: "UPDATE".into() }, "opcode UPDATE not supported"),
     ];
     for (refusal, text) in cases {
         assert_eq!(refusal.to_string(), text);

@@ -42,10 +42,8 @@ impl Upstream {
     /// resolv.conf. Scoped IPv6 addresses (`fe80::1%eth0`) are skipped: the
     /// daemon's sockets cannot tell which interface was meant.
     pub fn from_resolv_conf(path: &Path) -> Result<Self, DnsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| DnsError::ResolvConf {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| DnsError::ResolvConf { path: path.to_owned(), source })?;
         let mut servers = Vec::new();
         let mut timeout = DEFAULT_TIMEOUT;
         for line in text.lines() {
@@ -72,9 +70,7 @@ impl Upstream {
             }
         }
         if servers.is_empty() {
-            return Err(DnsError::NoNameservers {
-                path: path.to_owned(),
-            });
+            return Err(DnsError::NoNameservers { path: path.to_owned() });
         }
         Ok(Self { servers, timeout })
     }
@@ -93,8 +89,7 @@ impl Upstream {
     /// order; on each, UDP first and TCP when the UDP reply is truncated.
     /// Replies whose id or question differ from the query's are not taken.
     pub async fn exchange(&self, query: &[u8]) -> Result<Vec<u8>, DnsError> {
-        let expected =
-            ExpectedReply::from_query(query).map_err(|source| DnsError::BadQuery { source })?;
+        let expected = ExpectedReply::from_query(query).map_err(|source| DnsError::BadQuery { source })?;
         let mut last = DnsError::NoUpstreams;
         for &server in &self.servers {
             match self.exchange_with(server, query, &expected).await {
@@ -108,10 +103,7 @@ impl Upstream {
         if self.servers.is_empty() {
             return Err(last);
         }
-        Err(DnsError::UpstreamsFailed {
-            tried: self.servers.len(),
-            last: Box::new(last),
-        })
+        Err(DnsError::UpstreamsFailed { tried: self.servers.len(), last: Box::new(last) })
     }
 
     async fn exchange_with(
@@ -151,10 +143,7 @@ impl Upstream {
         loop {
             let len = timeout_at(deadline, socket.recv(&mut buf))
                 .await
-                .map_err(|_| DnsError::UpstreamTimeout {
-                    server,
-                    timeout: self.timeout,
-                })?
+                .map_err(|_| DnsError::UpstreamTimeout { server, timeout: self.timeout })?
                 .map_err(io_error)?;
             let reply = &buf[..len];
             // A late reply to an earlier query on a reused port, or a forgery:
@@ -175,28 +164,19 @@ impl Upstream {
         let io_error = |source| DnsError::UpstreamIo { server, source };
         let attempt = async {
             let mut stream = TcpStream::connect(server).await.map_err(io_error)?;
-            wire::write_frame(&mut stream, query)
-                .await
-                .map_err(io_error)?;
-            let reply = wire::read_frame(&mut stream, usize::from(u16::MAX))
-                .await
-                .map_err(|_| {
-                    io_error(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "connection closed before a whole reply",
-                    ))
-                })?;
+            wire::write_frame(&mut stream, query).await.map_err(io_error)?;
+            let reply = wire::read_frame(&mut stream, usize::from(u16::MAX)).await.map_err(|_| {
+                io_error(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed before a whole reply",
+                ))
+            })?;
             if expected.matches(&reply) {
                 Ok(reply)
             } else {
                 Err(DnsError::UpstreamMismatch { server })
             }
         };
-        timeout(self.timeout, attempt)
-            .await
-            .map_err(|_| DnsError::UpstreamTimeout {
-                server,
-                timeout: self.timeout,
-            })?
+        timeout(self.timeout, attempt).await.map_err(|_| DnsError::UpstreamTimeout { server, timeout: self.timeout })?
     }
 }

@@ -40,13 +40,7 @@ impl RequestView {
 
     /// For messages too short for a header: only the id is known.
     pub(crate) fn id_only(id: u16) -> Self {
-        Self {
-            id,
-            op_code: OpCode::Query,
-            recursion_desired: false,
-            question: None,
-            edns: false,
-        }
+        Self { id, op_code: OpCode::Query, recursion_desired: false, question: None, edns: false }
     }
 
     pub(crate) fn from_message(message: &Message) -> Self {
@@ -131,10 +125,7 @@ impl ExpectedReply {
         let mut decoder = BinDecoder::new(query);
         let header = Header::read(&mut decoder)?;
         let questions = Message::read_queries(&mut decoder, usize::from(header.query_count()))?;
-        Ok(Self {
-            id: header.id(),
-            questions,
-        })
+        Ok(Self { id: header.id(), questions })
     }
 
     pub(crate) fn id(&self) -> u16 {
@@ -179,11 +170,7 @@ pub(crate) fn answer_addresses(reply: &Message, qname: &Name) -> Vec<(IpAddr, Du
             let RData::CNAME(target) = record.data() else {
                 continue;
             };
-            let Some(owner_ttl) = reached
-                .iter()
-                .find(|(n, _)| *n == record.name())
-                .map(|(_, ttl)| *ttl)
-            else {
+            let Some(owner_ttl) = reached.iter().find(|(n, _)| *n == record.name()).map(|(_, ttl)| *ttl) else {
                 continue;
             };
             let ttl = owner_ttl.min(record.ttl());
@@ -233,39 +220,23 @@ pub(crate) enum FrameError {
 }
 
 /// Reads one RFC 1035 §4.2.2 length-prefixed message of at most `max` bytes.
-pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    max: usize,
-) -> Result<Vec<u8>, FrameError> {
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> Result<Vec<u8>, FrameError> {
     let mut len = [0_u8; 2];
-    reader
-        .read_exact(&mut len)
-        .await
-        .map_err(|_| FrameError::Closed)?;
+    reader.read_exact(&mut len).await.map_err(|_| FrameError::Closed)?;
     let len = usize::from(u16::from_be_bytes(len));
     if len == 0 || len > max {
         return Err(FrameError::BadLength(len));
     }
     let mut message = vec![0_u8; len];
-    reader
-        .read_exact(&mut message)
-        .await
-        .map_err(|_| FrameError::Closed)?;
+    reader.read_exact(&mut message).await.map_err(|_| FrameError::Closed)?;
     Ok(message)
 }
 
 /// Writes one length-prefixed message, in a single write so the length and
 /// the message do not go out as separate segments.
-pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    message: &[u8],
-) -> std::io::Result<()> {
-    let len = u16::try_from(message.len()).map_err(|_| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "DNS message over 65535 bytes",
-        )
-    })?;
+pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, message: &[u8]) -> std::io::Result<()> {
+    let len = u16::try_from(message.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "DNS message over 65535 bytes"))?;
     let mut framed = Vec::with_capacity(message.len() + 2);
     framed.extend_from_slice(&len.to_be_bytes());
     framed.extend_from_slice(message);
@@ -299,41 +270,18 @@ mod tests {
     #[test]
     fn cname_chain_is_attributed_to_the_queried_name_with_smallest_ttl() {
         let reply = reply_with(vec![
-            Record::from_rdata(
-                name("WWW.example.test."),
-                300,
-                RData::CNAME(CNAME(name("edge.cdn.test."))),
-            ),
-            Record::from_rdata(
-                name("edge.cdn.test."),
-                60,
-                RData::CNAME(CNAME(name("pop.cdn.test."))),
-            ),
-            Record::from_rdata(
-                name("pop.cdn.test."),
-                120,
-                RData::A(A(Ipv4Addr::new(192, 0, 2, 7))),
-            ),
-            Record::from_rdata(
-                name("pop.cdn.test."),
-                20,
-                RData::AAAA(AAAA(Ipv6Addr::LOCALHOST)),
-            ),
+            Record::from_rdata(name("WWW.example.test."), 300, RData::CNAME(CNAME(name("edge.cdn.test.")))),
+            Record::from_rdata(name("edge.cdn.test."), 60, RData::CNAME(CNAME(name("pop.cdn.test.")))),
+            Record::from_rdata(name("pop.cdn.test."), 120, RData::A(A(Ipv4Addr::new(192, 0, 2, 7)))),
+            Record::from_rdata(name("pop.cdn.test."), 20, RData::AAAA(AAAA(Ipv6Addr::LOCALHOST))),
             // Not on the chain: must not be attributed.
-            Record::from_rdata(
-                name("other.test."),
-                120,
-                RData::A(A(Ipv4Addr::new(192, 0, 2, 99))),
-            ),
+            Record::from_rdata(name("other.test."), 120, RData::A(A(Ipv4Addr::new(192, 0, 2, 99)))),
         ]);
         let addresses = answer_addresses(&reply, &name("www.example.test."));
         assert_eq!(
             addresses,
             vec![
-                (
-                    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
-                    Duration::from_secs(60)
-                ),
+                (IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), Duration::from_mins(1)),
                 (IpAddr::V6(Ipv6Addr::LOCALHOST), Duration::from_secs(20)),
             ]
         );
@@ -342,16 +290,8 @@ mod tests {
     #[test]
     fn cname_loop_terminates() {
         let reply = reply_with(vec![
-            Record::from_rdata(
-                name("www.example.test."),
-                300,
-                RData::CNAME(CNAME(name("b.test."))),
-            ),
-            Record::from_rdata(
-                name("b.test."),
-                300,
-                RData::CNAME(CNAME(name("www.example.test."))),
-            ),
+            Record::from_rdata(name("www.example.test."), 300, RData::CNAME(CNAME(name("b.test.")))),
+            Record::from_rdata(name("b.test."), 300, RData::CNAME(CNAME(name("www.example.test.")))),
         ]);
         assert!(answer_addresses(&reply, &name("www.example.test.")).is_empty());
     }
@@ -368,11 +308,8 @@ mod tests {
     #[test]
     fn expected_reply_checks_id_and_question() {
         let mut query = Message::new();
-        query
-            .set_id(7)
-            .add_query(Query::query(name("www.example.test."), RecordType::A));
-        let expected =
-            ExpectedReply::from_query(&query.to_vec().expect("encodes")).expect("parses");
+        query.set_id(7).add_query(Query::query(name("www.example.test."), RecordType::A));
+        let expected = ExpectedReply::from_query(&query.to_vec().expect("encodes")).expect("parses");
 
         let mut reply = query.clone();
         reply.set_message_type(MessageType::Response);
@@ -403,9 +340,6 @@ mod tests {
         let mut bytes = query.to_vec().expect("encodes");
         assert!(parse_exact(&bytes).is_ok());
         bytes.extend_from_slice(b"smuggled");
-        assert_eq!(
-            parse_exact(&bytes).err(),
-            Some("trailing bytes after the message")
-        );
+        assert_eq!(parse_exact(&bytes).err(), Some("trailing bytes after the message"));
     }
 }

@@ -10,9 +10,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use ipnet::IpNet;
 
 use super::error::{Location, PolicyError, RuleRef};
-use super::model::{
-    Action, HostPatternKind, IpPattern, PortRange, Profile, DEFAULT_DENY, MAX_NAME_LEN,
-};
+use super::model::{Action, HostPatternKind, IpPattern, PortRange, Profile, DEFAULT_DENY, MAX_NAME_LEN};
 
 /// One connection attempt as the proxy sees it.
 #[derive(Debug, Clone, Copy)]
@@ -46,11 +44,7 @@ impl Decision {
     }
 
     fn default_deny(reason: String) -> Self {
-        Self {
-            verdict: Verdict::Deny,
-            rule: Arc::from(DEFAULT_DENY),
-            reason: Arc::from(reason),
-        }
+        Self { verdict: Verdict::Deny, rule: Arc::from(DEFAULT_DENY), reason: Arc::from(reason) }
     }
 }
 
@@ -88,8 +82,7 @@ struct CompiledRule {
 impl CompiledRule {
     /// The non-host conditions; the host condition is decided by [`HostIndex`].
     fn matches_addr(&self, ip: IpAddr, port: u16) -> bool {
-        self.ips.as_ref().is_none_or(|set| set.contains(ip))
-            && self.ports.as_ref().is_none_or(|set| set.contains(port))
+        self.ips.as_ref().is_none_or(|set| set.contains(ip)) && self.ports.as_ref().is_none_or(|set| set.contains(port))
     }
 
     fn decision(&self) -> Decision {
@@ -117,9 +110,7 @@ impl Policy {
         origin: &str,
         locate_rule: &dyn Fn(usize) -> Option<Location>,
     ) -> Result<Policy, PolicyError> {
-        profile
-            .check()
-            .map_err(|problem| PolicyError::from_problem(origin, locate_rule, problem))?;
+        profile.check().map_err(|problem| PolicyError::from_problem(origin, locate_rule, problem))?;
 
         let mut rules = Vec::with_capacity(profile.rules.len());
         let mut hosts = HostIndexBuilder::new();
@@ -136,17 +127,12 @@ impl Policy {
                 None => hosts.unconditional.push(index),
                 Some(patterns) => {
                     for pattern in patterns {
-                        hosts
-                            .add(pattern.kind(), index)
-                            .map_err(|message| PolicyError::Rule {
-                                origin: origin.to_owned(),
-                                location: locate_rule(index),
-                                rule: RuleRef {
-                                    index: index + 1,
-                                    name: name.clone(),
-                                },
-                                message,
-                            })?;
+                        hosts.add(pattern.kind(), index).map_err(|message| PolicyError::Rule {
+                            origin: origin.to_owned(),
+                            location: locate_rule(index),
+                            rule: RuleRef { index: index + 1, name: name.clone() },
+                            message,
+                        })?;
                     }
                 }
             }
@@ -161,17 +147,8 @@ impl Policy {
                     .map(|ports| RangeSet::new(ports.iter().map(|p: &PortRange| (p.lo(), p.hi())))),
             });
         }
-        let hosts = hosts.build().map_err(|message| PolicyError::Compile {
-            profile: profile.name.clone(),
-            message,
-        })?;
-        Ok(Policy {
-            inner: Arc::new(Compiled {
-                name: profile.name.clone(),
-                rules,
-                hosts,
-            }),
-        })
+        let hosts = hosts.build().map_err(|message| PolicyError::Compile { profile: profile.name.clone(), message })?;
+        Ok(Policy { inner: Arc::new(Compiled { name: profile.name.clone(), rules, hosts }) })
     }
 
     pub fn name(&self) -> &str {
@@ -186,9 +163,7 @@ impl Policy {
             Some(QueryHost::Invalid(raw)) => {
                 // Fail closed: a name no DNS name could be must not slip past a
                 // deny rule whose host condition it was crafted to dodge.
-                return Decision::default_deny(format!(
-                    "host name {raw:?} is not a valid DNS name"
-                ));
+                return Decision::default_deny(format!("host name {raw:?} is not a valid DNS name"));
             }
             Some(QueryHost::Name(name)) => Some(name),
             Some(QueryHost::IpLiteral) | None => None,
@@ -213,11 +188,7 @@ impl Policy {
             Some(index) => inner.rules[index].decision(),
             None => Decision::default_deny(format!(
                 "no rule allows {}",
-                Destination {
-                    host: host.as_deref(),
-                    ip,
-                    port: q.port
-                }
+                Destination { host: host.as_deref(), ip, port: q.port }
             )),
         }
     }
@@ -283,10 +254,7 @@ enum QueryHost<'a> {
 }
 
 fn classify_host(raw: &str) -> QueryHost<'_> {
-    let unbracketed = raw
-        .strip_prefix('[')
-        .and_then(|s| s.strip_suffix(']'))
-        .unwrap_or(raw);
+    let unbracketed = raw.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(raw);
     if unbracketed.parse::<IpAddr>().is_ok() {
         return QueryHost::IpLiteral;
     }
@@ -296,9 +264,7 @@ fn classify_host(raw: &str) -> QueryHost<'_> {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     if valid {
         QueryHost::Name(name.to_ascii_lowercase())
@@ -352,16 +318,10 @@ impl HostIndexBuilder {
         match kind {
             HostPatternKind::Any => self.any.push(rule),
             HostPatternKind::Exact(name) => {
-                self.exact
-                    .entry(name.as_str().into())
-                    .or_default()
-                    .push(rule);
+                self.exact.entry(name.as_str().into()).or_default().push(rule);
             }
             HostPatternKind::Subdomains(suffix) => {
-                self.subdomains
-                    .entry(suffix.as_str().into())
-                    .or_default()
-                    .push(rule);
+                self.subdomains.entry(suffix.as_str().into()).or_default().push(rule);
             }
             HostPatternKind::Glob(pattern) => {
                 let glob = GlobBuilder::new(&glob_form(pattern))
@@ -377,10 +337,7 @@ impl HostIndexBuilder {
     }
 
     fn build(self) -> Result<HostIndex, String> {
-        let globs = self
-            .globs
-            .build()
-            .map_err(|err| format!("cannot build host pattern set: {err}"))?;
+        let globs = self.globs.build().map_err(|err| format!("cannot build host pattern set: {err}"))?;
         Ok(HostIndex {
             exact: self.exact,
             subdomains: self.subdomains,
@@ -472,10 +429,7 @@ impl IpSet {
                 IpNet::V6(net) => v6.push((u128::from(net.network()), u128::from(net.broadcast()))),
             }
         }
-        Self {
-            v4: RangeSet::new(v4),
-            v6: RangeSet::new(v6),
-        }
+        Self { v4: RangeSet::new(v4), v6: RangeSet::new(v6) }
     }
 
     /// `ip` must already be canonical (mapped IPv6 turned into IPv4).

@@ -18,10 +18,7 @@ impl Location {
     pub(crate) fn of_offset(text: &str, offset: usize) -> Self {
         let before = text.get(..offset).unwrap_or(text);
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        Self {
-            line: before.matches('\n').count() + 1,
-            column: before[line_start..].chars().count() + 1,
-        }
+        Self { line: before.matches('\n').count() + 1, column: before[line_start..].chars().count() + 1 }
     }
 }
 
@@ -44,22 +41,12 @@ pub enum PolicyError {
     /// The text is not valid TOML, or a value has the wrong type or shape
     /// (bad CIDR, host pattern, port, action, unknown field).
     #[error("{origin}{}: {}{message}", At(*location), In(rule.as_ref()))]
-    Parse {
-        origin: String,
-        location: Option<Location>,
-        rule: Option<RuleRef>,
-        message: String,
-    },
+    Parse { origin: String, location: Option<Location>, rule: Option<RuleRef>, message: String },
 
     /// A rule is well-formed on its own but not in this profile (duplicate or
     /// reserved name, empty condition list).
     #[error("{origin}{}: {}{message}", At(*location), In(Some(rule)))]
-    Rule {
-        origin: String,
-        location: Option<Location>,
-        rule: RuleRef,
-        message: String,
-    },
+    Rule { origin: String, location: Option<Location>, rule: RuleRef, message: String },
 
     /// A problem with the profile as a whole.
     #[error("{origin}: {message}")]
@@ -77,21 +64,13 @@ impl PolicyError {
         problem: ProfileProblem,
     ) -> Self {
         match problem {
-            ProfileProblem::EmptyProfileName => PolicyError::Profile {
-                origin: origin.to_owned(),
-                message: "profile name is empty".into(),
-            },
-            ProfileProblem::Rule {
-                index,
-                name,
-                problem,
-            } => PolicyError::Rule {
+            ProfileProblem::EmptyProfileName => {
+                PolicyError::Profile { origin: origin.to_owned(), message: "profile name is empty".into() }
+            }
+            ProfileProblem::Rule { index, name, problem } => PolicyError::Rule {
                 origin: origin.to_owned(),
                 location: locate_rule(index),
-                rule: RuleRef {
-                    index: index + 1,
-                    name,
-                },
+                rule: RuleRef { index: index + 1, name },
                 message: problem,
             },
         }
@@ -127,23 +106,11 @@ mod tests {
     #[test]
     fn location_counts_lines_and_characters() {
         let text = "a\nbé c\n";
-        assert_eq!(
-            Location::of_offset(text, 0),
-            Location { line: 1, column: 1 }
-        );
-        assert_eq!(
-            Location::of_offset(text, 2),
-            Location { line: 2, column: 1 }
-        );
+        assert_eq!(Location::of_offset(text, 0), Location { line: 1, column: 1 });
+        assert_eq!(Location::of_offset(text, 2), Location { line: 2, column: 1 });
         // 'é' is two bytes but one column.
-        assert_eq!(
-            Location::of_offset(text, 6),
-            Location { line: 2, column: 4 }
-        );
-        assert_eq!(
-            Location::of_offset(text, 999),
-            Location { line: 3, column: 1 }
-        );
+        assert_eq!(Location::of_offset(text, 6), Location { line: 2, column: 4 });
+        assert_eq!(Location::of_offset(text, 999), Location { line: 3, column: 1 });
     }
 
     #[test]
@@ -151,10 +118,7 @@ mod tests {
         let err = PolicyError::Parse {
             origin: "p.toml".into(),
             location: Some(Location { line: 3, column: 7 }),
-            rule: Some(RuleRef {
-                index: 2,
-                name: "web".into(),
-            }),
+            rule: Some(RuleRef { index: 2, name: "web".into() }),
             message: "bad".into(),
         };
         assert_eq!(err.to_string(), "p.toml:3:7: rule 2 (\"web\"): bad");

@@ -39,9 +39,7 @@ use serde::Deserialize;
 
 pub use compile::{ConnectQuery, Decision, Policy, Verdict};
 pub use error::{Location, PolicyError, RuleRef};
-pub use model::{
-    Action, HostPattern, HostPatternKind, IpPattern, PortRange, Profile, RuleSpec, DEFAULT_DENY,
-};
+pub use model::{Action, HostPattern, HostPatternKind, IpPattern, PortRange, Profile, RuleSpec, DEFAULT_DENY};
 
 /// Text of the built-in default profile (`sluice policy default` prints it).
 pub const BUILTIN_DEFAULT_TOML: &str = include_str!("default.toml");
@@ -59,22 +57,15 @@ pub fn parse_profile(text: &str, origin: &str) -> Result<Profile, PolicyError> {
         }
     })?;
     // Only read on the error path: rule positions are for messages.
-    let locate = |index: usize| {
-        RuleHeaders::read(text)
-            .rule
-            .get(index)
-            .map(|rule| Location::of_offset(text, rule.span().start))
-    };
+    let locate =
+        |index: usize| RuleHeaders::read(text).rule.get(index).map(|rule| Location::of_offset(text, rule.span().start));
     // Compiling is cheap and is the only way to be sure every check ran.
     Policy::compile_located(&profile, origin, &locate)?;
     Ok(profile)
 }
 
 pub fn load_profile(path: &Path) -> Result<Profile, PolicyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read { path: path.to_owned(), source })?;
     parse_profile(&text, &path.display().to_string())
 }
 
@@ -83,8 +74,7 @@ pub fn load_profile(path: &Path) -> Result<Profile, PolicyError> {
 pub fn builtin_default() -> Profile {
     // The file ships inside the binary and a test parses it, so failing here
     // is a build defect, not bad input.
-    parse_profile(BUILTIN_DEFAULT_TOML, "builtin default.toml")
-        .expect("the built-in default profile is valid")
+    parse_profile(BUILTIN_DEFAULT_TOML, "builtin default.toml").expect("the built-in default profile is valid")
 }
 
 /// Where each `[[rule]]` starts, read leniently so that an error found by
@@ -104,10 +94,7 @@ impl RuleHeaders {
     /// table's span is its header, so it runs until the next table header;
     /// an inline table's span is the whole table.
     fn rule_at(&self, text: &str, offset: usize) -> Option<RuleRef> {
-        let index = self
-            .rule
-            .iter()
-            .rposition(|rule| rule.span().start <= offset)?;
+        let index = self.rule.iter().rposition(|rule| rule.span().start <= offset)?;
         let span = self.rule[index].span();
         let body = text.get(span.clone())?;
         let inside = if offset < span.end {
@@ -115,11 +102,8 @@ impl RuleHeaders {
         } else if body.starts_with('{') {
             false
         } else {
-            text.get(span.end..offset).is_some_and(|between| {
-                !between
-                    .lines()
-                    .any(|line| line.trim_start().starts_with('['))
-            })
+            text.get(span.end..offset)
+                .is_some_and(|between| !between.lines().any(|line| line.trim_start().starts_with('[')))
         };
         if !inside {
             return None;
@@ -128,10 +112,7 @@ impl RuleHeaders {
             Some(toml::Value::String(name)) => name.clone(),
             _ => model::default_rule_name(index),
         };
-        Some(RuleRef {
-            index: index + 1,
-            name,
-        })
+        Some(RuleRef { index: index + 1, name })
     }
 }
 
@@ -155,11 +136,7 @@ mod tests {
 
     /// `(verdict, rule)` for a connection, for compact assertions.
     fn eval(p: &Policy, host: Option<&str>, addr: &str, port: u16) -> (Verdict, String) {
-        let d = p.evaluate(&ConnectQuery {
-            host,
-            ip: ip(addr),
-            port,
-        });
+        let d = p.evaluate(&ConnectQuery { host, ip: ip(addr), port });
         (d.verdict, d.rule.to_string())
     }
 
@@ -204,27 +181,16 @@ ports = [80, 443, "8000-8100"]
         assert_eq!(profile.rules[0].action, Action::Deny);
         assert_eq!(profile.rules[0].reason.as_deref(), Some("private"));
         assert_eq!(profile.rules[1].effective_name(1), "rule-2");
-        assert_eq!(
-            profile.rules[1].ports.as_ref().unwrap()[2],
-            PortRange::new(8000, 8100).unwrap()
-        );
+        assert_eq!(profile.rules[1].ports.as_ref().unwrap()[2], PortRange::new(8000, 8100).unwrap());
         assert_eq!(profile.rules[1].hosts.as_ref().unwrap().len(), 3);
     }
 
     #[test]
     fn unknown_field_reports_line_column_and_rule() {
-        let err = parse_err(
-            "name = \"p\"\n\n[[rule]]\nname = \"web\"\naction = \"allow\"\n  hostz = [\"a\"]\n",
-        );
-        assert!(
-            err.starts_with("bad.toml:6:3: rule 1 (\"web\"): unknown field `hostz`"),
-            "{err}"
-        );
+        let err = parse_err("name = \"p\"\n\n[[rule]]\nname = \"web\"\naction = \"allow\"\n  hostz = [\"a\"]\n");
+        assert!(err.starts_with("bad.toml:6:3: rule 1 (\"web\"): unknown field `hostz`"), "{err}");
         let top = parse_err("name = \"p\"\ncolour = 1\n");
-        assert!(
-            top.starts_with("bad.toml:2:1: unknown field `colour`"),
-            "{top}"
-        );
+        assert!(top.starts_with("bad.toml:2:1: unknown field `colour`"), "{top}");
     }
 
     #[test]
@@ -237,84 +203,43 @@ ports = [80, 443, "8000-8100"]
     fn bad_values_name_the_rule() {
         let base = "name = \"p\"\n[[rule]]\naction = \"allow\"\n[[rule]]\nname = \"second\"\n";
         let cases = [
-            (
-                "action = \"deny\"\nips = [\"10.0.0.0/33\"]\n",
-                "bad.toml:7:8: rule 2 (\"second\"): ",
-                "10.0.0.0/33",
-            ),
-            (
-                "action = \"deny\"\nhosts = [\"bad host\"]\n",
-                "bad.toml:7:10: rule 2 (\"second\"): ",
-                "whitespace",
-            ),
-            (
-                "action = \"deny\"\nhosts = [\"\"]\n",
-                "bad.toml:7:10: rule 2 (\"second\"): ",
-                "empty",
-            ),
-            (
-                "action = \"deny\"\nhosts = [\"a/b\"]\n",
-                "rule 2 (\"second\"): ",
-                "'/'",
-            ),
-            (
-                "action = \"deny\"\nports = [443, 0]\n",
-                "bad.toml:7:15: rule 2 (\"second\"): ",
-                "port 0",
-            ),
-            (
-                "action = \"deny\"\nports = [\"9-8\"]\n",
-                "bad.toml:7:10: rule 2 (\"second\"): ",
-                "reversed",
-            ),
-            (
-                "action = \"deny\"\nports = [70000]\n",
-                "rule 2 (\"second\"): ",
-                "out of range",
-            ),
-            (
-                "action = \"permit\"\n",
-                "bad.toml:6:10: rule 2 (\"second\"): ",
-                "unknown variant `permit`",
-            ),
-            (
-                "ports = [1]\n",
-                "bad.toml:4:1: rule 2 (\"second\"): ",
-                "missing field `action`",
-            ),
+            ("action = \"deny\"\nips = [\"10.0.0.0/33\"]\n", "bad.toml:7:8: rule 2 (\"second\"): ", "10.0.0.0/33"),
+            ("action = \"deny\"\nhosts = [\"bad host\"]\n", "bad.toml:7:10: rule 2 (\"second\"): ", "whitespace"),
+            ("action = \"deny\"\nhosts = [\"\"]\n", "bad.toml:7:10: rule 2 (\"second\"): ", "empty"),
+            ("action = \"deny\"\nhosts = [\"a/b\"]\n", "rule 2 (\"second\"): ", "'/'"),
+            ("action = \"deny\"\nports = [443, 0]\n", "bad.toml:7:15: rule 2 (\"second\"): ", "port 0"),
+            ("action = \"deny\"\nports = [\"9-8\"]\n", "bad.toml:7:10: rule 2 (\"second\"): ", "reversed"),
+            ("action = \"deny\"\nports = [70000]\n", "rule 2 (\"second\"): ", "out of range"),
+            ("action = \"permit\"\n", "bad.toml:6:10: rule 2 (\"second\"): ", "unknown variant `permit`"),
+            ("ports = [1]\n", "bad.toml:4:1: rule 2 (\"second\"): ", "missing field `action`"),
         ];
         for (tail, prefix, needle) in cases {
             let err = parse_err(&format!("{base}{tail}"));
-            assert!(
-                err.contains(prefix) && err.contains(needle),
-                "{tail:?} gave {err}"
-            );
+            assert!(err.contains(prefix) && err.contains(needle), "{tail:?} gave {err}");
         }
     }
 
     #[test]
     fn inline_rule_tables_are_located_too() {
-        let err = parse_err(
-            "name = \"p\"\nrule = [{ action = \"allow\" }, { name = \"x\", action = \"nope\" }]\n",
-        );
+        let err = parse_err("name = \"p\"\nrule = [{ action = \"allow\" }, { name = \"x\", action = \"nope\" }]\n");
         assert!(err.starts_with("bad.toml:2:"), "{err}");
         assert!(err.contains("rule 2 (\"x\")"), "{err}");
     }
 
     #[test]
     fn cross_rule_problems_name_rule_and_its_line() {
-        let err = parse_err("name = \"p\"\n[[rule]]\nname = \"a\"\naction = \"allow\"\n\n[[rule]]\nname = \"a\"\naction = \"deny\"\n");
+        let err = parse_err(
+            "name = \"p\"\n[[rule]]\nname = \"a\"\naction = \"allow\"\n\n[[rule]]\nname = \"a\"\naction = \"deny\"\n",
+        );
         assert!(err.starts_with("bad.toml:6:1: rule 2 (\"a\"): "), "{err}");
         assert!(err.contains("already used by rule 1"), "{err}");
-        let reserved =
-            parse_err("name = \"p\"\n[[rule]]\nname = \"default-deny\"\naction = \"deny\"\n");
+        let reserved = parse_err("name = \"p\"\n[[rule]]\nname = \"default-deny\"\naction = \"deny\"\n");
         assert!(reserved.contains("rule 1 (\"default-deny\")"), "{reserved}");
     }
 
     #[test]
     fn compile_rejects_invalid_profiles_built_in_code() {
-        let mut profile =
-            parse_profile("name = \"p\"\n[[rule]]\naction = \"allow\"\n", "p").unwrap();
+        let mut profile = parse_profile("name = \"p\"\n[[rule]]\naction = \"allow\"\n", "p").unwrap();
         profile.rules.push(profile.rules[0].clone());
         profile.rules[1].name = Some("rule-1".into());
         let err = Policy::compile(&profile).unwrap_err().to_string();
@@ -330,16 +255,9 @@ ports = [80, 443, "8000-8100"]
         let dir = std::env::temp_dir().join(format!("sluice-policy-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("web.toml");
-        std::fs::write(
-            &path,
-            "name = \"web\"\n[[rule]]\naction = \"allow\"\nports = [1]\nportz = 2\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "name = \"web\"\n[[rule]]\naction = \"allow\"\nports = [1]\nportz = 2\n").unwrap();
         let err = load_profile(&path).unwrap_err().to_string();
-        assert!(
-            err.starts_with(&format!("{}:5:1: rule 1 (\"rule-1\")", path.display())),
-            "{err}"
-        );
+        assert!(err.starts_with(&format!("{}:5:1: rule 1 (\"rule-1\")", path.display())), "{err}");
         std::fs::write(&path, "name = \"web\"\n").unwrap();
         assert_eq!(load_profile(&path).unwrap().name, "web");
         let missing = load_profile(&dir.join("missing.toml")).unwrap_err();
@@ -353,19 +271,11 @@ ports = [80, 443, "8000-8100"]
     fn deny_by_default() {
         let p = policy("name = \"empty\"\n");
         assert_eq!(p.name(), "empty");
-        let d = p.evaluate(&ConnectQuery {
-            host: Some("Example.org."),
-            ip: ip("198.18.0.1"),
-            port: 22,
-        });
+        let d = p.evaluate(&ConnectQuery { host: Some("Example.org."), ip: ip("198.18.0.1"), port: 22 });
         assert_eq!(d.verdict, Verdict::Deny);
         assert_eq!(&*d.rule, "default-deny");
         assert_eq!(&*d.reason, "no rule allows example.org:22");
-        let d = p.evaluate(&ConnectQuery {
-            host: None,
-            ip: ip("2001:db8::1"),
-            port: 22,
-        });
+        let d = p.evaluate(&ConnectQuery { host: None, ip: ip("2001:db8::1"), port: 22 });
         assert_eq!(&*d.reason, "no rule allows [2001:db8::1]:22");
     }
 
@@ -373,21 +283,11 @@ ports = [80, 443, "8000-8100"]
     fn forbid_wins_regardless_of_order() {
         let deny_rule = "[[rule]]\nname = \"no-ten\"\naction = \"deny\"\nips = [\"10.0.0.0/8\"]\nreason = \"nope\"\n";
         let allow_rule = "[[rule]]\nname = \"all\"\naction = \"allow\"\n";
-        for text in [
-            format!("name = \"p\"\n{deny_rule}{allow_rule}"),
-            format!("name = \"p\"\n{allow_rule}{deny_rule}"),
-        ] {
+        for text in [format!("name = \"p\"\n{deny_rule}{allow_rule}"), format!("name = \"p\"\n{allow_rule}{deny_rule}")]
+        {
             let p = policy(&text);
             assert_eq!(eval(&p, Some("a.com"), "10.9.9.9", 443), deny("no-ten"));
-            assert_eq!(
-                &*p.evaluate(&ConnectQuery {
-                    host: None,
-                    ip: ip("10.0.0.1"),
-                    port: 1
-                })
-                .reason,
-                "nope"
-            );
+            assert_eq!(&*p.evaluate(&ConnectQuery { host: None, ip: ip("10.0.0.1"), port: 1 }).reason, "nope");
             assert_eq!(eval(&p, Some("a.com"), "11.0.0.1", 443), allow("all"));
         }
     }
@@ -417,13 +317,7 @@ ports = ["20-30"]
         assert_eq!(eval(&p, None, "1.1.1.1", 80), allow("a2"));
         assert_eq!(eval(&p, None, "1.1.1.1", 25), deny("d1"));
         assert_eq!(eval(&p, None, "1.1.1.1", 22), deny("d2"));
-        let reason = p
-            .evaluate(&ConnectQuery {
-                host: None,
-                ip: ip("1.1.1.1"),
-                port: 443,
-            })
-            .reason;
+        let reason = p.evaluate(&ConnectQuery { host: None, ip: ip("1.1.1.1"), port: 443 }).reason;
         assert_eq!(&*reason, "allowed by rule a1");
     }
 
@@ -433,18 +327,9 @@ ports = ["20-30"]
             "name = \"p\"\n[[rule]]\nname = \"r\"\naction = \"allow\"\nhosts = [\"a.com\"]\nips = [\"1.0.0.0/8\"]\nports = [443]\n",
         );
         assert_eq!(eval(&p, Some("a.com"), "1.2.3.4", 443), allow("r"));
-        assert_eq!(
-            eval(&p, Some("b.com"), "1.2.3.4", 443),
-            deny("default-deny")
-        );
-        assert_eq!(
-            eval(&p, Some("a.com"), "2.2.3.4", 443),
-            deny("default-deny")
-        );
-        assert_eq!(
-            eval(&p, Some("a.com"), "1.2.3.4", 444),
-            deny("default-deny")
-        );
+        assert_eq!(eval(&p, Some("b.com"), "1.2.3.4", 443), deny("default-deny"));
+        assert_eq!(eval(&p, Some("a.com"), "2.2.3.4", 443), deny("default-deny"));
+        assert_eq!(eval(&p, Some("a.com"), "1.2.3.4", 444), deny("default-deny"));
     }
 
     #[test]
@@ -475,35 +360,21 @@ hosts = ["api-*.svc.test"]
         assert_eq!(host("agithub.com"), deny("default-deny"));
         assert_eq!(host("api-v1.svc.test"), allow("glob"));
         assert_eq!(host("api-.svc.test"), allow("glob"));
-        assert_eq!(
-            host("api-v1.x.svc.test"),
-            deny("default-deny"),
-            "* must not cross a dot"
-        );
+        assert_eq!(host("api-v1.x.svc.test"), deny("default-deny"), "* must not cross a dot");
         assert_eq!(host("x.api-v1.svc.test"), deny("default-deny"));
 
-        let any =
-            policy("name = \"p\"\n[[rule]]\nname = \"any\"\naction = \"allow\"\nhosts = [\"*\"]\n");
+        let any = policy("name = \"p\"\n[[rule]]\nname = \"any\"\naction = \"allow\"\nhosts = [\"*\"]\n");
         assert_eq!(eval(&any, Some("x"), "198.18.0.1", 1), allow("any"));
         assert_eq!(eval(&any, Some("a.b.c.d.e"), "198.18.0.1", 1), allow("any"));
     }
 
     #[test]
     fn host_case_and_trailing_dot_are_ignored() {
-        let p = policy("name = \"p\"\n[[rule]]\nname = \"r\"\naction = \"allow\"\nhosts = [\"Example.COM.\", \"*.Git.Test\"]\n");
-        for name in [
-            "example.com",
-            "EXAMPLE.com",
-            "example.com.",
-            "Example.Com.",
-            "A.git.test.",
-            "a.GIT.test",
-        ] {
-            assert_eq!(
-                eval(&p, Some(name), "198.18.0.1", 443),
-                allow("r"),
-                "{name}"
-            );
+        let p = policy(
+            "name = \"p\"\n[[rule]]\nname = \"r\"\naction = \"allow\"\nhosts = [\"Example.COM.\", \"*.Git.Test\"]\n",
+        );
+        for name in ["example.com", "EXAMPLE.com", "example.com.", "Example.Com.", "A.git.test.", "a.GIT.test"] {
+            assert_eq!(eval(&p, Some(name), "198.18.0.1", 443), allow("r"), "{name}");
         }
     }
 
@@ -516,14 +387,8 @@ hosts = ["api-*.svc.test"]
         assert_eq!(eval(&p, None, "198.18.0.1", 443), deny("default-deny"));
         assert_eq!(eval(&p, None, "198.18.0.1", 22), deny("default-deny"));
         // An IP literal is an address, not a name.
-        assert_eq!(
-            eval(&p, Some("198.18.0.1"), "198.18.0.1", 443),
-            deny("default-deny")
-        );
-        assert_eq!(
-            eval(&p, Some("[2001:db8::1]"), "2001:db8::1", 443),
-            deny("default-deny")
-        );
+        assert_eq!(eval(&p, Some("198.18.0.1"), "198.18.0.1", 443), deny("default-deny"));
+        assert_eq!(eval(&p, Some("[2001:db8::1]"), "2001:db8::1", 443), deny("default-deny"));
         assert_eq!(eval(&p, Some("a.test"), "198.18.0.1", 443), allow("named"));
         assert_eq!(eval(&p, Some("a.test"), "198.18.0.1", 22), deny("no-evil"));
     }
@@ -531,30 +396,11 @@ hosts = ["api-*.svc.test"]
     #[test]
     fn invalid_host_names_are_denied() {
         let p = policy("name = \"p\"\n[[rule]]\nname = \"all\"\naction = \"allow\"\n");
-        for name in [
-            "",
-            ".",
-            "a..b",
-            "a b",
-            "evil.test/x",
-            "é.test",
-            &"a".repeat(64),
-        ] {
-            let d = p.evaluate(&ConnectQuery {
-                host: Some(name),
-                ip: ip("198.18.0.1"),
-                port: 443,
-            });
-            assert_eq!(
-                (d.verdict, &*d.rule),
-                (Verdict::Deny, "default-deny"),
-                "{name:?}"
-            );
+        for name in ["", ".", "a..b", "a b", "evil.test/x", "é.test", &"a".repeat(64)] {
+            let d = p.evaluate(&ConnectQuery { host: Some(name), ip: ip("198.18.0.1"), port: 443 });
+            assert_eq!((d.verdict, &*d.rule), (Verdict::Deny, "default-deny"), "{name:?}");
         }
-        assert_eq!(
-            eval(&p, Some("under_score.test"), "198.18.0.1", 443),
-            allow("all")
-        );
+        assert_eq!(eval(&p, Some("under_score.test"), "198.18.0.1", 443), allow("all"));
     }
 
     #[test]
@@ -574,7 +420,9 @@ hosts = ["api-*.svc.test"]
 
     #[test]
     fn ipv6_networks() {
-        let p = policy("name = \"p\"\n[[rule]]\nname = \"ula\"\naction = \"allow\"\nips = [\"fd00::/8\", \"2001:db8::1\"]\n");
+        let p = policy(
+            "name = \"p\"\n[[rule]]\nname = \"ula\"\naction = \"allow\"\nips = [\"fd00::/8\", \"2001:db8::1\"]\n",
+        );
         assert_eq!(eval(&p, None, "fd12::1", 1), allow("ula"));
         assert_eq!(eval(&p, None, "2001:db8::1", 1), allow("ula"));
         assert_eq!(eval(&p, None, "2001:db8::2", 1), deny("default-deny"));
@@ -606,25 +454,13 @@ hosts = ["api-*.svc.test"]
     fn many_rules_are_indexed_by_host() {
         let mut text = String::from("name = \"big\"\n");
         for i in 0..2000 {
-            writeln!(
-                text,
-                "[[rule]]\nname = \"r{i}\"\naction = \"allow\"\nhosts = [\"h{i}.test\", \"*.s{i}.test\"]"
-            )
-            .unwrap();
+            writeln!(text, "[[rule]]\nname = \"r{i}\"\naction = \"allow\"\nhosts = [\"h{i}.test\", \"*.s{i}.test\"]")
+                .unwrap();
         }
         let p = policy(&text);
-        assert_eq!(
-            eval(&p, Some("h1234.test"), "198.18.0.1", 1),
-            allow("r1234")
-        );
-        assert_eq!(
-            eval(&p, Some("a.b.s1999.test"), "198.18.0.1", 1),
-            allow("r1999")
-        );
-        assert_eq!(
-            eval(&p, Some("s7.test"), "198.18.0.1", 1),
-            deny("default-deny")
-        );
+        assert_eq!(eval(&p, Some("h1234.test"), "198.18.0.1", 1), allow("r1234"));
+        assert_eq!(eval(&p, Some("a.b.s1999.test"), "198.18.0.1", 1), allow("r1999"));
+        assert_eq!(eval(&p, Some("s7.test"), "198.18.0.1", 1), deny("default-deny"));
         let clone = p.clone();
         assert_eq!(clone.name(), "big");
     }
@@ -661,30 +497,17 @@ ports = [443]
             let d = p.may_resolve(name);
             (d.verdict, d.rule.to_string())
         };
-        assert_eq!(
-            resolve("a.corp.test"),
-            allow("web"),
-            "deny with an IP condition does not block resolution"
-        );
+        assert_eq!(resolve("a.corp.test"), allow("web"), "deny with an IP condition does not block resolution");
         assert_eq!(resolve("x.tracker.test"), deny("block-tracker"));
-        assert_eq!(
-            resolve("a.ssh.test"),
-            allow("web"),
-            "nor does one with a port condition"
-        );
+        assert_eq!(resolve("a.ssh.test"), allow("web"), "nor does one with a port condition");
         assert_eq!(&*p.may_resolve("x.tracker.test").reason, "tracking");
         assert_eq!(resolve("X.Example.TEST."), allow("web"));
         assert_eq!(resolve("example.org"), deny("default-deny"));
-        assert_eq!(
-            &*p.may_resolve("example.org").reason,
-            "no rule allows connections to example.org"
-        );
+        assert_eq!(&*p.may_resolve("example.org").reason, "no rule allows connections to example.org");
         assert_eq!(resolve("bad name"), deny("default-deny"));
 
         // An allow rule without a host condition could match any name.
-        let open = policy(
-            "name = \"p\"\n[[rule]]\nname = \"ips\"\naction = \"allow\"\nips = [\"198.18.0.0/15\"]\n",
-        );
+        let open = policy("name = \"p\"\n[[rule]]\nname = \"ips\"\naction = \"allow\"\nips = [\"198.18.0.0/15\"]\n");
         assert_eq!(open.may_resolve("anything.test").verdict, Verdict::Allow);
 
         // A deny rule with no conditions denies every connection, so every name.
@@ -701,47 +524,17 @@ ports = [443]
         let profile = builtin_default();
         assert_eq!(profile.name, "default");
         let p = Policy::compile(&profile).unwrap();
-        assert_eq!(
-            eval(&p, None, "10.1.2.3", 443),
-            deny("deny-internal-networks")
-        );
-        assert_eq!(
-            eval(&p, Some("metadata.test"), "169.254.169.254", 80),
-            deny("deny-internal-networks")
-        );
-        assert_eq!(
-            eval(&p, None, "::ffff:127.0.0.1", 80),
-            deny("deny-internal-networks")
-        );
+        assert_eq!(eval(&p, None, "10.1.2.3", 443), deny("deny-internal-networks"));
+        assert_eq!(eval(&p, Some("metadata.test"), "169.254.169.254", 80), deny("deny-internal-networks"));
+        assert_eq!(eval(&p, None, "::ffff:127.0.0.1", 80), deny("deny-internal-networks"));
         assert_eq!(eval(&p, None, "::1", 443), deny("deny-internal-networks"));
-        assert_eq!(
-            eval(&p, None, "fd00::1", 443),
-            deny("deny-internal-networks")
-        );
-        assert_eq!(
-            eval(&p, None, "0.0.0.0", 80),
-            deny("deny-internal-networks")
-        );
+        assert_eq!(eval(&p, None, "fd00::1", 443), deny("deny-internal-networks"));
+        assert_eq!(eval(&p, None, "0.0.0.0", 80), deny("deny-internal-networks"));
         assert_eq!(eval(&p, None, "198.18.0.10", 443), allow("web"));
-        assert_eq!(
-            eval(&p, Some("example.org"), "198.18.0.10", 80),
-            allow("web")
-        );
-        assert_eq!(
-            eval(&p, Some("example.org"), "198.18.0.10", 22),
-            deny("default-deny")
-        );
-        assert_eq!(
-            eval(&p, Some("mail.example.org"), "198.18.0.10", 25),
-            deny("default-deny")
-        );
-        let reason = p
-            .evaluate(&ConnectQuery {
-                host: None,
-                ip: ip("169.254.169.254"),
-                port: 80,
-            })
-            .reason;
+        assert_eq!(eval(&p, Some("example.org"), "198.18.0.10", 80), allow("web"));
+        assert_eq!(eval(&p, Some("example.org"), "198.18.0.10", 22), deny("default-deny"));
+        assert_eq!(eval(&p, Some("mail.example.org"), "198.18.0.10", 25), deny("default-deny"));
+        let reason = p.evaluate(&ConnectQuery { host: None, ip: ip("169.254.169.254"), port: 80 }).reason;
         assert!(reason.contains("never reachable"), "{reason}");
         assert_eq!(p.may_resolve("example.org").verdict, Verdict::Allow);
     }
@@ -749,13 +542,7 @@ ports = [443]
     #[test]
     fn builtin_default_leaves_demo_and_documentation_ranges_alone() {
         let p = Policy::compile(&builtin_default()).unwrap();
-        for addr in [
-            "198.18.0.1",
-            "198.19.255.254",
-            "192.0.2.1",
-            "203.0.113.1",
-            "2001:db8::1",
-        ] {
+        for addr in ["198.18.0.1", "198.19.255.254", "192.0.2.1", "203.0.113.1", "2001:db8::1"] {
             assert_eq!(eval(&p, None, addr, 443), allow("web"), "{addr}");
         }
     }

@@ -82,11 +82,7 @@ impl fmt::Display for Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ProfileProblem {
     EmptyProfileName,
-    Rule {
-        index: usize,
-        name: String,
-        problem: String,
-    },
+    Rule { index: usize, name: String, problem: String },
 }
 
 impl Profile {
@@ -101,18 +97,12 @@ impl Profile {
         let mut seen = std::collections::HashMap::new();
         for (index, rule) in self.rules.iter().enumerate() {
             let name = rule.effective_name(index);
-            let fail = |problem: String| ProfileProblem::Rule {
-                index,
-                name: name.clone(),
-                problem,
-            };
+            let fail = |problem: String| ProfileProblem::Rule { index, name: name.clone(), problem };
             if name.trim().is_empty() {
                 return Err(fail("rule name is empty".into()));
             }
             if name == DEFAULT_DENY {
-                return Err(fail(format!(
-                    "`{DEFAULT_DENY}` is reserved for connections no rule allows"
-                )));
+                return Err(fail(format!("`{DEFAULT_DENY}` is reserved for connections no rule allows")));
             }
             if let Some(first) = seen.insert(name.clone(), index) {
                 return Err(fail(format!(
@@ -179,13 +169,10 @@ impl FromStr for HostPattern {
         let lower = raw.to_ascii_lowercase();
         let pattern = lower.strip_suffix('.').unwrap_or(&lower);
         if pattern == "*" {
-            return Ok(Self {
-                kind: HostPatternKind::Any,
-            });
+            return Ok(Self { kind: HostPatternKind::Any });
         }
-        if let Some(bad) = pattern
-            .chars()
-            .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '*' | '?')))
+        if let Some(bad) =
+            pattern.chars().find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '*' | '?')))
         {
             return Err(format!(
                 "host pattern {raw:?} contains {bad:?}; only letters, digits, '-', '_', '.' \
@@ -196,14 +183,10 @@ impl FromStr for HostPattern {
             return Err(format!("host pattern {raw:?} has an empty label"));
         }
         if pattern.contains("**") {
-            return Err(format!(
-                "host pattern {raw:?} uses '**'; write '*.{{domain}}' for subdomains at any depth"
-            ));
+            return Err(format!("host pattern {raw:?} uses '**'; write '*.{{domain}}' for subdomains at any depth"));
         }
         if pattern.len() > MAX_NAME_LEN {
-            return Err(format!(
-                "host pattern {raw:?} is longer than {MAX_NAME_LEN} characters"
-            ));
+            return Err(format!("host pattern {raw:?} is longer than {MAX_NAME_LEN} characters"));
         }
         let has_wildcard = |s: &str| s.contains(['*', '?']);
         let kind = match pattern.strip_prefix("*.") {
@@ -251,27 +234,18 @@ impl FromStr for IpPattern {
 
     fn from_str(raw: &str) -> Result<Self, String> {
         let net = if raw.contains('/') {
-            let net: IpNet = raw
-                .parse()
-                .map_err(|_| format!("{raw:?} is not an IP network in CIDR notation"))?;
+            let net: IpNet = raw.parse().map_err(|_| format!("{raw:?} is not an IP network in CIDR notation"))?;
             // A set host part is usually a typo for a different network; refusing
             // is safer than guessing which one was meant.
             if net.trunc() != net {
-                return Err(format!(
-                    "{raw:?} has host bits set; did you mean \"{}\"?",
-                    net.trunc()
-                ));
+                return Err(format!("{raw:?} has host bits set; did you mean \"{}\"?", net.trunc()));
             }
             net
         } else {
-            let addr: IpAddr = raw
-                .parse()
-                .map_err(|_| format!("{raw:?} is not an IP address or CIDR network"))?;
+            let addr: IpAddr = raw.parse().map_err(|_| format!("{raw:?} is not an IP address or CIDR network"))?;
             IpNet::from(addr)
         };
-        Ok(Self {
-            net: canonical_net(net),
-        })
+        Ok(Self { net: canonical_net(net) })
     }
 }
 
@@ -298,17 +272,13 @@ impl fmt::Display for IpPattern {
 
 impl From<Ipv4Net> for IpPattern {
     fn from(net: Ipv4Net) -> Self {
-        Self {
-            net: IpNet::V4(net.trunc()),
-        }
+        Self { net: IpNet::V4(net.trunc()) }
     }
 }
 
 impl From<Ipv6Net> for IpPattern {
     fn from(net: Ipv6Net) -> Self {
-        Self {
-            net: canonical_net(IpNet::V6(net.trunc())),
-        }
+        Self { net: canonical_net(IpNet::V6(net.trunc())) }
     }
 }
 
@@ -425,19 +395,13 @@ impl<T: FromStr<Err = String>> de::Visitor<'_> for FromStrVisitor<T> {
 
 impl<'de> Deserialize<'de> for HostPattern {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_str(FromStrVisitor(
-            std::marker::PhantomData,
-            "a host name pattern string",
-        ))
+        d.deserialize_str(FromStrVisitor(std::marker::PhantomData, "a host name pattern string"))
     }
 }
 
 impl<'de> Deserialize<'de> for IpPattern {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_str(FromStrVisitor(
-            std::marker::PhantomData,
-            "an IP address or CIDR string",
-        ))
+        d.deserialize_str(FromStrVisitor(std::marker::PhantomData, "an IP address or CIDR string"))
     }
 }
 
@@ -453,9 +417,7 @@ impl<'de> Deserialize<'de> for PortRange {
             }
 
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRange, E> {
-                port_number(v)
-                    .and_then(PortRange::single)
-                    .map_err(E::custom)
+                port_number(v).and_then(PortRange::single).map_err(E::custom)
             }
 
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortRange, E> {
@@ -480,41 +442,16 @@ mod tests {
         let kind = |s: &str| s.parse::<HostPattern>().unwrap().kind;
         assert_eq!(kind("*"), HostPatternKind::Any);
         assert_eq!(kind("*."), HostPatternKind::Any);
-        assert_eq!(
-            kind("Example.COM."),
-            HostPatternKind::Exact("example.com".into())
-        );
-        assert_eq!(
-            kind("*.Example.com"),
-            HostPatternKind::Subdomains("example.com".into())
-        );
-        assert_eq!(
-            kind("api-*.example.com"),
-            HostPatternKind::Glob("api-*.example.com".into())
-        );
-        assert_eq!(
-            kind("*.*.example.com"),
-            HostPatternKind::Glob("*.*.example.com".into())
-        );
+        assert_eq!(kind("Example.COM."), HostPatternKind::Exact("example.com".into()));
+        assert_eq!(kind("*.Example.com"), HostPatternKind::Subdomains("example.com".into()));
+        assert_eq!(kind("api-*.example.com"), HostPatternKind::Glob("api-*.example.com".into()));
+        assert_eq!(kind("*.*.example.com"), HostPatternKind::Glob("*.*.example.com".into()));
     }
 
     #[test]
     fn host_pattern_rejects_bad_shapes() {
-        for bad in [
-            "",
-            " ",
-            "exa mple.com",
-            "a..b",
-            ".a",
-            "**.a",
-            "a/b",
-            "[ab].c",
-            "é.com",
-        ] {
-            assert!(
-                bad.parse::<HostPattern>().is_err(),
-                "{bad:?} should be rejected"
-            );
+        for bad in ["", " ", "exa mple.com", "a..b", ".a", "**.a", "a/b", "[ab].c", "é.com"] {
+            assert!(bad.parse::<HostPattern>().is_err(), "{bad:?} should be rejected");
         }
     }
 
@@ -527,10 +464,7 @@ mod tests {
         assert_eq!(net("::1"), "::1/128");
         assert_eq!(net("::ffff:10.0.0.0/104"), "10.0.0.0/8");
         assert_eq!(net("::ffff:0:0/96"), "0.0.0.0/0");
-        assert!("10.0.0.1/8"
-            .parse::<IpPattern>()
-            .unwrap_err()
-            .contains("10.0.0.0/8"));
+        assert!("10.0.0.1/8".parse::<IpPattern>().unwrap_err().contains("10.0.0.0/8"));
         assert!("10.0.0.0/33".parse::<IpPattern>().is_err());
         assert!("example.com".parse::<IpPattern>().is_err());
     }
@@ -567,21 +501,12 @@ mod tests {
     #[test]
     fn check_rejects_duplicate_reserved_and_empty() {
         let parse = |text: &str| toml::from_str::<Profile>(text).unwrap().check();
-        let dup =
-            parse("name='p'\n[[rule]]\nname='rule-2'\naction='allow'\n[[rule]]\naction='deny'\n");
-        assert!(
-            matches!(&dup, Err(ProfileProblem::Rule { index: 1, name, .. }) if name == "rule-2"),
-            "{dup:?}"
-        );
+        let dup = parse("name='p'\n[[rule]]\nname='rule-2'\naction='allow'\n[[rule]]\naction='deny'\n");
+        assert!(matches!(&dup, Err(ProfileProblem::Rule { index: 1, name, .. }) if name == "rule-2"), "{dup:?}");
         let reserved = parse("name='p'\n[[rule]]\nname='default-deny'\naction='deny'\n");
-        assert!(matches!(
-            reserved,
-            Err(ProfileProblem::Rule { index: 0, .. })
-        ));
+        assert!(matches!(reserved, Err(ProfileProblem::Rule { index: 0, .. })));
         let empty = parse("name='p'\n[[rule]]\naction='allow'\nports=[]\n");
-        assert!(
-            matches!(empty, Err(ProfileProblem::Rule { problem, .. }) if problem.contains("ports"))
-        );
+        assert!(matches!(empty, Err(ProfileProblem::Rule { problem, .. }) if problem.contains("ports")));
         assert_eq!(parse("name=' '\n"), Err(ProfileProblem::EmptyProfileName));
         assert_eq!(parse("name='p'\n[[rule]]\naction='deny'\n"), Ok(()));
     }

@@ -1,4 +1,4 @@
-//! What a client sent first: a TLS ClientHello (and its SNI), an HTTP/1
+//! What a client sent first: a TLS `ClientHello` (and its SNI), an HTTP/1
 //! request (and its Host), or something else. Pure, so it can be unit
 //! tested and fuzzed on captured bytes.
 
@@ -7,7 +7,7 @@ use tls_parser::{
     TlsMessageHandshake,
 };
 
-/// Largest prefix sluice reads before deciding: a ClientHello record (16 KiB
+/// Largest prefix sluice reads before deciding: a `ClientHello` record (16 KiB
 /// plus header) or an HTTP/1 request head.
 pub const MAX_PREFIX: usize = 16 * 1024 + 5;
 
@@ -15,8 +15,12 @@ pub const MAX_PREFIX: usize = 16 * 1024 + 5;
 pub enum Classified {
     /// Not enough bytes yet to tell.
     NeedMore,
-    Tls { sni: Option<String> },
-    Http { host: Option<String> },
+    Tls {
+        sni: Option<String>,
+    },
+    Http {
+        host: Option<String>,
+    },
     /// Some other protocol, or a malformed TLS/HTTP start.
     Opaque,
     /// Looked like TLS or HTTP but is malformed; the reason says how.
@@ -109,9 +113,8 @@ fn classify_http(prefix: &[u8]) -> Classified {
                 return Classified::Malformed("more than one Host header");
             }
             // CONNECT names its target in the request line.
-            let host = host.or_else(|| {
-                (request.method == Some("CONNECT")).then(|| request.path.map(strip_port)).flatten()
-            });
+            let host =
+                host.or_else(|| (request.method == Some("CONNECT")).then(|| request.path.map(strip_port)).flatten());
             Classified::Http { host: host.filter(|h| !h.is_empty()) }
         }
         Err(httparse::Error::TooManyHeaders) => Classified::Malformed("more than 96 HTTP headers"),
@@ -135,7 +138,7 @@ fn strip_port(authority: &str) -> String {
 mod tests {
     use super::*;
 
-    /// A ClientHello for `files.demo.test` as `openssl s_client` sends it,
+    /// A `ClientHello` for `files.demo.test` as `openssl s_client` sends it,
     /// trimmed to the fields the parser needs.
     fn client_hello(sni: Option<&str>) -> Vec<u8> {
         let mut ext = Vec::new();
@@ -192,7 +195,10 @@ mod tests {
             classify(b"GET / HTTP/1.1\r\nHost: Docs.Demo.Test:8080\r\nAccept: */*\r\n\r\n"),
             Classified::Http { host: Some("docs.demo.test".into()) }
         );
-        assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: [fd00::1]:80\r\n\r\n"), Classified::Http { host: Some("fd00::1".into()) });
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\nHost: [fd00::1]:80\r\n\r\n"),
+            Classified::Http { host: Some("fd00::1".into()) }
+        );
         assert_eq!(classify(b"GET / HTTP/1.0\r\n\r\n"), Classified::Http { host: None });
         assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: a"), Classified::NeedMore);
         assert_eq!(classify(b"GE"), Classified::NeedMore);

@@ -45,19 +45,24 @@ pub struct ProxyContext {
     /// How long to wait for a client's first bytes before treating the
     /// protocol as server-speaks-first.
     pub first_bytes_timeout: Duration,
-    /// How long a client has to send a complete ClientHello or request head.
+    /// How long a client has to send a complete `ClientHello` or request head.
     pub prefix_timeout: Duration,
     pub connect_timeout: Duration,
 }
 
 impl ProxyContext {
-    pub fn new(datapath: Arc<Datapath>, registry: Arc<Registry>, log: Arc<DecisionLog>, own_addrs: Vec<SocketAddr>) -> Self {
+    pub fn new(
+        datapath: Arc<Datapath>,
+        registry: Arc<Registry>,
+        log: Arc<DecisionLog>,
+        own_addrs: Vec<SocketAddr>,
+    ) -> Self {
         Self {
             datapath,
             registry,
             log,
             own_addrs,
-            first_bytes_timeout: Duration::from_millis(1000),
+            first_bytes_timeout: Duration::from_secs(1),
             prefix_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
         }
@@ -103,16 +108,15 @@ async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr) {
 
     let Some(sandbox) = ctx.registry.by_cgroup(flow.sandbox_cgroup) else {
         decision.rule = "unknown-sandbox".into();
-        decision.reason = format!(
-            "cgroup {} is under an enforced parent but is not a registered sandbox",
-            flow.cgroup
-        );
+        decision.reason = format!("cgroup {} is under an enforced parent but is not a registered sandbox", flow.cgroup);
         ctx.log.record(decision);
         return;
     };
     decision.sandbox = Some(sandbox.name().to_owned());
 
-    if ctx.own_addrs.iter().any(|own| own.port() == destination.port() && (own.ip() == destination.ip() || destination.ip().is_unspecified())) {
+    if ctx.own_addrs.iter().any(|own| {
+        own.port() == destination.port() && (own.ip() == destination.ip() || destination.ip().is_unspecified())
+    }) {
         decision.rule = "sluice-itself".into();
         decision.reason = "a sandbox may not connect to sluice's own listeners".into();
         ctx.log.record(decision);
@@ -210,10 +214,16 @@ async fn read_prefix(ctx: &ProxyContext, client: &mut TcpStream, prefix: &mut Ve
 /// agree with the names the sandbox resolved for this address, if it resolved
 /// any through sluice: otherwise a client could present an allowed name while
 /// connecting to any address.
-fn name_connection(sandbox: &Sandbox, classified: &Classified, ip: IpAddr) -> Result<(Option<String>, HostSource), String> {
+fn name_connection(
+    sandbox: &Sandbox,
+    classified: &Classified,
+    ip: IpAddr,
+) -> Result<(Option<String>, HostSource), String> {
     let claimed = match classified {
         Classified::Tls { sni: Some(name) } => Some((name.clone(), HostSource::Sni)),
-        Classified::Http { host: Some(name) } if name.parse::<IpAddr>().is_err() => Some((name.clone(), HostSource::Http)),
+        Classified::Http { host: Some(name) } if name.parse::<IpAddr>().is_err() => {
+            Some((name.clone(), HostSource::Http))
+        }
         _ => None,
     };
     let resolved = sandbox.names.names_for(ip);

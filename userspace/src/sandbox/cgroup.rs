@@ -55,7 +55,11 @@ fn collect_pids(path: &Path, into: &mut Vec<u32>) {
 fn children(path: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(path)
         .map(|entries| {
-            entries.filter_map(Result::ok).filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect()
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
         })
         .unwrap_or_default()
 }

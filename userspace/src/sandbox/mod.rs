@@ -169,9 +169,7 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "invalid sandbox name {name:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"
-        ))
+        Err(format!("invalid sandbox name {name:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"))
     }
 }
 

@@ -10,14 +10,17 @@ use std::{
 
 /// Clients keep addresses longer than tiny TTLs say (connection pools,
 /// runtime caches), so an answer is remembered at least this long.
-const MIN_MEMORY: Duration = Duration::from_secs(300);
-const MAX_MEMORY: Duration = Duration::from_secs(24 * 3600);
+const MIN_MEMORY: Duration = Duration::from_mins(5);
+const MAX_MEMORY: Duration = Duration::from_hours(24);
 /// Bound on remembered addresses per sandbox; expired ones go first.
 const MAX_ADDRESSES: usize = 8192;
 
+/// Names an address was resolved from, each with when it is forgotten.
+type Names = Vec<(Arc<str>, Instant)>;
+
 #[derive(Default)]
 pub struct NameMemory {
-    by_ip: Mutex<HashMap<IpAddr, Vec<(Arc<str>, Instant)>>>,
+    by_ip: Mutex<HashMap<IpAddr, Names>>,
 }
 
 impl NameMemory {
@@ -35,10 +38,8 @@ impl NameMemory {
             });
             if by_ip.len() >= MAX_ADDRESSES {
                 // Still full of live entries: forget the one expiring first.
-                if let Some(oldest) = by_ip
-                    .iter()
-                    .min_by_key(|(_, names)| names.iter().map(|(_, until)| *until).max())
-                    .map(|(ip, _)| *ip)
+                if let Some(oldest) =
+                    by_ip.iter().min_by_key(|(_, names)| names.iter().map(|(_, until)| *until).max()).map(|(ip, _)| *ip)
                 {
                     by_ip.remove(&oldest);
                 }
@@ -75,7 +76,7 @@ mod tests {
         let ip: IpAddr = "198.18.0.10".parse().unwrap();
         let now = Instant::now();
         memory.remember_at("docs.demo.test", ip, Duration::from_secs(1), now);
-        memory.remember_at("cdn.demo.test", ip, Duration::from_secs(3600), now);
+        memory.remember_at("cdn.demo.test", ip, Duration::from_hours(1), now);
         let names: Vec<String> = memory.names_for_at(ip, now).iter().map(ToString::to_string).collect();
         assert_eq!(names, ["docs.demo.test", "cdn.demo.test"]);
         // A one-second TTL is still remembered for the minimum period...
@@ -92,7 +93,7 @@ mod tests {
         let memory = NameMemory::default();
         let now = Instant::now();
         for i in 0..(MAX_ADDRESSES as u32 + 10) {
-            memory.remember_at("many.test", IpAddr::from(i.to_be_bytes()), Duration::from_secs(60), now);
+            memory.remember_at("many.test", IpAddr::from(i.to_be_bytes()), Duration::from_mins(1), now);
         }
         assert!(memory.by_ip.lock().unwrap().len() <= MAX_ADDRESSES);
     }

@@ -1,5 +1,5 @@
 //! The seccomp filter `sluice run` puts on a sandboxed command: `socket(2)`
-//! only for Unix, IPv4, IPv6 and netlink; no io_uring (its socket operation
+//! only for Unix, IPv4, IPv6 and netlink; no `io_uring` (its socket operation
 //! would bypass the filter); no x32 or foreign-architecture syscalls.
 //!
 //! The kernel programs already refuse raw and non-TCP/UDP IP sockets; this
@@ -56,7 +56,7 @@ pub fn socket_filter() -> Vec<libc::sock_filter> {
 }
 
 /// Installs `filter` on the calling process. Async-signal-safe: meant for
-/// `pre_exec`. Root (CAP_SYS_ADMIN) needs no `no_new_privs`, so setuid
+/// `pre_exec`. Root (`CAP_SYS_ADMIN`) needs no `no_new_privs`, so setuid
 /// programs in the sandbox keep working; others get it set.
 pub fn install(filter: &[libc::sock_filter]) -> std::io::Result<()> {
     let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
