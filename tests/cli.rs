@@ -175,3 +175,24 @@ fn sandbox_ls_shows_sandboxes_and_their_kernel_counters() {
     assert_eq!(columns[5], "1", "refused datagrams: {row}");
     assert!(columns[7].ends_with("/listed"));
 }
+
+#[test]
+fn teardown_removes_every_pin_and_the_cgroups_sluice_made() {
+    if !privileged() {
+        return;
+    }
+    let mut daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("doomed", "name = \"closed\"\n");
+    let pins = std::path::Path::new("/sys/fs/bpf").join(&daemon.instance);
+    assert!(pins.join("links").read_dir().unwrap().count() >= 12, "programs are not pinned");
+    let refused = sluice().args(["teardown", "--instance", &daemon.instance]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2), "teardown must refuse while the daemon runs");
+    daemon.kill();
+    // Still enforced while no daemon runs: pins outlive the process.
+    assert!(pins.exists());
+    let output = sluice().args(["teardown", "--instance", &daemon.instance]).output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("pins of instance"));
+    assert!(!pins.exists(), "pins remain");
+    assert!(!sandbox.cgroup.exists() && !sandbox.cgroup.parent().unwrap().exists(), "cgroups remain");
+}

@@ -585,3 +585,96 @@ send("good", b"still-serving")
     assert!(reasons.iter().any(|r| r.contains("more than one Host")), "{reasons:?}");
     assert!(harness::block_on(daemon.client().health()).is_ok(), "daemon stopped serving");
 }
+
+#[test]
+fn packets_that_pass_no_socket_hook_are_dropped_on_egress() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("listener", "name = \"closed\"\n");
+    // A server inside the sandbox: its SYN-ACKs come from a socket no
+    // connect hook saw, and are not addressed to sluice.
+    let mut server = sandbox.command("python3");
+    server
+        .args(["-c", "import socket,time\ns=socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\nprint(s.getsockname()[1], flush=True)\ntime.sleep(30)"])
+        .stdout(std::process::Stdio::piped());
+    let mut server = server.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line).unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    let attempt =
+        std::net::TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(2));
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(attempt.is_err(), "a handshake completed with a server inside the sandbox");
+    let decisions = daemon.wait_decisions("an egress drop", |d| d.iter().any(|d| d.rule == "kernel-egress"));
+    let drop = decisions.iter().find(|d| d.rule == "kernel-egress").unwrap();
+    assert_eq!(drop.sandbox.as_deref(), Some("listener"));
+    let status = daemon.statuses().into_iter().find(|s| s.record.name == "listener").unwrap();
+    assert!(status.dropped_packets >= 1, "{status:?}");
+}
+
+#[test]
+fn the_tls_server_name_decides_and_a_name_contradicting_dns_is_refused() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new();
+    let server = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v4(2), 8443)));
+    let zone = HashMap::from([("tls.test".to_owned(), vec![net.v4(2)])]);
+    let dns = TestDns::start(net.udp_socket(SocketAddr::new(net.v4(2), 53)), zone);
+    let daemon = Daemon::start(Some(dns.addr));
+    let sandbox = daemon.sandbox(
+        "sni",
+        "name = \"sni\"\n[[rule]]\nname = \"tls-host\"\naction = \"allow\"\nhosts = [\"tls.test\", \"other.test\"]\nports = [8443]\n",
+    );
+    let script = format!(
+        r#"
+import socket, ssl, struct
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+def hello(name):
+    raw = socket.create_connection(("{ip}", 8443), timeout=10)
+    try:
+        ctx.wrap_socket(raw, server_hostname=name)
+        return "handshake"
+    except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError):
+        return "closed"
+    except ssl.SSLError:
+        return "relayed"      # the echo server sent our ClientHello back
+    except OSError as e:
+        return type(e).__name__
+print("allowed=" + hello("tls.test"))
+print("denied=" + hello("evil.test"))
+# Resolve tls.test through sluice over TCP, then claim another allowed name
+# for the same address.
+q = b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03tls\x04test\x00\x00\x01\x00\x01"
+t = socket.create_connection(("{ip}", 53), timeout=10)
+t.sendall(struct.pack(">H", len(q)) + q)
+n = struct.unpack(">H", t.recv(2))[0]; reply = b""
+while len(reply) < n: reply += t.recv(n - len(reply))
+print("tcp_dns_answers=" + str(struct.unpack(">H", reply[6:8])[0]))
+print("fronted=" + hello("other.test"))
+"#,
+        ip = net.v4(2)
+    );
+    let got = fields(&sandbox.python(&script));
+    assert_eq!(got["allowed"], "relayed", "{got:?}");
+    assert_eq!(got["denied"], "closed");
+    assert_eq!(got["tcp_dns_answers"], "1");
+    assert_eq!(got["fronted"], "closed", "a name contradicting DNS was relayed");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.accepted(), 1, "only the allowed server name may reach the host");
+    assert_eq!(server.seen()[0].received.first(), Some(&0x16), "the host did not get the ClientHello");
+    let decisions = daemon.wait_decisions("three TLS decisions", |d| {
+        d.iter().filter(|d| d.kind == Kind::Connect && d.protocol.as_deref() == Some("tls")).count() >= 3
+    });
+    let tls: Vec<_> =
+        decisions.iter().filter(|d| d.kind == Kind::Connect && d.protocol.as_deref() == Some("tls")).collect();
+    assert_eq!(
+        (tls[0].verdict, tls[0].host.as_deref(), tls[0].host_source),
+        (Verdict::Allow, Some("tls.test"), Some(HostSource::Sni))
+    );
+    assert_eq!((tls[1].verdict, tls[1].rule.as_str()), (Verdict::Deny, "default-deny"));
+    assert_eq!((tls[2].verdict, tls[2].rule.as_str()), (Verdict::Deny, "host-mismatch"));
+}
