@@ -10,6 +10,7 @@
 //! 5. relay or refuse, and log the decision either way.
 
 pub mod classify;
+mod relay;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -30,10 +31,6 @@ use crate::{
     sandbox::{Registry, Sandbox},
 };
 use classify::{classify, Classified, MAX_PREFIX};
-
-/// Relay buffer per direction: large enough that bulk transfers are not
-/// syscall-bound.
-const RELAY_BUFFER: usize = 64 * 1024;
 
 /// What the proxy needs from the daemon.
 pub struct ProxyContext {
@@ -272,5 +269,7 @@ async fn relay(mut client: TcpStream, mut upstream: TcpStream, prefix: &[u8]) {
     if !prefix.is_empty() && upstream.write_all(prefix).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER).await;
+    if let Err(error) = relay::relay(&mut client, &mut upstream).await {
+        tracing::debug!(%error, "relay ended with an error");
+    }
 }
