@@ -243,7 +243,7 @@ fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu.min(cpus - 1), &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
             return Err(std::io::Error::last_os_error()).context("pinning to a CPU");
         }
     }
