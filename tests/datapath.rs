@@ -37,9 +37,12 @@ fn sandboxed_connects_reach_their_original_destination_v4_v6_and_mapped() {
 import os, socket
 for label, family, addr in [("v4", socket.AF_INET, ("{v4}", 8080)),
                             ("v6", socket.AF_INET6, ("{v6}", 8080)),
+                            ("v6only", socket.AF_INET6, ("{v6}", 8080)),
                             ("mapped", socket.AF_INET6, ("::ffff:{v4}", 8080))]:
     s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(10)
+    if label == "v6only":
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     s.connect(addr)
     peer = s.getpeername()
     s.sendall(("hello-" + label).encode())
@@ -53,7 +56,7 @@ print("pid=" + str(os.getpid()))
         v6 = net.v6(2)
     ));
     let got = fields(&output);
-    for label in ["v4", "v6", "mapped"] {
+    for label in ["v4", "v6", "v6only", "mapped"] {
         assert_eq!(got[&format!("{label}_echo")], format!("hello-{label}"), "{label} bytes did not round-trip");
     }
     // getpeername shows the address the sandbox asked for, not sluice's.
@@ -61,16 +64,16 @@ print("pid=" + str(os.getpid()))
     assert_eq!(got["v6_peer"], format!("{}:8080", net.v6(2)));
     assert_eq!(got["mapped_peer"], format!("::ffff:{}:8080", net.v4(2)));
 
-    // The test host received exactly these three connections.
+    // The test host received exactly these four connections.
     let mut payloads: Vec<String> =
         server.seen().iter().map(|s| String::from_utf8_lossy(&s.received).into_owned()).collect();
     payloads.sort();
-    assert_eq!(payloads, ["hello-mapped", "hello-v4", "hello-v6"]);
+    assert_eq!(payloads, ["hello-mapped", "hello-v4", "hello-v6", "hello-v6only"]);
 
     // The proxy recovered destination, sandbox and pid for each.
     let pid: u32 = got["pid"].parse().unwrap();
-    let decisions = daemon.wait_decisions("three allowed connects", |d| {
-        d.iter().filter(|d| d.kind == Kind::Connect && d.verdict == Verdict::Allow).count() == 3
+    let decisions = daemon.wait_decisions("four allowed connects", |d| {
+        d.iter().filter(|d| d.kind == Kind::Connect && d.verdict == Verdict::Allow).count() == 4
     });
     let mut destinations: Vec<SocketAddr> = decisions
         .iter()
@@ -85,7 +88,7 @@ print("pid=" + str(os.getpid()))
     destinations.sort();
     let v4: SocketAddr = SocketAddr::new(net.v4(2), 8080);
     let v6: SocketAddr = SocketAddr::new(net.v6(2), 8080);
-    let mut expected = vec![v4, v4, v6];
+    let mut expected = vec![v4, v4, v6, v6];
     expected.sort();
     assert_eq!(destinations, expected);
 }
@@ -462,9 +465,21 @@ for family, ip in [("v4", "{v4}"), ("v6", "{v6}")]:
     s.sendall(b"by-name-" + family.encode()); print(family + "=" + s.recv(100).decode()); s.close()
 s = socket.create_connection(("{canary}", 8080), timeout=10)
 s.sendall(b"x"); print("canary=" + repr(s.recv(10)))
+# Unconnected UDP to IPv4 and IPv6 nameservers: answered, and the reply
+# appears to come from the server that was asked.
+q = b"\x43\x21\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07allowed\x04test\x00\x00\x01\x00\x01"
+for family, server in [("udp4", ("{v4_99}", 53)), ("udp6", ("{v6_99}", 53))]:
+    u = socket.socket(socket.AF_INET if family == "udp4" else socket.AF_INET6, socket.SOCK_DGRAM)
+    u.settimeout(5)
+    u.sendto(q, server)
+    reply, source = u.recvfrom(512)
+    print(family + "_from=" + source[0] + ":" + str(source[1]))
+    print(family + "_answers=" + str(int.from_bytes(reply[6:8], "big")))
 "#,
         v4 = net.v4(2),
         v6 = net.v6(2),
+        v4_99 = net.v4(99),
+        v6_99 = net.v6(0x99),
         canary = canary_ip
     );
     let mut command = sandbox.command("unshare");
@@ -482,6 +497,9 @@ s.sendall(b"x"); print("canary=" + repr(s.recv(10)))
     assert_eq!(got["v4"], "by-name-v4");
     assert_eq!(got["v6"], "by-name-v6");
     assert_eq!(got["canary"], "b''");
+    assert_eq!(got["udp4_from"], format!("{}:53", net.v4(99)));
+    assert_eq!(got["udp6_from"], format!("{}:53", net.v6(0x99)));
+    assert_eq!((got["udp4_answers"].as_str(), got["udp6_answers"].as_str()), ("1", "1"));
     assert!(dns.questions().iter().any(|q| q == "allowed.test"));
     assert!(!dns.questions().iter().any(|q| q == "denied.test"), "a denied name was forwarded upstream");
     assert_eq!(canary.accepted(), 0);

@@ -8,7 +8,7 @@
 //! - runtime state under `/run/<instance>` (control socket, sandboxes.json).
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -28,10 +28,12 @@ use crate::{
     sandbox::{self, cgroup, ProfileSource, Registry, Sandbox, SandboxRecord},
 };
 
-/// The address sandboxes in the host's network namespace reach sluice on.
-/// IPv6 sockets are sent to its IPv4-mapped form, so one set of listeners
-/// serves both families.
+/// The addresses sandboxes in the host's network namespace reach sluice on:
+/// IPv4 sockets go to 127.0.0.1, IPv6 sockets to ::1 (IPv6-only sockets
+/// cannot reach an IPv4 address), or to ::ffff:127.0.0.1 on hosts without
+/// IPv6 loopback.
 const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
+const LOOPBACK6: Ipv6Addr = Ipv6Addr::LOCALHOST;
 pub const DEFAULT_INSTANCE: &str = "sluice";
 pub const DEFAULT_PROXY_PORT: u16 = 15_001;
 pub const DEFAULT_DNS_PORT: u16 = 15_053;
@@ -106,7 +108,10 @@ pub struct Daemon {
     /// the state file must agree.
     registering: tokio::sync::Mutex<()>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    unknown_resolver: Mutex<Option<SandboxResolver>>,
+    unknown_resolvers: Mutex<Vec<SandboxResolver>>,
+    /// Loopback addresses the proxy and resolvers listen on.
+    listen_ips: Vec<IpAddr>,
+    bridge: Arc<dyn DnsPolicy>,
 }
 
 impl Daemon {
@@ -137,26 +142,30 @@ impl Daemon {
         let (proxy_port, dns_port) = adopted.as_ref().map_or((config.proxy_port, config.dns_port), |d| {
             (d.default_target().proxy_port, d.default_target().dns_port)
         });
-        let proxy_listener = TcpListener::bind(SocketAddr::new(LOOPBACK.into(), proxy_port))
-            .await
-            .with_context(|| format!("binding the proxy on {LOOPBACK}:{proxy_port} (is another daemon running?)"))?;
-        let proxy_addr = proxy_listener.local_addr()?;
-        let registry = Arc::new(Registry::default());
-        let bridge = Arc::new(DnsBridge { registry: registry.clone(), log: log.clone() });
-        let unknown_resolver = SandboxResolver::start(
-            SocketAddr::new(LOOPBACK.into(), dns_port),
-            0,
-            bridge.clone(),
-            upstream.clone(),
-            dns::Limits::default(),
-        )
+        let ipv6 = match &adopted {
+            Some(datapath) => datapath.default_target().ip6 == ip_to_words(LOOPBACK6.into()),
+            None => std::net::TcpListener::bind((LOOPBACK6, 0)).is_ok(),
+        };
+        let listen_ips: Vec<IpAddr> =
+            if ipv6 { vec![LOOPBACK.into(), LOOPBACK6.into()] } else { vec![LOOPBACK.into()] };
+        let proxy_listeners = bind_same_port(&listen_ips, proxy_port, |addr| async move {
+            let listener = TcpListener::bind(addr).await?;
+            let port = listener.local_addr()?.port();
+            Ok((listener, port))
+        })
         .await
-        .with_context(|| format!("binding the resolver on {LOOPBACK}:{dns_port}"))?;
+        .with_context(|| format!("binding the proxy on port {proxy_port} (is another daemon running?)"))?;
+        let proxy_addrs: Vec<SocketAddr> = proxy_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+        let registry = Arc::new(Registry::default());
+        let bridge: Arc<dyn DnsPolicy> = Arc::new(DnsBridge { registry: registry.clone(), log: log.clone() });
+        let unknown_resolvers = start_resolvers(&listen_ips, dns_port, 0, &bridge, &upstream)
+            .await
+            .with_context(|| format!("binding the resolver on port {dns_port}"))?;
         let target = Target {
-            ip6: ip_to_words(IpAddr::V6(LOOPBACK.to_ipv6_mapped())),
+            ip6: if ipv6 { ip_to_words(LOOPBACK6.into()) } else { ip_to_words(IpAddr::V6(LOOPBACK.to_ipv6_mapped())) },
             ip4: u32::from(LOOPBACK).to_be(),
-            proxy_port: proxy_addr.port(),
-            dns_port: unknown_resolver.local_addr().port(),
+            proxy_port: proxy_addrs[0].port(),
+            dns_port: unknown_resolvers[0].local_addr().port(),
         };
         let datapath = Arc::new(match adopted {
             Some(datapath) => datapath,
@@ -176,11 +185,16 @@ impl Daemon {
             target,
             registering: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
-            unknown_resolver: Mutex::new(Some(unknown_resolver)),
+            unknown_resolvers: Mutex::new(unknown_resolvers),
+            listen_ips,
+            bridge,
         });
 
-        let proxy_ctx = Arc::new(ProxyContext::new(datapath.clone(), registry.clone(), log.clone(), vec![proxy_addr]));
-        daemon.spawn(proxy::serve(proxy_listener, proxy_ctx));
+        let proxy_ctx =
+            Arc::new(ProxyContext::new(datapath.clone(), registry.clone(), log.clone(), proxy_addrs.clone()));
+        for listener in proxy_listeners {
+            daemon.spawn(proxy::serve(listener, proxy_ctx.clone()));
+        }
         if let Some(events) = datapath.take_events() {
             let (registry, log) = (registry.clone(), log.clone());
             daemon.spawn(forward_kernel_events(events, registry, log));
@@ -201,7 +215,7 @@ impl Daemon {
         tracing::info!(
             instance = %daemon.config.instance,
             origin = ?datapath.origin(),
-            proxy = %proxy_addr,
+            proxy = ?proxy_addrs,
             lsm = datapath.lsm_enabled(),
             "sluice is enforcing {}",
             daemon.config.cgroup_parent().display()
@@ -327,26 +341,20 @@ impl Daemon {
     async fn install(&self, mut record: SandboxRecord, policy: Policy) -> anyhow::Result<Arc<Sandbox>> {
         let slot = self.registry.reserve(&record.name, record.cgroup_id)?;
         record.slot = slot;
-        let bridge = Arc::new(DnsBridge { registry: self.registry.clone(), log: self.log.clone() });
-        let start = |port| {
-            SandboxResolver::start(
-                SocketAddr::new(LOOPBACK.into(), port),
-                record.cgroup_id,
-                bridge.clone(),
-                self.upstream.clone(),
-                dns::Limits::default(),
-            )
-        };
-        let resolver = match start(record.dns_port).await {
-            Ok(resolver) => resolver,
+        let resolvers =
+            start_resolvers(&self.listen_ips, record.dns_port, record.cgroup_id, &self.bridge, &self.upstream);
+        let resolvers = match resolvers.await {
+            Ok(resolvers) => resolvers,
             // The old port is taken: pick another and repoint the kernel.
-            Err(_) if record.dns_port != 0 => start(0).await?,
-            Err(error) => return Err(error.into()),
+            Err(_) if record.dns_port != 0 => {
+                start_resolvers(&self.listen_ips, 0, record.cgroup_id, &self.bridge, &self.upstream).await?
+            }
+            Err(error) => return Err(error),
         };
-        record.dns_port = resolver.local_addr().port();
+        record.dns_port = resolvers[0].local_addr().port();
         let entry = SandboxEntry { target: Target { dns_port: record.dns_port, ..self.target }, slot, _pad: 0 };
         let cgroup_id = record.cgroup_id;
-        let sandbox = Arc::new(Sandbox::new(record, policy, resolver));
+        let sandbox = Arc::new(Sandbox::new(record, policy, resolvers));
         self.registry.insert(sandbox.clone())?;
         if let Err(error) = self.datapath.enroll(cgroup_id, entry) {
             self.registry.remove(sandbox.name());
@@ -445,7 +453,7 @@ impl Daemon {
         for sandbox in self.registry.list() {
             sandbox.shut_down();
         }
-        if let Some(resolver) = self.unknown_resolver.lock().expect("lock poisoned").take() {
+        for resolver in self.unknown_resolvers.lock().expect("lock poisoned").drain(..) {
             resolver.stop();
         }
     }
@@ -473,6 +481,49 @@ pub fn teardown_instance(config: &DaemonConfig) -> anyhow::Result<usize> {
         let _ = cgroup::remove(&parent);
     }
     Ok(removed)
+}
+
+/// Binds one listener per address, all on the same port; with port 0 the
+/// first picks it, and a clash on another address starts over.
+async fn bind_same_port<T, F, Fut>(ips: &[IpAddr], port: u16, bind: F) -> anyhow::Result<Vec<T>>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(T, u16)>>,
+{
+    let mut attempts = 0;
+    'retry: loop {
+        attempts += 1;
+        let mut bound = Vec::with_capacity(ips.len());
+        let mut chosen = port;
+        for ip in ips {
+            match bind(SocketAddr::new(*ip, chosen)).await {
+                Ok((listener, actual)) => {
+                    chosen = actual;
+                    bound.push(listener);
+                }
+                Err(_) if port == 0 && !bound.is_empty() && attempts < 8 => continue 'retry,
+                Err(error) => return Err(error.context(format!("binding {ip}:{chosen}"))),
+            }
+        }
+        return Ok(bound);
+    }
+}
+
+/// A sandbox's resolver on every listening address, one port for all.
+async fn start_resolvers(
+    ips: &[IpAddr],
+    port: u16,
+    sandbox: u64,
+    policy: &Arc<dyn DnsPolicy>,
+    upstream: &Arc<Upstream>,
+) -> anyhow::Result<Vec<SandboxResolver>> {
+    bind_same_port(ips, port, |addr| async move {
+        let resolver =
+            SandboxResolver::start(addr, sandbox, policy.clone(), upstream.clone(), dns::Limits::default()).await?;
+        let port = resolver.local_addr().port();
+        Ok((resolver, port))
+    })
+    .await
 }
 
 fn compile(source: &ProfileSource) -> anyhow::Result<Policy> {

@@ -60,16 +60,16 @@ pub struct Sandbox {
     pub policy: ArcSwap<Policy>,
     /// Names this sandbox resolved through sluice, by address.
     pub names: NameMemory,
-    resolver: Mutex<Option<SandboxResolver>>,
+    resolvers: Mutex<Vec<SandboxResolver>>,
 }
 
 impl Sandbox {
-    pub fn new(record: SandboxRecord, policy: Policy, resolver: SandboxResolver) -> Self {
+    pub fn new(record: SandboxRecord, policy: Policy, resolvers: Vec<SandboxResolver>) -> Self {
         Self {
             record,
             policy: ArcSwap::from_pointee(policy),
             names: NameMemory::default(),
-            resolver: Mutex::new(Some(resolver)),
+            resolvers: Mutex::new(resolvers),
         }
     }
 
@@ -77,9 +77,9 @@ impl Sandbox {
         &self.record.name
     }
 
-    /// Stops the sandbox's resolver.
+    /// Stops the sandbox's resolvers.
     pub fn shut_down(&self) {
-        if let Some(resolver) = self.resolver.lock().expect("lock poisoned").take() {
+        for resolver in self.resolvers.lock().expect("lock poisoned").drain(..) {
             resolver.stop();
         }
     }
