@@ -29,8 +29,8 @@ use crate::{
 };
 
 /// The addresses sandboxes in the host's network namespace reach sluice on:
-/// IPv4 sockets go to 127.0.0.1, IPv6 sockets to ::1 (IPv6-only sockets
-/// cannot reach an IPv4 address), or to ::ffff:127.0.0.1 on hosts without
+/// IPv4 sockets go to 127.0.0.1, IPv6 sockets to `::1` (IPv6-only sockets
+/// cannot reach an IPv4 address), or to `::ffff:127.0.0.1` on hosts without
 /// IPv6 loopback.
 const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const LOOPBACK6: Ipv6Addr = Ipv6Addr::LOCALHOST;
