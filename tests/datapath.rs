@@ -645,7 +645,7 @@ fn the_tls_server_name_decides_and_a_name_contradicting_dns_is_refused() {
     let daemon = Daemon::start(Some(dns.addr));
     let sandbox = daemon.sandbox(
         "sni",
-        "name = \"sni\"\n[[rule]]\nname = \"tls-host\"\naction = \"allow\"\nhosts = [\"tls.test\", \"other.test\"]\nports = [8443]\n",
+        "name = \"sni\"\n[[rule]]\nname = \"tls-host\"\naction = \"allow\"\nhosts = [\"tls.test\", \"other.test\"]\nports = [8443]\ntls = \"passthrough\"\n",
     );
     let script = format!(
         r#"
@@ -654,14 +654,23 @@ ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode 
 def hello(name):
     raw = socket.create_connection(("{ip}", 8443), timeout=10)
     try:
-        ctx.wrap_socket(raw, server_hostname=name)
-        return "handshake"
+        s = ctx.wrap_socket(raw, server_hostname=name)
     except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError):
         return "closed"
     except ssl.SSLError:
-        return "relayed"      # the echo server sent our ClientHello back
+        return "relayed"      # passthrough: the echo server sent our ClientHello back
     except OSError as e:
         return type(e).__name__
+    # Refused at connect level: sluice completed the handshake itself and
+    # answers every request with the reason.
+    s.sendall(("GET / HTTP/1.1\r\nHost: " + name + "\r\nConnection: close\r\n\r\n").encode())
+    answer = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk: break
+        answer += chunk
+    rule = [l for l in answer.decode().splitlines() if l.startswith("rule: ")]
+    return answer.split(b"\r\n")[0].decode() + " " + (rule[0] if rule else "")
 print("allowed=" + hello("tls.test"))
 print("denied=" + hello("evil.test"))
 # Resolve tls.test through sluice over TCP, then claim another allowed name
@@ -678,9 +687,9 @@ print("fronted=" + hello("other.test"))
     );
     let got = fields(&sandbox.python(&script));
     assert_eq!(got["allowed"], "relayed", "{got:?}");
-    assert_eq!(got["denied"], "closed");
+    assert_eq!(got["denied"], "HTTP/1.1 403 Forbidden rule: default-deny");
     assert_eq!(got["tcp_dns_answers"], "1");
-    assert_eq!(got["fronted"], "closed", "a name contradicting DNS was relayed");
+    assert_eq!(got["fronted"], "HTTP/1.1 403 Forbidden rule: host-mismatch", "a name contradicting DNS was relayed");
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(server.accepted(), 1, "only the allowed server name may reach the host");
     assert_eq!(server.seen()[0].received.first(), Some(&0x16), "the host did not get the ClientHello");

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod web;
 
 use std::{
     collections::HashMap,
@@ -286,15 +287,26 @@ pub struct Daemon {
     pub dir: PathBuf,
     child: Option<Child>,
     upstream_dns: Option<SocketAddr>,
+    upstream_ca: Option<PathBuf>,
 }
 
 impl Daemon {
     pub fn start(upstream_dns: Option<SocketAddr>) -> Self {
+        Self::start_with(upstream_dns, None)
+    }
+
+    /// A daemon that also trusts `upstream_ca` (PEM text) for upstreams.
+    pub fn start_with(upstream_dns: Option<SocketAddr>, upstream_ca: Option<&str>) -> Self {
         let instance = next_instance();
         let dir = std::env::temp_dir().join(&instance);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut daemon = Self { instance, dir, child: None, upstream_dns };
+        let upstream_ca = upstream_ca.map(|pem| {
+            let path = dir.join("upstream-ca.pem");
+            std::fs::write(&path, pem).unwrap();
+            path
+        });
+        let mut daemon = Self { instance, dir, child: None, upstream_dns, upstream_ca };
         daemon.spawn();
         daemon
     }
@@ -314,6 +326,9 @@ impl Daemon {
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap());
         if let Some(dns) = self.upstream_dns {
             command.arg("--upstream-dns").arg(dns.to_string());
+        }
+        if let Some(ca) = &self.upstream_ca {
+            command.arg("--upstream-ca").arg(ca);
         }
         self.child = Some(command.spawn().expect("spawn sluice daemon"));
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -366,7 +381,12 @@ impl Daemon {
             profile: ProfileSource::Inline { origin: format!("{name}.toml"), text: profile.to_owned() },
         };
         let status = block_on(self.client().register(&request)).unwrap_or_else(|e| panic!("register {name}: {e:#}"));
-        Sandbox { name: name.to_owned(), cgroup: status.record.cgroup }
+        Sandbox {
+            name: name.to_owned(),
+            cgroup: status.record.cgroup,
+            ca_bundle: status.record.ca_bundle,
+            resolv: None,
+        }
     }
 
     pub fn statuses(&self) -> Vec<SandboxStatus> {
@@ -424,12 +444,47 @@ impl Drop for Daemon {
 pub struct Sandbox {
     pub name: String,
     pub cgroup: PathBuf,
+    /// The sandbox's trust bundle (system roots + its CA).
+    pub ca_bundle: PathBuf,
+    /// A resolv.conf its commands see instead of the host's.
+    pub resolv: Option<PathBuf>,
 }
 
 impl Sandbox {
-    /// A command that starts inside the sandbox's cgroup.
+    /// A command that starts inside the sandbox's cgroup, trusting the
+    /// sandbox's CA the way `sluice run` sets it up.
     pub fn command(&self, program: &str) -> Command {
-        in_cgroup(&self.cgroup, program)
+        let mut command = match &self.resolv {
+            None => in_cgroup(&self.cgroup, program),
+            Some(resolv) => {
+                // A private mount namespace with its own resolv.conf; the
+                // program's arguments follow as "$0" "$@".
+                let mut command = in_cgroup(&self.cgroup, "unshare");
+                command.args([
+                    "-m",
+                    "sh",
+                    "-c",
+                    &format!("mount --bind {} /etc/resolv.conf && exec {program} \"$@\"", resolv.display()),
+                    program,
+                ]);
+                command
+            }
+        };
+        for variable in
+            ["SSL_CERT_FILE", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO"]
+        {
+            command.env(variable, &self.ca_bundle);
+        }
+        command.env_remove("SSL_CERT_DIR");
+        command
+    }
+
+    /// The same sandbox, with its commands resolving through `nameserver`
+    /// (an address in a test network: sluice redirects the queries anyway).
+    pub fn with_nameserver(&self, dir: &Path, nameserver: IpAddr) -> Self {
+        let resolv = dir.join(format!("{}-resolv.conf", self.name));
+        write_file(&resolv, &format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n"));
+        Self { resolv: Some(resolv), ..self.clone() }
     }
 
     /// Runs a Python script inside the sandbox; returns its output.

@@ -25,7 +25,7 @@ use crate::{
     dns::{self, DnsPolicy, NameVerdict, Refusal, SandboxResolver, Upstream},
     policy::{self, Policy},
     proxy::{self, ProxyContext},
-    sandbox::{self, cgroup, ProfileSource, Registry, Sandbox, SandboxRecord},
+    sandbox::{self, cgroup, ProfileSource, Registry, Sandbox, SandboxRecord, SandboxTls},
 };
 
 /// The addresses sandboxes in the host's network namespace reach sluice on:
@@ -52,6 +52,9 @@ pub struct DaemonConfig {
     pub decision_log: Option<PathBuf>,
     /// Serve the control API on `control_socket()`.
     pub serve_control: bool,
+    /// Extra roots (PEM files) upstream certificates may chain to, besides
+    /// the system's.
+    pub upstream_ca: Vec<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -65,6 +68,7 @@ impl DaemonConfig {
             upstream_dns: Vec::new(),
             decision_log: Some(PathBuf::from(format!("/var/log/{instance}/decisions.jsonl"))),
             serve_control: true,
+            upstream_ca: Vec::new(),
         })
     }
 
@@ -86,6 +90,17 @@ impl DaemonConfig {
 
     fn state_file(&self) -> PathBuf {
         self.runtime_dir().join("sandboxes.json")
+    }
+
+    /// Sandboxes' CA certificates and trust bundles (readable by sandboxes).
+    fn ca_dir(&self) -> PathBuf {
+        self.runtime_dir().join("ca")
+    }
+
+    /// Sandboxes' CA keys, root-only, kept so a restarted daemon presents
+    /// the same CA the sandboxes already trust.
+    fn keys_dir(&self) -> PathBuf {
+        self.runtime_dir().join("keys")
     }
 }
 
@@ -190,11 +205,7 @@ impl Daemon {
             bridge,
         });
 
-        let proxy_ctx =
-            Arc::new(ProxyContext::new(datapath.clone(), registry.clone(), log.clone(), proxy_addrs.clone()));
-        for listener in proxy_listeners {
-            daemon.spawn(proxy::serve(listener, proxy_ctx.clone()));
-        }
+        daemon.serve_proxy(proxy_listeners, proxy_addrs.clone())?;
         if let Some(events) = datapath.take_events() {
             let (registry, log) = (registry.clone(), log.clone());
             daemon.spawn(forward_kernel_events(events, registry, log));
@@ -221,6 +232,25 @@ impl Daemon {
             daemon.config.cgroup_parent().display()
         );
         Ok(daemon)
+    }
+
+    /// Starts the proxy on its listeners.
+    fn serve_proxy(&self, listeners: Vec<TcpListener>, addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
+        let upstream_roots = Arc::new(
+            crate::tls::UpstreamRoots::system_and(&self.config.upstream_ca)
+                .context("loading the roots upstream certificates are verified against")?,
+        );
+        let context = Arc::new(ProxyContext::new(
+            self.datapath.clone(),
+            self.registry.clone(),
+            self.log.clone(),
+            addrs,
+            upstream_roots,
+        ));
+        for listener in listeners {
+            self.spawn(proxy::serve(listener, context.clone()));
+        }
+        Ok(())
     }
 
     fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
@@ -307,6 +337,7 @@ impl Daemon {
             dns_port: 0,
             profile: request.profile,
             owns_cgroup,
+            ca_bundle: PathBuf::new(),
             created: SystemTime::now(),
         };
         match self.install(record, policy).await {
@@ -352,9 +383,10 @@ impl Daemon {
             Err(error) => return Err(error),
         };
         record.dns_port = resolvers[0].local_addr().port();
+        let tls = self.sandbox_tls(&mut record)?;
         let entry = SandboxEntry { target: Target { dns_port: record.dns_port, ..self.target }, slot, _pad: 0 };
         let cgroup_id = record.cgroup_id;
-        let sandbox = Arc::new(Sandbox::new(record, policy, resolvers));
+        let sandbox = Arc::new(Sandbox::new(record, policy, resolvers, tls));
         self.registry.insert(sandbox.clone())?;
         if let Err(error) = self.datapath.enroll(cgroup_id, entry) {
             self.registry.remove(sandbox.name());
@@ -362,6 +394,60 @@ impl Daemon {
             return Err(error.into());
         }
         Ok(sandbox)
+    }
+
+    /// The sandbox's CA: the one kept for it if there is one (a restarted
+    /// daemon), else a new one. Writes its trust bundle and records where.
+    fn sandbox_tls(&self, record: &mut SandboxRecord) -> anyhow::Result<SandboxTls> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let (ca_dir, keys_dir) = (self.config.ca_dir(), self.config.keys_dir());
+        std::fs::create_dir_all(&ca_dir)?;
+        std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::create_dir_all(&keys_dir)?;
+        std::fs::set_permissions(&keys_dir, std::fs::Permissions::from_mode(0o700))?;
+        let (cert_path, key_path) =
+            (ca_dir.join(format!("{}-ca.pem", record.name)), keys_dir.join(format!("{}.key", record.name)));
+        let kept = match (std::fs::read_to_string(&cert_path), std::fs::read_to_string(&key_path)) {
+            (Ok(cert), Ok(key)) if !record.ca_bundle.as_os_str().is_empty() => {
+                crate::tls::SandboxCa::from_pem(&cert, &key).ok()
+            }
+            _ => None,
+        };
+        let ca = if let Some(ca) = kept {
+            ca
+        } else {
+            let ca = crate::tls::SandboxCa::generate(&record.name)?;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&key_path)
+                .and_then(|mut file| std::io::Write::write_all(&mut file, ca.key_pem_for_storage().as_bytes()))
+                .with_context(|| format!("storing the CA key in {}", key_path.display()))?;
+            std::fs::write(&cert_path, ca.cert_pem())?;
+            ca
+        };
+        let bundle = ca_dir.join(format!("{}-bundle.pem", record.name));
+        std::fs::write(&bundle, crate::tls::trust_bundle(&ca)?)?;
+        std::fs::set_permissions(&bundle, std::fs::Permissions::from_mode(0o644))?;
+        record.ca_bundle = bundle;
+        tracing::info!(sandbox = %record.name, ca = %ca.fingerprint_sha256(), "sandbox CA ready");
+        let ca = Arc::new(ca);
+        let minter = Arc::new(crate::tls::LeafMinter::new(ca.clone(), 1024)?);
+        Ok(SandboxTls { ca, minter })
+    }
+
+    fn forget_tls(&self, name: &str) {
+        for path in [
+            self.config.ca_dir().join(format!("{name}-ca.pem")),
+            self.config.ca_dir().join(format!("{name}-bundle.pem")),
+            // Written by `sluice run` for wget.
+            self.config.ca_dir().join(format!("{name}-bundle.wgetrc")),
+            self.config.keys_dir().join(format!("{name}.key")),
+        ] {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// Removes a sandbox. In a cgroup sluice made, remaining processes are
@@ -378,6 +464,7 @@ impl Daemon {
         }
         self.datapath.unenroll(sandbox.record.cgroup_id)?;
         sandbox.shut_down();
+        self.forget_tls(name);
         if sandbox.record.owns_cgroup {
             cgroup::remove(&sandbox.record.cgroup)
                 .with_context(|| format!("removing cgroup {}", sandbox.record.cgroup.display()))?;
@@ -473,9 +560,9 @@ impl Daemon {
 /// and its cgroup parent if empty. Works with or without a daemon.
 pub fn teardown_instance(config: &DaemonConfig) -> anyhow::Result<usize> {
     let removed = datapath::teardown(&config.pin_dir())?;
-    let _ = std::fs::remove_file(config.state_file());
-    let _ = std::fs::remove_file(config.control_socket());
-    let _ = std::fs::remove_dir(config.runtime_dir());
+    // State, control socket, CA certificates and keys: all of it is the
+    // instance's own.
+    let _ = std::fs::remove_dir_all(config.runtime_dir());
     let parent = config.cgroup_parent();
     if parent.exists() && cgroup::pids(&parent).is_empty() {
         let _ = cgroup::remove(&parent);

@@ -13,3 +13,4 @@ pub mod dns;
 pub mod policy;
 pub mod proxy;
 pub mod sandbox;
+pub mod tls;

@@ -22,6 +22,8 @@ use tokio::sync::{broadcast, mpsc};
 pub enum Kind {
     /// A TCP connection reaching the proxy.
     Connect,
+    /// One HTTP request on an inspected connection.
+    Request,
     /// A DNS query reaching a sandbox's resolver.
     Dns,
     /// Something the kernel programs refused on their own.
@@ -70,9 +72,14 @@ pub struct Decision {
     pub host: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_source: Option<HostSource>,
-    /// Protocol seen on the connection: tls, http, opaque, udp, dns-tcp ...
+    /// Protocol seen on the connection: tls, http, https, opaque, udp ...
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// HTTP method and path (no query string) of a request decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     pub verdict: Verdict,
     /// The rule that decided, or a built-in reason name.
     pub rule: String,
@@ -90,6 +97,8 @@ impl Decision {
             host: None,
             host_source: None,
             protocol: None,
+            method: None,
+            path: None,
             verdict,
             rule: rule.into(),
             reason: reason.into(),
@@ -107,6 +116,7 @@ impl fmt::Display for Decision {
         };
         let kind = match self.kind {
             Kind::Connect => "connect",
+            Kind::Request => "request",
             Kind::Dns => "dns    ",
             Kind::Kernel => "kernel ",
             Kind::Lifecycle => "sandbox",
@@ -115,11 +125,18 @@ impl fmt::Display for Decision {
         if let Some(pid) = self.pid {
             write!(f, " pid={pid}")?;
         }
-        match (&self.host, self.destination) {
-            (Some(host), Some(dst)) if host != &dst.ip().to_string() => write!(f, " {host} ({dst})")?,
-            (Some(host), None) => write!(f, " {host}")?,
-            (_, Some(dst)) => write!(f, " {dst}")?,
-            (None, None) => {}
+        if let (Some(method), Some(path)) = (&self.method, &self.path) {
+            write!(f, " {method} {path}")?;
+            if let Some(host) = &self.host {
+                write!(f, " on {host}")?;
+            }
+        } else {
+            match (&self.host, self.destination) {
+                (Some(host), Some(dst)) if host != &dst.ip().to_string() => write!(f, " {host} ({dst})")?,
+                (Some(host), None) => write!(f, " {host}")?,
+                (_, Some(dst)) => write!(f, " {dst}")?,
+                (None, None) => {}
+            }
         }
         if let Some(protocol) = &self.protocol {
             write!(f, " [{protocol}]")?;

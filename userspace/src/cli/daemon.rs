@@ -21,6 +21,10 @@ pub struct DaemonArgs {
     /// Decision log (JSON lines); default /var/log/<instance>/decisions.jsonl.
     #[arg(long)]
     pub decision_log: Option<PathBuf>,
+    /// Extra CA (PEM file, repeatable) upstream certificates may chain to,
+    /// besides the system roots.
+    #[arg(long = "upstream-ca", value_name = "PEM")]
+    pub upstream_ca: Vec<PathBuf>,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
@@ -28,6 +32,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     config.proxy_port = args.proxy_port;
     config.dns_port = args.dns_port;
     config.upstream_dns = args.upstream_dns;
+    config.upstream_ca = args.upstream_ca;
     if let Some(path) = args.decision_log {
         config.decision_log = Some(path);
     }

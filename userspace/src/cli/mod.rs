@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand, each thin over the library.
 
+mod ca;
 mod daemon;
 mod policy;
 mod run;
@@ -28,6 +29,9 @@ pub enum Command {
     /// Inspect sandboxes.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
+    /// Sandbox CA certificates.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Check profile files.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -69,6 +73,7 @@ pub fn main(cli: Cli) -> anyhow::Result<u8> {
             Command::Daemon(args) => daemon::run(args).await.map(|()| 0),
             Command::Run(args) => run::run(args).await,
             Command::Sandbox(command) => sandbox::run(command).await.map(|()| 0),
+            Command::Ca(command) => ca::run(command).await.map(|()| 0),
             Command::Policy(command) => policy::run(&command),
             Command::Teardown(args) => teardown::run(&args).await.map(|()| 0),
         }

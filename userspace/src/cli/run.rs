@@ -3,7 +3,7 @@
 use std::{
     ffi::{CString, OsString},
     os::unix::process::{CommandExt as _, ExitStatusExt as _},
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use anyhow::Context as _;
@@ -39,6 +39,9 @@ pub struct RunArgs {
     /// Also append decisions to this file (embedded daemon only).
     #[arg(long)]
     pub decision_log: Option<PathBuf>,
+    /// Extra CA (PEM) upstream certificates may chain to (embedded daemon only).
+    #[arg(long = "upstream-ca", value_name = "PEM")]
+    pub upstream_ca: Vec<PathBuf>,
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -67,7 +70,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
             let (name, tally) = (name.clone(), tally.clone());
             tokio::spawn(async move { client.follow(Some(&name), |d| tally.print(&d)).await })
         });
-        let result = spawn_and_wait(&status.record.cgroup, &args.command).await;
+        let result = spawn_and_wait(&status.record, &args.command).await;
         // Let the last decisions arrive before the summary.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         if let Some(follower) = follower {
@@ -88,6 +91,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     config.serve_control = false;
     config.upstream_dns.clone_from(&args.upstream_dns);
     config.decision_log.clone_from(&args.decision_log);
+    config.upstream_ca.clone_from(&args.upstream_ca);
     let daemon = match Daemon::start(config.clone()).await {
         Ok(daemon) => daemon,
         Err(error) => {
@@ -106,7 +110,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         })
     });
     let result = match daemon.register(request).await {
-        Ok(status) => spawn_and_wait(&status.record.cgroup, &args.command).await,
+        Ok(status) => spawn_and_wait(&status.record, &args.command).await,
         Err(error) => Err(error),
     };
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -144,12 +148,44 @@ impl Tally {
     }
 }
 
-/// Runs the command inside `cgroup` from its first instruction, forwards
-/// signals, and returns its exit code (128 + signal if killed).
-async fn spawn_and_wait(cgroup: &Path, argv: &[OsString]) -> anyhow::Result<u8> {
-    let procs = CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+/// Variables through which common clients find their trusted roots. All
+/// point at the sandbox's bundle (system roots + its CA), so no client keeps
+/// a setting inherited from the host that would leave the CA out.
+const TRUST_VARIABLES: [&str; 14] = [
+    "SSL_CERT_FILE",
+    "CURL_CA_BUNDLE",
+    "REQUESTS_CA_BUNDLE",
+    "PIP_CERT",
+    "NODE_EXTRA_CA_CERTS",
+    "NPM_CONFIG_CAFILE",
+    "GIT_SSL_CAINFO",
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    "AWS_CA_BUNDLE",
+    "HTTPLIB2_CA_CERTS",
+    "CARGO_HTTP_CAINFO",
+    "DENO_CERT",
+    "SSL_CERT_BUNDLE",
+    "BUNDLE_SSL_CA_CERT",
+];
+
+/// Runs the command inside the sandbox's cgroup from its first instruction,
+/// trusting the sandbox's CA, forwards signals, and returns its exit code
+/// (128 + signal if killed).
+async fn spawn_and_wait(sandbox: &crate::sandbox::SandboxRecord, argv: &[OsString]) -> anyhow::Result<u8> {
+    let procs = CString::new(sandbox.cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
     let mut command = std::process::Command::new(&argv[0]);
     command.args(&argv[1..]);
+    for variable in TRUST_VARIABLES {
+        command.env(variable, &sandbox.ca_bundle);
+    }
+    // A directory of system roots would be consulted instead of, not beside,
+    // the bundle by some clients.
+    command.env_remove("SSL_CERT_DIR");
+    // Debian's wget reads no variable; it takes its CA from a wgetrc.
+    let wgetrc = sandbox.ca_bundle.with_extension("wgetrc");
+    if std::fs::write(&wgetrc, format!("ca_certificate = {}\n", sandbox.ca_bundle.display())).is_ok() {
+        command.env("WGETRC", &wgetrc);
+    }
     let filter = crate::sandbox::seccomp::socket_filter();
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {

@@ -41,6 +41,15 @@ impl ControlClient {
         self.call(Method::POST, "/v1/sandboxes", Some(request)).await
     }
 
+    /// The sandbox's CA certificate, PEM.
+    pub async fn ca(&self, name: &str) -> anyhow::Result<String> {
+        let (status, body) = self.send(Method::GET, &format!("/v1/sandboxes/{name}/ca"), None::<&()>).await?;
+        if status.is_success() {
+            return Ok(String::from_utf8_lossy(&body).into_owned());
+        }
+        bail!("{}", api_error(status, &body))
+    }
+
     pub async fn unregister(&self, name: &str) -> anyhow::Result<()> {
         let (status, body) = self.send(Method::DELETE, &format!("/v1/sandboxes/{name}"), None::<&()>).await?;
         if status.is_success() {

@@ -6,6 +6,7 @@
 //! | GET    | /v1/sandboxes            | sandboxes with their counters         |
 //! | POST   | /v1/sandboxes            | register a sandbox ([`RegisterRequest`]) |
 //! | DELETE | /v1/sandboxes/{name}     | remove a sandbox (kills what remains in a cgroup sluice made) |
+//! | GET    | /v1/sandboxes/{name}/ca  | the sandbox's CA certificate (PEM)    |
 //! | GET    | /v1/events[?sandbox=N]   | follow decisions as JSON lines        |
 //!
 //! The socket is mode 0600 and every connection's peer is checked: it must
@@ -113,7 +114,9 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        // Sandboxes read their CA bundles from beside the socket; the socket
+        // itself is root-only and checks every caller.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
     }
     // A stale socket from a daemon that died; a live daemon was ruled out by
     // the caller, which tried to connect first.
@@ -168,6 +171,14 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
             Ok(true) => Response::builder().status(StatusCode::NO_CONTENT).body(empty()).expect("valid response"),
             Ok(false) => error(StatusCode::NOT_FOUND, format!("no sandbox named {name:?}")),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
+        (Method::GET, ["v1", "sandboxes", name, "ca"]) => match daemon.registry().by_name(name) {
+            Some(sandbox) => Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/x-pem-file")
+                .body(Full::new(Bytes::from(sandbox.tls.ca.cert_pem().to_owned())).boxed())
+                .expect("valid response"),
+            None => error(StatusCode::NOT_FOUND, format!("no sandbox named {name:?}")),
         },
         (Method::GET, ["v1", "events"]) => {
             let sandbox = query.split('&').find_map(|kv| kv.strip_prefix("sandbox=")).map(str::to_owned);

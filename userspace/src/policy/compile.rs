@@ -10,7 +10,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use ipnet::IpNet;
 
 use super::error::{Location, PolicyError, RuleRef};
-use super::model::{Action, HostPatternKind, IpPattern, PortRange, Profile, DEFAULT_DENY, MAX_NAME_LEN};
+use super::model::{Action, HostPatternKind, IpPattern, PortRange, Profile, TlsMode, DEFAULT_DENY, MAX_NAME_LEN};
 
 /// One connection attempt as the proxy sees it.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +21,14 @@ pub struct ConnectQuery<'a> {
     /// The real destination; IPv4-mapped IPv6 is treated as IPv4.
     pub ip: IpAddr,
     pub port: u16,
+}
+
+/// One HTTP request on an inspected connection.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    pub method: &'a str,
+    /// Path without the query string.
+    pub path: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +44,8 @@ pub struct Decision {
     pub rule: Arc<str>,
     /// The rule's reason text, or a generated one.
     pub reason: Arc<str>,
+    /// An allowed TLS connection is spliced, not intercepted.
+    pub passthrough: bool,
 }
 
 impl Decision {
@@ -44,7 +54,7 @@ impl Decision {
     }
 
     fn default_deny(reason: String) -> Self {
-        Self { verdict: Verdict::Deny, rule: Arc::from(DEFAULT_DENY), reason: Arc::from(reason) }
+        Self { verdict: Verdict::Deny, rule: Arc::from(DEFAULT_DENY), reason: Arc::from(reason), passthrough: false }
     }
 }
 
@@ -77,12 +87,31 @@ struct CompiledRule {
     reason: Arc<str>,
     ips: Option<IpSet>,
     ports: Option<RangeSet<u16>>,
+    /// Upper case.
+    methods: Option<Vec<Box<str>>>,
+    paths: Option<GlobSet>,
+    passthrough: bool,
 }
 
 impl CompiledRule {
     /// The non-host conditions; the host condition is decided by [`HostIndex`].
     fn matches_addr(&self, ip: IpAddr, port: u16) -> bool {
         self.ips.as_ref().is_none_or(|set| set.contains(ip)) && self.ports.as_ref().is_none_or(|set| set.contains(port))
+    }
+
+    /// The request conditions. Before a request is known (`request` None),
+    /// a rule with request conditions can only allow a connection whose
+    /// requests will each be checked (`inspected`), and denies none: the
+    /// requests themselves decide.
+    fn matches_request(&self, request: Option<&RequestInfo<'_>>, inspected: bool) -> bool {
+        if self.methods.is_none() && self.paths.is_none() {
+            return true;
+        }
+        let Some(request) = request else {
+            return inspected && self.action == Action::Allow;
+        };
+        self.methods.as_ref().is_none_or(|methods| methods.iter().any(|m| m.eq_ignore_ascii_case(request.method)))
+            && self.paths.as_ref().is_none_or(|paths| paths.is_match(request.path))
     }
 
     fn decision(&self) -> Decision {
@@ -93,6 +122,7 @@ impl CompiledRule {
             },
             rule: Arc::clone(&self.name),
             reason: Arc::clone(&self.reason),
+            passthrough: self.passthrough,
         }
     }
 }
@@ -136,8 +166,34 @@ impl Policy {
                     }
                 }
             }
+            let rule_error = |message: String| PolicyError::Rule {
+                origin: origin.to_owned(),
+                location: locate_rule(index),
+                rule: RuleRef { index: index + 1, name: name.clone() },
+                message,
+            };
+            let paths = match &spec.paths {
+                None => None,
+                Some(globs) => {
+                    let mut set = GlobSetBuilder::new();
+                    for glob in globs {
+                        let glob = GlobBuilder::new(glob)
+                            .literal_separator(true)
+                            .build()
+                            .map_err(|e| rule_error(format!("path {glob:?} is not a valid glob: {e}")))?;
+                        set.add(glob);
+                    }
+                    Some(set.build().map_err(|e| rule_error(format!("path globs: {e}")))?)
+                }
+            };
             rules.push(CompiledRule {
                 action: spec.action,
+                methods: spec
+                    .methods
+                    .as_ref()
+                    .map(|m| m.iter().map(|m| m.to_ascii_uppercase().into_boxed_str()).collect()),
+                paths,
+                passthrough: spec.tls == Some(TlsMode::Passthrough),
                 name: Arc::from(name),
                 reason: Arc::from(reason),
                 ips: spec.ips.as_deref().map(IpSet::new),
@@ -155,9 +211,26 @@ impl Policy {
         &self.inner.name
     }
 
-    /// Forbid wins: the first matching deny rule decides; otherwise the first
-    /// matching allow rule; otherwise `default-deny`.
+    /// A connection whose requests will not be seen (opaque TCP, TLS that
+    /// is not intercepted). Forbid wins: the first matching deny rule decides;
+    /// otherwise the first matching allow rule; otherwise `default-deny`.
     pub fn evaluate(&self, q: &ConnectQuery<'_>) -> Decision {
+        self.decide(q, None, false)
+    }
+
+    /// A connection whose requests will each be checked with
+    /// [`Policy::evaluate_request`] (plain HTTP, intercepted TLS): allow rules
+    /// with request conditions may let it through to that check.
+    pub fn evaluate_inspected(&self, q: &ConnectQuery<'_>) -> Decision {
+        self.decide(q, None, true)
+    }
+
+    /// One request on an inspected connection.
+    pub fn evaluate_request(&self, q: &ConnectQuery<'_>, request: &RequestInfo<'_>) -> Decision {
+        self.decide(q, Some(request), true)
+    }
+
+    fn decide(&self, q: &ConnectQuery<'_>, request: Option<&RequestInfo<'_>>, inspected: bool) -> Decision {
         let ip = q.ip.to_canonical();
         let host = match q.host.map(classify_host) {
             Some(QueryHost::Invalid(raw)) => {
@@ -173,7 +246,7 @@ impl Policy {
         let mut first_allow = None;
         for index in inner.hosts.candidates(host.as_deref()) {
             let rule = &inner.rules[index];
-            if !rule.matches_addr(ip, q.port) {
+            if !rule.matches_addr(ip, q.port) || !rule.matches_request(request, inspected) {
                 continue;
             }
             match rule.action {
@@ -186,10 +259,18 @@ impl Policy {
         }
         match first_allow {
             Some(index) => inner.rules[index].decision(),
-            None => Decision::default_deny(format!(
-                "no rule allows {}",
-                Destination { host: host.as_deref(), ip, port: q.port }
-            )),
+            None => match request {
+                Some(request) => Decision::default_deny(format!(
+                    "no rule allows {} {} on {}",
+                    request.method,
+                    request.path,
+                    Destination { host: host.as_deref(), ip, port: q.port }
+                )),
+                None => Decision::default_deny(format!(
+                    "no rule allows {}",
+                    Destination { host: host.as_deref(), ip, port: q.port }
+                )),
+            },
         }
     }
 
@@ -211,7 +292,9 @@ impl Policy {
         for index in inner.hosts.candidates(host.as_deref()) {
             let rule = &inner.rules[index];
             match rule.action {
-                Action::Deny if rule.ips.is_none() && rule.ports.is_none() => {
+                Action::Deny
+                    if rule.ips.is_none() && rule.ports.is_none() && rule.methods.is_none() && rule.paths.is_none() =>
+                {
                     return rule.decision();
                 }
                 Action::Deny => {}

@@ -37,7 +37,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use compile::{ConnectQuery, Decision, Policy, Verdict};
+pub use compile::{ConnectQuery, Decision, Policy, RequestInfo, Verdict};
 pub use error::{Location, PolicyError, RuleRef};
 pub use model::{Action, HostPattern, HostPatternKind, IpPattern, PortRange, Profile, RuleSpec, DEFAULT_DENY};
 
@@ -633,6 +633,76 @@ ports = [443]
             ));
             let got = p.evaluate(&ConnectQuery { host: None, ip: query, port: 1 });
             prop_assert_eq!(got.verdict == Verdict::Allow, expected, "{} in {}", query, written);
+        }
+    }
+
+    const API: &str = r#"
+name = "api"
+[[rule]]
+name = "no-admin"
+action = "deny"
+hosts = ["api.test"]
+paths = ["/admin/**"]
+[[rule]]
+name = "read-repos"
+action = "allow"
+hosts = ["api.test"]
+methods = ["get", "HEAD"]
+paths = ["/repos/*", "/repos/*/**"]
+[[rule]]
+name = "pinned"
+action = "allow"
+hosts = ["pinned.test"]
+tls = "passthrough"
+"#;
+
+    fn request(p: &Policy, method: &str, path: &str) -> (Verdict, String) {
+        let q = ConnectQuery { host: Some("api.test"), ip: ip("198.18.0.1"), port: 443 };
+        let d = p.evaluate_request(&q, &RequestInfo { method, path });
+        (d.verdict, d.rule.to_string())
+    }
+
+    #[test]
+    fn methods_and_paths_decide_requests() {
+        let p = policy(API);
+        assert_eq!(request(&p, "GET", "/repos/sluice"), (Verdict::Allow, "read-repos".into()));
+        assert_eq!(request(&p, "HEAD", "/repos/sluice/pulls/1"), (Verdict::Allow, "read-repos".into()));
+        assert_eq!(request(&p, "POST", "/repos/sluice").1, "default-deny");
+        assert_eq!(request(&p, "GET", "/users").1, "default-deny");
+        // `*` stays inside one segment; `**` crosses.
+        assert_eq!(request(&p, "GET", "/admin/users/1"), (Verdict::Deny, "no-admin".into()));
+        let reason = p
+            .evaluate_request(
+                &ConnectQuery { host: Some("api.test"), ip: ip("198.18.0.1"), port: 443 },
+                &RequestInfo { method: "DELETE", path: "/repos/x" },
+            )
+            .reason;
+        assert_eq!(&*reason, "no rule allows DELETE /repos/x on api.test:443");
+    }
+
+    #[test]
+    fn request_rules_only_open_connections_that_are_inspected() {
+        let p = policy(API);
+        let q = ConnectQuery { host: Some("api.test"), ip: ip("198.18.0.1"), port: 443 };
+        assert_eq!(p.evaluate_inspected(&q).rule.as_ref(), "read-repos");
+        // Spliced bytes could carry any request: no request-scoped allow.
+        assert_eq!(p.evaluate(&q).rule.as_ref(), "default-deny");
+        let pinned = p.evaluate(&ConnectQuery { host: Some("pinned.test"), ip: ip("198.18.0.2"), port: 443 });
+        assert!(pinned.is_allowed() && pinned.passthrough);
+        assert!(!p.evaluate_inspected(&q).passthrough);
+    }
+
+    #[test]
+    fn request_conditions_are_validated() {
+        for (body, expected) in [
+            ("methods = [\"GET /\"]", "not an HTTP method"),
+            ("paths = [\"repos\"]", "must start with '/'"),
+            ("methods = []", "`methods` is empty"),
+            ("tls = \"passthrough\"\npaths = [\"/x\"]", "cannot have `methods` or `paths`"),
+        ] {
+            let text = format!("name = \"x\"\n[[rule]]\naction = \"allow\"\n{body}\n");
+            let error = parse_profile(&text, "bad.toml").and_then(|p| Policy::compile(&p).map(|_| p)).unwrap_err();
+            assert!(error.to_string().contains(expected), "{body}: {error}");
         }
     }
 }

@@ -43,6 +43,20 @@ pub struct RuleSpec {
     pub ips: Option<Vec<IpPattern>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<PortRange>>,
+    /// HTTP methods (`GET`, `POST`, ...); checked on every request of an
+    /// inspected connection (plain HTTP, or intercepted TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// Request path globs: `*` stays within one segment, `**` crosses
+    /// segments (`/repos/**`). The query string is not part of the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<String>>,
+    /// What an allowed TLS connection gets: `intercept` (default: terminated
+    /// with the sandbox's CA, requests checked one by one) or `passthrough`
+    /// (bytes spliced after the connect-level check; for pinned clients and
+    /// mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsMode>,
     /// Shown in decisions; a generic text is used when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -60,6 +74,13 @@ impl RuleSpec {
 
 pub(crate) fn default_rule_name(index: usize) -> String {
     format!("rule-{}", index + 1)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Intercept,
+    Passthrough,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -116,11 +137,34 @@ impl Profile {
                 ("hosts", rule.hosts.as_ref().is_some_and(Vec::is_empty)),
                 ("ips", rule.ips.as_ref().is_some_and(Vec::is_empty)),
                 ("ports", rule.ports.as_ref().is_some_and(Vec::is_empty)),
+                ("methods", rule.methods.as_ref().is_some_and(Vec::is_empty)),
+                ("paths", rule.paths.as_ref().is_some_and(Vec::is_empty)),
             ] {
                 if empty {
                     return Err(fail(format!(
                         "`{field}` is empty, so the rule could never match; omit it to match any"
                     )));
+                }
+            }
+            for method in rule.methods.iter().flatten() {
+                if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
+                    return Err(fail(format!("method {method:?} is not an HTTP method token")));
+                }
+            }
+            for path in rule.paths.iter().flatten() {
+                if !path.starts_with('/') || path.contains(char::is_whitespace) {
+                    return Err(fail(format!("path {path:?} must start with '/' and contain no spaces")));
+                }
+            }
+            let has_request_conditions = rule.methods.is_some() || rule.paths.is_some();
+            if rule.tls == Some(TlsMode::Passthrough) {
+                if rule.action == Action::Deny {
+                    return Err(fail("`tls = \"passthrough\"` only makes sense on an allow rule".into()));
+                }
+                if has_request_conditions {
+                    return Err(fail(
+                        "a passthrough rule cannot have `methods` or `paths`: its requests are never seen".into(),
+                    ));
                 }
             }
         }

@@ -17,6 +17,8 @@ pub enum Classified {
     NeedMore,
     Tls {
         sni: Option<String>,
+        /// ALPN protocols the client offered, in its order of preference.
+        alpn: Vec<Vec<u8>>,
     },
     Http {
         host: Option<String>,
@@ -70,7 +72,7 @@ fn classify_tls(prefix: &[u8]) -> Classified {
         return Classified::Malformed("first TLS message is not a ClientHello");
     };
     let Some(ext) = hello.ext else {
-        return Classified::Tls { sni: None };
+        return Classified::Tls { sni: None, alpn: Vec::new() };
     };
     let Ok((_, extensions)) = parse_tls_extensions(ext) else {
         return Classified::Malformed("unparsable ClientHello extensions");
@@ -83,7 +85,14 @@ fn classify_tls(prefix: &[u8]) -> Classified {
             .map(str::to_ascii_lowercase),
         _ => None,
     });
-    Classified::Tls { sni }
+    let alpn = extensions
+        .iter()
+        .find_map(|extension| match extension {
+            TlsExtension::ALPN(protocols) => Some(protocols.iter().map(|p| p.to_vec()).collect()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Classified::Tls { sni, alpn }
 }
 
 fn classify_http(prefix: &[u8]) -> Classified {
@@ -141,7 +150,19 @@ mod tests {
     /// A `ClientHello` for `files.demo.test` as `openssl s_client` sends it,
     /// trimmed to the fields the parser needs.
     fn client_hello(sni: Option<&str>) -> Vec<u8> {
+        client_hello_with_alpn(sni, &[])
+    }
+
+    fn client_hello_with_alpn(sni: Option<&str>, alpn: &[&[u8]]) -> Vec<u8> {
         let mut ext = Vec::new();
+        if !alpn.is_empty() {
+            let list: Vec<u8> =
+                alpn.iter().flat_map(|p| std::iter::once(p.len() as u8).chain(p.iter().copied())).collect();
+            ext.extend_from_slice(&[0x00, 0x10]);
+            ext.extend_from_slice(&((list.len() + 2) as u16).to_be_bytes());
+            ext.extend_from_slice(&(list.len() as u16).to_be_bytes());
+            ext.extend_from_slice(&list);
+        }
         if let Some(name) = sni {
             let name = name.as_bytes();
             let list_len = name.len() + 3;
@@ -171,8 +192,17 @@ mod tests {
     #[test]
     fn tls_sni_is_found_and_lowercased() {
         let hello = client_hello(Some("Files.Demo.Test"));
-        assert_eq!(classify(&hello), Classified::Tls { sni: Some("files.demo.test".into()) });
-        assert_eq!(classify(&client_hello(None)), Classified::Tls { sni: None });
+        assert_eq!(classify(&hello), Classified::Tls { sni: Some("files.demo.test".into()), alpn: Vec::new() });
+        assert_eq!(classify(&client_hello(None)), Classified::Tls { sni: None, alpn: Vec::new() });
+    }
+
+    #[test]
+    fn tls_alpn_is_found_in_order() {
+        let hello = client_hello_with_alpn(Some("a.test"), &[b"h2", b"http/1.1"]);
+        assert_eq!(
+            classify(&hello),
+            Classified::Tls { sni: Some("a.test".into()), alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()] }
+        );
     }
 
     #[test]

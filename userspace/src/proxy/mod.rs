@@ -10,6 +10,9 @@
 //! 5. relay or refuse, and log the decision either way.
 
 pub mod classify;
+mod http;
+mod intercept;
+mod prefixed;
 mod relay;
 
 use std::{
@@ -31,6 +34,7 @@ use crate::{
     sandbox::{Registry, Sandbox},
 };
 use classify::{classify, Classified, MAX_PREFIX};
+use prefixed::Prefixed;
 
 /// What the proxy needs from the daemon.
 pub struct ProxyContext {
@@ -45,6 +49,8 @@ pub struct ProxyContext {
     /// How long a client has to send a complete `ClientHello` or request head.
     pub prefix_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Roots that upstream servers' certificates are verified against.
+    pub upstream_roots: Arc<crate::tls::UpstreamRoots>,
 }
 
 impl ProxyContext {
@@ -53,6 +59,7 @@ impl ProxyContext {
         registry: Arc<Registry>,
         log: Arc<DecisionLog>,
         own_addrs: Vec<SocketAddr>,
+        upstream_roots: Arc<crate::tls::UpstreamRoots>,
     ) -> Self {
         Self {
             datapath,
@@ -62,6 +69,7 @@ impl ProxyContext {
             first_bytes_timeout: Duration::from_secs(1),
             prefix_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            upstream_roots,
         }
     }
 }
@@ -84,7 +92,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
     }
 }
 
-async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr) {
+async fn handle(ctx: &Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr) {
     let Some(flow) = ctx.datapath.take_flow(peer) else {
         // Reached the proxy port without passing the kernel hooks: a host
         // process, or a sandbox whose flow record was lost. Never forward.
@@ -135,47 +143,106 @@ async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr) {
         Err(reason) => {
             decision.rule = "host-mismatch".into();
             decision.reason = reason;
-            refuse(&mut client, &classified, &decision).await;
-            ctx.log.record(decision);
+            ctx.log.record(decision.clone());
+            refuse(ctx, Refused { sandbox, pid: flow.pid, destination, client, prefix, classified, decision }).await;
             return;
         }
     };
     decision.host = Some(host.clone().unwrap_or_else(|| destination.ip().to_string()));
     decision.host_source = Some(source);
 
-    let verdict = sandbox.policy.load().evaluate(&ConnectQuery {
-        host: host.as_deref(),
-        ip: destination.ip(),
-        port: destination.port(),
-    });
+    // Plain HTTP and TLS are inspected request by request, so rules with
+    // request conditions may let them through to that check.
+    let inspected = matches!(classified, Classified::Http { .. } | Classified::Tls { .. });
+    let query = ConnectQuery { host: host.as_deref(), ip: destination.ip(), port: destination.port() };
+    let policy = sandbox.policy.load();
+    let verdict = if inspected { policy.evaluate_inspected(&query) } else { policy.evaluate(&query) };
     decision.rule = verdict.rule.to_string();
     decision.reason = verdict.reason.to_string();
     if verdict.verdict != PolicyVerdict::Allow {
-        refuse(&mut client, &classified, &decision).await;
-        ctx.log.record(decision);
+        ctx.log.record(decision.clone());
+        refuse(ctx, Refused { sandbox, pid: flow.pid, destination, client, prefix, classified, decision }).await;
         return;
     }
-
-    let upstream = match tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(destination)).await {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(error)) => {
-            decision.rule = "upstream-unreachable".into();
-            decision.reason = format!("allowed by {}, but connecting to {destination} failed: {error}", verdict.rule);
-            refuse(&mut client, &classified, &decision).await;
-            ctx.log.record(decision);
-            return;
-        }
-        Err(_) => {
-            decision.rule = "upstream-unreachable".into();
-            decision.reason = format!("allowed by {}, but connecting to {destination} timed out", verdict.rule);
-            refuse(&mut client, &classified, &decision).await;
-            ctx.log.record(decision);
-            return;
-        }
-    };
     decision.verdict = Verdict::Allow;
     ctx.log.record(decision);
-    relay(client, upstream, &prefix).await;
+
+    match classified {
+        Classified::Http { .. } => {
+            let upstream = http::Upstream { destination, tls: None, h2: false };
+            let first = upstream.connect(ctx).await.map(|(io, _)| io);
+            let connection =
+                http::Connection::new(ctx.clone(), sandbox, flow.pid, destination, None, upstream, first, None).await;
+            connection.serve(Prefixed::new(prefix, client)).await;
+        }
+        Classified::Tls { sni, alpn } if !verdict.passthrough => {
+            intercept::intercept(ctx, sandbox, flow.pid, destination, client, prefix, sni, alpn, None).await;
+        }
+        _ => splice_through(ctx, &sandbox, flow.pid, destination, client, &prefix).await,
+    }
+}
+
+/// Relays an allowed connection that is not inspected (opaque TCP, TLS
+/// passthrough).
+async fn splice_through(
+    ctx: &ProxyContext,
+    sandbox: &Sandbox,
+    pid: u32,
+    destination: SocketAddr,
+    client: TcpStream,
+    prefix: &[u8],
+) {
+    match tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(destination)).await {
+        Ok(Ok(upstream)) => relay(client, upstream, prefix).await,
+        failed => {
+            let why = match failed {
+                Ok(Err(error)) => format!("connecting to {destination} failed: {error}"),
+                _ => format!("connecting to {destination} timed out"),
+            };
+            let mut decision = Decision::new(Kind::Connect, Verdict::Deny, "upstream-unreachable", why);
+            decision.sandbox = Some(sandbox.name().to_owned());
+            decision.pid = Some(pid);
+            decision.destination = Some(destination);
+            ctx.log.record(decision);
+        }
+    }
+}
+
+/// A connection refused at connect level, with what is needed to say so.
+struct Refused {
+    sandbox: Arc<Sandbox>,
+    pid: u32,
+    destination: SocketAddr,
+    client: TcpStream,
+    prefix: Vec<u8>,
+    classified: Classified,
+    decision: Decision,
+}
+
+/// Tells a refused client why when its protocol allows it: plain HTTP gets a
+/// 403 naming the rule; TLS gets a completed handshake (with a leaf from the
+/// sandbox's CA) and a 403 for every request. Opaque connections are closed.
+async fn refuse(ctx: &Arc<ProxyContext>, refused: Refused) {
+    let Refused { sandbox, pid, destination, mut client, prefix, classified, decision } = refused;
+    match classified {
+        Classified::Http { .. } => {
+            let body = format!("sluice denied this request\nrule: {}\nreason: {}\n", decision.rule, decision.reason);
+            let head = format!(
+                "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-sluice-rule: {}\r\nconnection: close\r\n\r\n",
+                body.len(),
+                header_safe(&decision.rule)
+            );
+            let _ = client.write_all(head.as_bytes()).await;
+            let _ = client.write_all(body.as_bytes()).await;
+            let _ = client.shutdown().await;
+        }
+        Classified::Tls { sni, alpn } => {
+            let refusal =
+                http::Refusal { status: hyper::StatusCode::FORBIDDEN, rule: decision.rule, reason: decision.reason };
+            intercept::intercept(ctx, sandbox, pid, destination, client, prefix, sni, alpn, Some(refusal)).await;
+        }
+        _ => {}
+    }
 }
 
 /// Reads the client's first bytes until they can be classified. A client
@@ -217,7 +284,7 @@ fn name_connection(
     ip: IpAddr,
 ) -> Result<(Option<String>, HostSource), String> {
     let claimed = match classified {
-        Classified::Tls { sni: Some(name) } => Some((name.clone(), HostSource::Sni)),
+        Classified::Tls { sni: Some(name), .. } => Some((name.clone(), HostSource::Sni)),
         Classified::Http { host: Some(name) } if name.parse::<IpAddr>().is_err() => {
             Some((name.clone(), HostSource::Http))
         }
@@ -242,24 +309,7 @@ fn name_connection(
     }
 }
 
-/// Tells a refused client why when its protocol allows it: plain HTTP gets
-/// a 403 naming the rule. TLS and opaque connections are closed (TLS
-/// interception, which can answer inside TLS, is a layer above this one).
-async fn refuse(client: &mut TcpStream, classified: &Classified, decision: &Decision) {
-    if let Classified::Http { .. } = classified {
-        let body = format!("sluice denied this request\nrule: {}\nreason: {}\n", decision.rule, decision.reason);
-        let head = format!(
-            "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-sluice-rule: {}\r\nconnection: close\r\n\r\n",
-            body.len(),
-            header_safe(&decision.rule)
-        );
-        let _ = client.write_all(head.as_bytes()).await;
-        let _ = client.write_all(body.as_bytes()).await;
-        let _ = client.shutdown().await;
-    }
-}
-
-fn header_safe(value: &str) -> String {
+pub(crate) fn header_safe(value: &str) -> String {
     value.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').collect()
 }
 

@@ -18,7 +18,11 @@ use sluice_common::MAX_SANDBOX_SLOTS;
 
 pub use names::NameMemory;
 
-use crate::{dns::SandboxResolver, policy::Policy};
+use crate::{
+    dns::SandboxResolver,
+    policy::Policy,
+    tls::{LeafMinter, SandboxCa},
+};
 
 /// Where a sandbox's profile came from; kept so a restarted daemon can
 /// compile it again.
@@ -51,7 +55,18 @@ pub struct SandboxRecord {
     pub profile: ProfileSource,
     /// Whether sluice made the cgroup (and so removes it).
     pub owns_cgroup: bool,
+    /// PEM file with the roots the sandbox should trust: the system roots
+    /// and the sandbox's own CA.
+    #[serde(default)]
+    pub ca_bundle: PathBuf,
     pub created: SystemTime,
+}
+
+/// A sandbox's TLS identity: its CA (the key never leaves the daemon) and
+/// the leaves minted from it.
+pub struct SandboxTls {
+    pub ca: Arc<SandboxCa>,
+    pub minter: Arc<LeafMinter>,
 }
 
 /// A registered sandbox.
@@ -60,15 +75,17 @@ pub struct Sandbox {
     pub policy: ArcSwap<Policy>,
     /// Names this sandbox resolved through sluice, by address.
     pub names: NameMemory,
+    pub tls: SandboxTls,
     resolvers: Mutex<Vec<SandboxResolver>>,
 }
 
 impl Sandbox {
-    pub fn new(record: SandboxRecord, policy: Policy, resolvers: Vec<SandboxResolver>) -> Self {
+    pub fn new(record: SandboxRecord, policy: Policy, resolvers: Vec<SandboxResolver>, tls: SandboxTls) -> Self {
         Self {
             record,
             policy: ArcSwap::from_pointee(policy),
             names: NameMemory::default(),
+            tls,
             resolvers: Mutex::new(resolvers),
         }
     }

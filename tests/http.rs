@@ -1,0 +1,275 @@
+//! TLS interception and the HTTP layer with real clients inside a sandbox
+//! (curl, Python, Node, git) against upstreams in a test network namespace
+//! that present certificates from a test CA. Needs root.
+
+mod harness;
+
+use std::{collections::HashMap, net::SocketAddr, process::Output};
+
+use harness::{
+    dns::TestDns,
+    privileged,
+    web::{TestCa, WebServer},
+    Daemon, Sandbox, TestNet,
+};
+use sluice::audit::{Kind, Verdict};
+
+const PROFILE: &str = r#"
+name = "web"
+[[rule]]
+name = "no-admin"
+action = "deny"
+hosts = ["web.test"]
+paths = ["/admin/**"]
+reason = "the admin area is off limits"
+[[rule]]
+name = "web-api"
+action = "allow"
+hosts = ["web.test", "expired.test", "wrong.test"]
+methods = ["GET", "POST"]
+ports = [443, 80]
+"#;
+
+/// A test network with a TLS upstream (`web.test`) and a DNS server that
+/// knows it, and a daemon that trusts the upstream's test CA.
+struct World {
+    net: TestNet,
+    ca: TestCa,
+    web: WebServer,
+    plain: WebServer,
+    _dns: TestDns,
+    daemon: Daemon,
+    sandbox: Sandbox,
+}
+
+impl World {
+    fn new() -> Self {
+        let net = TestNet::new();
+        let ca = TestCa::new();
+        let web = WebServer::start(&net, SocketAddr::new(net.v4(2), 443), Some(ca.server_config(&["web.test"], false)));
+        let plain = WebServer::start(&net, SocketAddr::new(net.v4(2), 80), None);
+        let zone = HashMap::from([("web.test".to_owned(), vec![net.v4(2)])]);
+        let dns = TestDns::start(net.udp_socket(SocketAddr::new(net.v4(2), 53)), zone);
+        let daemon = Daemon::start_with(Some(dns.addr), Some(&ca.cert_pem));
+        let sandbox = daemon.sandbox("web", PROFILE).with_nameserver(&daemon.dir, net.v4(99));
+        Self { net, ca, web, plain, _dns: dns, daemon, sandbox }
+    }
+
+    fn curl(&self, args: &[&str]) -> Output {
+        let mut command = self.sandbox.command("curl");
+        command.args(["-sS", "--max-time", "20"]).args(args);
+        command.output().unwrap()
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn curl_over_http1_and_h2_is_intercepted_and_checked_per_request() {
+    if !privileged() {
+        return;
+    }
+    let world = World::new();
+    let h1 = world.curl(&["--http1.1", "https://web.test/echo"]);
+    assert!(h1.status.success(), "{h1:?}");
+    assert!(stdout(&h1).contains("version=HTTP/1.1 host=web.test"), "{}", stdout(&h1));
+    let h2 = world.curl(&["--http2", "https://web.test/echo"]);
+    assert!(stdout(&h2).contains("version=HTTP/2.0 host=web.test"), "{}", stdout(&h2));
+
+    // Method and path rules, on the same kind of connection.
+    let delete = world.curl(&["-X", "DELETE", "-w", "%{http_code}", "https://web.test/echo"]);
+    assert!(stdout(&delete).ends_with("403"), "{}", stdout(&delete));
+    assert!(stdout(&delete).contains("rule: default-deny"));
+    let admin = world.curl(&["-w", "%{http_code}", "https://web.test/admin/users"]);
+    assert!(stdout(&admin).contains("rule: no-admin") && stdout(&admin).ends_with("403"), "{}", stdout(&admin));
+
+    // Large bodies stream both ways.
+    let big = world.curl(&["-o", "/dev/null", "-w", "%{size_download}", "https://web.test/big?bytes=52428800"]);
+    assert_eq!(stdout(&big), "52428800");
+    let file = world.daemon.dir.join("upload.bin");
+    std::fs::write(&file, vec![7u8; 20 * 1024 * 1024]).unwrap();
+    let upload =
+        world.curl(&["--http1.1", "--data-binary", &format!("@{}", file.display()), "https://web.test/upload"]);
+    assert_eq!(stdout(&upload), format!("received={}\n", 20 * 1024 * 1024));
+
+    // Plain HTTP gets the same request checks.
+    let plain = world.curl(&["-w", " %{http_code}", "http://web.test/echo"]);
+    assert!(stdout(&plain).contains("version=HTTP/1.1") && stdout(&plain).ends_with(" 200"), "{}", stdout(&plain));
+    let plain_admin = world.curl(&["-w", " %{http_code}", "http://web.test/admin/x"]);
+    assert!(stdout(&plain_admin).ends_with(" 403"), "{}", stdout(&plain_admin));
+
+    // The upstreams never saw a denied request.
+    let seen: Vec<String> =
+        world.web.seen().iter().chain(world.plain.seen().iter()).map(|s| format!("{} {}", s.method, s.path)).collect();
+    assert!(!seen.iter().any(|s| s.starts_with("DELETE") || s.contains("/admin")), "{seen:?}");
+    let decisions =
+        world.daemon.wait_decisions("request decisions", |d| d.iter().filter(|d| d.kind == Kind::Request).count() >= 8);
+    let denied: Vec<_> = decisions.iter().filter(|d| d.kind == Kind::Request && d.verdict == Verdict::Deny).collect();
+    assert!(denied.iter().any(|d| d.method.as_deref() == Some("DELETE") && d.rule == "default-deny"));
+    assert!(denied.iter().any(|d| d.path.as_deref() == Some("/admin/users") && d.rule == "no-admin"));
+}
+
+#[test]
+fn python_urllib_grpc_trailers_and_websockets_work_through_sluice() {
+    if !privileged() {
+        return;
+    }
+    let world = World::new();
+    let python = harness::run_python(
+        world.sandbox.command("python3"),
+        "import urllib.request\nr = urllib.request.urlopen('https://web.test/echo?from=python', timeout=20)\nprint('status=' + str(r.status))\nprint('body=' + r.read().decode().strip())",
+    );
+    let got = harness::fields(&python);
+    assert_eq!(got["status"], "200");
+    assert!(got["body"].contains("host=web.test"), "{got:?}");
+
+    // gRPC shape: h2, te: trailers, a framed message; trailers come back.
+    let message = world.daemon.dir.join("grpc.bin");
+    std::fs::write(&message, b"\x00\x00\x00\x00\x05hello").unwrap();
+    let trailers = world.daemon.dir.join("grpc-headers.txt");
+    let grpc = world.curl(&[
+        "--http2",
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--data-binary",
+        &format!("@{}", message.display()),
+        "-D",
+        &trailers.display().to_string(),
+        "-o",
+        "/dev/null",
+        "https://web.test/grpc",
+    ]);
+    assert!(grpc.status.success(), "{grpc:?}");
+    let headers = std::fs::read_to_string(&trailers).unwrap();
+    assert!(headers.contains("grpc-status: 0") && headers.contains("grpc-message: sluice-ok"), "{headers}");
+
+    // WebSocket, secure and plain, with Node's client.
+    let script = r"
+const url = process.argv[1];
+const ws = new WebSocket(url);
+ws.onopen = () => ws.send('ping through sluice');
+ws.onmessage = (event) => { console.log('echo=' + event.data); ws.close(); };
+ws.onerror = (event) => { console.log('error=' + event.message); process.exit(1); };
+setTimeout(() => { console.log('error=timeout'); process.exit(1); }, 15000);
+";
+    for url in ["wss://web.test/ws", "ws://web.test/ws"] {
+        let mut node = world.sandbox.command("node");
+        node.args(["--experimental-websocket", "-e", script, url]);
+        let output = node.output().unwrap();
+        assert!(stdout(&output).contains("echo=ping through sluice"), "{url}: {output:?}");
+    }
+    let decisions = world.daemon.decisions();
+    assert!(decisions
+        .iter()
+        .any(|d| d.kind == Kind::Request && d.path.as_deref() == Some("/ws") && d.verdict == Verdict::Allow));
+}
+
+#[test]
+fn bad_upstreams_and_bad_requests_get_clear_answers() {
+    if !privileged() {
+        return;
+    }
+    let world = World::new();
+    let expired = WebServer::start(
+        &world.net,
+        SocketAddr::new(world.net.v4(2), 8443),
+        Some(world.ca.server_config(&["expired.test"], true)),
+    );
+    let wrong = WebServer::start(
+        &world.net,
+        SocketAddr::new(world.net.v4(2), 9443),
+        Some(world.ca.server_config(&["elsewhere.test"], false)),
+    );
+    let profile_ports = PROFILE.replace("ports = [443, 80]", "ports = [443, 80, 8443, 9443]");
+    let sandbox = world.daemon.sandbox("bad", &profile_ports);
+    let curl = |args: &[&str]| {
+        let mut command = sandbox.command("curl");
+        command.args(["-sS", "--max-time", "20", "-w", " %{http_code}"]).args(args);
+        command.output().unwrap()
+    };
+    let ip = world.net.v4(2).to_string();
+
+    let out = curl(&["--resolve", &format!("expired.test:8443:{ip}"), "https://expired.test:8443/echo"]);
+    assert!(stdout(&out).ends_with(" 502") && stdout(&out).contains("expired"), "{}", stdout(&out));
+    let out = curl(&["--resolve", &format!("wrong.test:9443:{ip}"), "https://wrong.test:9443/echo"]);
+    assert!(stdout(&out).ends_with(" 502") && stdout(&out).contains("wrong.test"), "{}", stdout(&out));
+    assert!(
+        expired.seen().is_empty() && wrong.seen().is_empty(),
+        "a request reached a server whose certificate was refused"
+    );
+
+    // Domain fronting: TLS for web.test, request for another host.
+    let out = curl(&["--resolve", &format!("web.test:443:{ip}"), "-H", "Host: wrong.test", "https://web.test/echo"]);
+    assert!(stdout(&out).ends_with(" 421") && stdout(&out).contains("host-mismatch"), "{}", stdout(&out));
+    // No SNI (an IP literal): no name to allow.
+    let out = curl(&["-k", &format!("https://{ip}/echo")]);
+    assert!(stdout(&out).ends_with(" 403"), "{}", stdout(&out));
+
+    // Smuggling shapes and oversized heads, over TLS: refused by the parser,
+    // never forwarded; the daemon keeps serving.
+    let script = format!(
+        r#"
+import socket, ssl
+ctx = ssl.create_default_context()
+def send(label, raw):
+    s = ctx.wrap_socket(socket.create_connection(("{ip}", 443), timeout=15), server_hostname="web.test")
+    try:
+        s.sendall(raw)
+    except OSError:
+        pass              # the server may answer and close before reading it all
+    answer = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk: break
+            answer += chunk
+    except OSError:
+        pass
+    print(label + "=" + (answer.split(b"\r\n")[0].decode() or "closed"))
+send("cl_te", b"POST /upload HTTP/1.1\r\nHost: web.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin/x HTTP/1.1\r\nHost: web.test\r\n\r\n")
+send("dup_cl", b"POST /upload HTTP/1.1\r\nHost: web.test\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd")
+send("obs_fold", b"GET /echo HTTP/1.1\r\nHost: web.test\r\nX-Folded: a\r\n b\r\n\r\n")
+send("huge_head", b"GET /echo HTTP/1.1\r\nHost: web.test\r\nX-Big: " + b"a" * 100000 + b"\r\n\r\n")
+send("good", b"GET /echo HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
+"#
+    );
+    let got = harness::fields(&harness::run_python(sandbox.command("python3"), &script));
+    for label in ["dup_cl", "obs_fold", "huge_head"] {
+        assert!(got[label].starts_with("HTTP/1.1 4") || got[label] == "closed", "{label}: {got:?}");
+    }
+    assert_eq!(got["good"], "HTTP/1.1 200 OK");
+    let smuggled: Vec<_> = world
+        .web
+        .seen()
+        .into_iter()
+        .filter(|s| s.path.starts_with("/admin") || s.headers.iter().any(|(k, _)| k == "x-folded"))
+        .collect();
+    assert!(smuggled.is_empty(), "smuggled requests reached the upstream: {smuggled:?}");
+    assert!(harness::block_on(world.daemon.client().health()).is_ok());
+}
+
+#[test]
+fn a_client_that_does_not_trust_the_sandbox_ca_fails_closed() {
+    if !privileged() {
+        return;
+    }
+    let world = World::new();
+    let mut command = harness::in_cgroup(&world.sandbox.cgroup, "curl");
+    command.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "--resolve",
+        &format!("web.test:443:{}", world.net.v4(2)),
+        "https://web.test/echo",
+    ]);
+    command.env("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt");
+    let output = command.output().unwrap();
+    assert!(!output.status.success(), "an untrusted interception was accepted: {output:?}");
+    assert!(world.web.seen().is_empty());
+    world.daemon.wait_decisions("client TLS failure", |d| d.iter().any(|d| d.rule == "client-tls"));
+}

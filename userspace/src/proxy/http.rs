@@ -1,0 +1,440 @@
+//! The HTTP layer of an inspected connection: plain HTTP, or TLS terminated
+//! with the sandbox's CA. Every request is checked against the sandbox's
+//! policy as it is now (a profile changed at runtime applies to the next
+//! request on a kept-alive connection), and allowed ones are forwarded on one
+//! upstream connection that mirrors the client's protocol (HTTP/1.1 or h2).
+//! Bodies stream both ways; trailers (gRPC) and WebSocket upgrades pass.
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    Request, Response, StatusCode, Uri, Version,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::Mutex,
+};
+
+use crate::{
+    audit::{Decision, HostSource, Kind, Verdict},
+    policy::{ConnectQuery, RequestInfo, Verdict as PolicyVerdict},
+    sandbox::Sandbox,
+};
+
+use super::ProxyContext;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest request head a client may send (HTTP/1 buffer, h2 header list).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// How to open (or reopen) the upstream connection.
+pub struct Upstream {
+    pub destination: SocketAddr,
+    /// TLS to the upstream: config (with the client's ALPN) and server name.
+    pub tls: Option<(Arc<rustls::ClientConfig>, rustls::pki_types::ServerName<'static>)>,
+    /// h2 to the upstream (mirrors what the client negotiated).
+    pub h2: bool,
+}
+
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+impl Upstream {
+    /// Opens the connection: TCP, TLS if configured, then the HTTP handshake.
+    pub async fn connect(&self, ctx: &ProxyContext) -> Result<(Box<dyn IoBox>, Option<Vec<u8>>), String> {
+        let tcp = tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(self.destination))
+            .await
+            .map_err(|_| format!("connecting to {} timed out", self.destination))?
+            .map_err(|e| format!("connecting to {} failed: {e}", self.destination))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => Ok((Box::new(tcp), None)),
+            Some((config, name)) => {
+                let connector = tokio_rustls::TlsConnector::from(config.clone());
+                let tls = connector.connect(name.clone(), tcp).await.map_err(|e| upstream_tls_error(&e))?;
+                let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                Ok((Box::new(tls), alpn))
+            }
+        }
+    }
+
+    async fn handshake(&self, io: Box<dyn IoBox>) -> Result<Sender, String> {
+        let io = TokioIo::new(io);
+        if self.h2 {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .handshake(io)
+                .await
+                .map_err(|e| format!("HTTP/2 handshake with the upstream failed: {e}"))?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, connection) =
+                http1::handshake(io).await.map_err(|e| format!("HTTP/1.1 handshake with the upstream failed: {e}"))?;
+            tokio::spawn(async move {
+                let _ = connection.with_upgrades().await;
+            });
+            Ok(Sender::H1(sender))
+        }
+    }
+}
+
+/// Object-safe alias for the upstream stream.
+pub trait IoBox: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> IoBox for T {}
+
+fn upstream_tls_error(error: &std::io::Error) -> String {
+    match error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(tls) => format!("the upstream's TLS certificate was refused: {}", crate::tls::describe_verify_error(tls)),
+        None => format!("TLS with the upstream failed: {error}"),
+    }
+}
+
+/// The answer to every request of a connection that goes nowhere.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub rule: String,
+    pub reason: String,
+}
+
+impl Refusal {
+    fn upstream(reason: String) -> Self {
+        Self { status: StatusCode::BAD_GATEWAY, rule: "upstream-failed".into(), reason }
+    }
+}
+
+/// One inspected client connection.
+pub struct Connection {
+    pub ctx: Arc<ProxyContext>,
+    pub sandbox: Arc<Sandbox>,
+    pub pid: u32,
+    pub destination: SocketAddr,
+    /// The TLS server name the client sent: requests must name the same host.
+    pub sni: Option<String>,
+    pub upstream: Upstream,
+    /// Why no request of this connection goes anywhere (denied at connect
+    /// level, or the upstream's certificate was refused): every request is
+    /// answered with this instead.
+    refusal: Option<Refusal>,
+    sender: Mutex<Option<Sender>>,
+    h2_sender: std::sync::OnceLock<http2::SendRequest<Body>>,
+}
+
+impl Connection {
+    /// `first` is the upstream connection opened for the handshake (or why
+    /// it could not be); `refusal`, when set, answers every request.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn new(
+        ctx: Arc<ProxyContext>,
+        sandbox: Arc<Sandbox>,
+        pid: u32,
+        destination: SocketAddr,
+        sni: Option<String>,
+        upstream: Upstream,
+        first: Result<Box<dyn IoBox>, String>,
+        refusal: Option<Refusal>,
+    ) -> Arc<Self> {
+        let (sender, refusal) = match (refusal, first) {
+            (Some(refusal), _) => (None, Some(refusal)),
+            (None, Err(error)) => (None, Some(Refusal::upstream(error))),
+            (None, Ok(io)) => match upstream.handshake(io).await {
+                Ok(sender) => (Some(sender), None),
+                Err(error) => (None, Some(Refusal::upstream(error))),
+            },
+        };
+        let h2_sender = std::sync::OnceLock::new();
+        let sender = match sender {
+            Some(Sender::H2(h2)) => {
+                let _ = h2_sender.set(h2);
+                None
+            }
+            other => other,
+        };
+        Arc::new(Self { ctx, sandbox, pid, destination, sni, upstream, refusal, sender: Mutex::new(sender), h2_sender })
+    }
+
+    /// Serves the client's requests until it closes.
+    pub async fn serve<S>(self: Arc<Self>, client: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper::service::service_fn(move |request| {
+            let this = self.clone();
+            async move { Ok::<_, Infallible>(this.handle(request).await) }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder.http1().max_buf_size(MAX_HEAD).title_case_headers(false);
+        builder.http2().max_header_list_size(MAX_HEAD as u32);
+        if let Err(error) = builder.serve_connection_with_upgrades(TokioIo::new(client), service).await {
+            tracing::debug!(%error, "client connection ended");
+        }
+    }
+
+    async fn handle(&self, mut request: Request<Incoming>) -> Response<Body> {
+        let method = request.method().as_str().to_owned();
+        let path = request.uri().path().to_owned();
+        let mut decision = Decision::new(Kind::Request, Verdict::Deny, "", "");
+        decision.sandbox = Some(self.sandbox.name().to_owned());
+        decision.pid = Some(self.pid);
+        decision.destination = Some(self.destination);
+        decision.method = Some(method.clone());
+        decision.path = Some(path.clone());
+        decision.protocol = Some(if self.sni.is_some() { "https" } else { "http" }.to_owned());
+
+        if let Some(refusal) = &self.refusal {
+            decision.host.clone_from(&self.sni);
+            return self.refuse(decision, refusal.status, &refusal.rule, &refusal.reason);
+        }
+        let Some(host) = request_host(&request) else {
+            return self.refuse(
+                decision,
+                StatusCode::BAD_REQUEST,
+                "no-host",
+                "the request names no host (no Host header or authority)",
+            );
+        };
+        decision.host = Some(host.clone());
+        decision.host_source = Some(if self.sni.is_some() { HostSource::Sni } else { HostSource::Http });
+        if let Err(reason) = self.check_host(&host) {
+            return self.refuse(decision, StatusCode::MISDIRECTED_REQUEST, "host-mismatch", &reason);
+        }
+        let query = ConnectQuery {
+            host: host.parse::<IpAddr>().is_err().then_some(host.as_str()),
+            ip: self.destination.ip(),
+            port: self.destination.port(),
+        };
+        let verdict =
+            self.sandbox.policy.load().evaluate_request(&query, &RequestInfo { method: &method, path: &path });
+        if verdict.verdict != PolicyVerdict::Allow {
+            return self.refuse(decision, StatusCode::FORBIDDEN, &verdict.rule, &verdict.reason);
+        }
+        decision.rule = verdict.rule.to_string();
+        decision.reason = verdict.reason.to_string();
+
+        let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let upstream_request = self.upstream_request(request, &host, upgrade.is_some());
+        let response = match self.send(upstream_request).await {
+            Ok(response) => response,
+            Err(error) => {
+                return self.refuse(decision, StatusCode::BAD_GATEWAY, "upstream-failed", &error);
+            }
+        };
+        decision.verdict = Verdict::Allow;
+        self.ctx.log.record(decision);
+
+        let (mut parts, body) = response.into_parts();
+        if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, parts.status) {
+            // WebSocket: hand the two upgraded streams to each other. The
+            // upstream's response carries the upgrade future.
+            let upstream_upgrade = hyper::upgrade::on(Response::from_parts(parts.clone(), ()));
+            tokio::spawn(async move {
+                if let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
+                }
+            });
+            return Response::from_parts(parts, Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+        }
+        strip_hop_by_hop(&mut parts.headers, false);
+        Response::from_parts(parts, body.boxed())
+    }
+
+    /// TLS: the request's host must be the server name of the handshake
+    /// (domain fronting is refused). Plain HTTP: it must agree with what the
+    /// sandbox resolved for this address, when it resolved anything.
+    fn check_host(&self, host: &str) -> Result<(), String> {
+        if let Some(sni) = &self.sni {
+            if !host.eq_ignore_ascii_case(sni) {
+                return Err(format!("the request names {host:?} but the TLS handshake named {sni:?}"));
+            }
+            return Ok(());
+        }
+        if host.parse::<IpAddr>().is_ok() {
+            return Ok(());
+        }
+        let resolved = self.sandbox.names.names_for(self.destination.ip());
+        if resolved.is_empty() || resolved.iter().any(|known| known.eq_ignore_ascii_case(host)) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the request names {host:?} but the sandbox resolved {} for another name",
+                self.destination.ip()
+            ))
+        }
+    }
+
+    fn upstream_request(&self, request: Request<Incoming>, host: &str, upgrade: bool) -> Request<Body> {
+        let (mut parts, body) = request.into_parts();
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        parts.headers.remove(header::EXPECT);
+        if self.h2() {
+            let scheme = if self.upstream.tls.is_some() { "https" } else { "http" };
+            let authority = parts.uri.authority().map_or_else(|| host.to_owned(), ToString::to_string);
+            parts.uri = Uri::builder()
+                .scheme(scheme)
+                .authority(authority)
+                .path_and_query(path_and_query)
+                .build()
+                .unwrap_or_default();
+            parts.headers.remove(header::HOST);
+            parts.version = Version::HTTP_2;
+        } else {
+            if !parts.headers.contains_key(header::HOST) {
+                if let Ok(value) = HeaderValue::from_str(parts.uri.authority().map_or(host, |a| a.as_str())) {
+                    parts.headers.insert(header::HOST, value);
+                }
+            }
+            parts.uri = path_and_query.parse().unwrap_or_default();
+            parts.version = Version::HTTP_11;
+        }
+        Request::from_parts(parts, body.boxed())
+    }
+
+    fn h2(&self) -> bool {
+        self.upstream.h2
+    }
+
+    async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, String> {
+        if let Some(h2) = self.h2_sender.get() {
+            let mut h2 = h2.clone();
+            return h2.send_request(request).await.map_err(|e| format!("the upstream failed the request: {e}"));
+        }
+        // HTTP/1.1: one request at a time on the connection; reopen it when
+        // the upstream closed it between requests.
+        let mut slot = self.sender.lock().await;
+        let reusable = matches!(&*slot, Some(Sender::H1(sender)) if !sender.is_closed());
+        if !reusable {
+            let (io, _) = self.upstream.connect(&self.ctx).await?;
+            *slot = Some(self.upstream.handshake(io).await?);
+        }
+        let Some(Sender::H1(sender)) = slot.as_mut() else {
+            return Err("no upstream connection".into());
+        };
+        sender.ready().await.map_err(|e| format!("the upstream connection failed: {e}"))?;
+        sender.send_request(request).await.map_err(|e| format!("the upstream failed the request: {e}"))
+    }
+
+    fn refuse(&self, mut decision: Decision, status: StatusCode, rule: &str, reason: &str) -> Response<Body> {
+        decision.verdict = Verdict::Deny;
+        rule.clone_into(&mut decision.rule);
+        reason.clone_into(&mut decision.reason);
+        let body = format!("sluice denied this request\nrule: {rule}\nreason: {reason}\n");
+        self.ctx.log.record(decision);
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .header(
+                HeaderName::from_static("x-sluice-rule"),
+                HeaderValue::from_str(&super::header_safe(rule)).unwrap_or(HeaderValue::from_static("sluice")),
+            )
+            .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
+            .expect("valid response")
+    }
+}
+
+/// The host a request names: the h2 `:authority` / absolute-form authority,
+/// else the Host header; without port, lower case.
+fn request_host<B>(request: &Request<B>) -> Option<String> {
+    let authority = if let Some(authority) = request.uri().authority() {
+        authority.host().to_owned()
+    } else {
+        let value = request.headers().get(header::HOST)?.to_str().ok()?;
+        value.parse::<hyper::http::uri::Authority>().ok()?.host().to_owned()
+    };
+    let host = authority.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase();
+    (!host.is_empty()).then_some(host)
+}
+
+fn is_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() == Version::HTTP_11
+        && request.headers().get(header::UPGRADE).is_some()
+        && request
+            .headers()
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// Headers that belong to one hop, not the request (RFC 9110 7.6.1). An
+/// upgrade keeps `Connection: upgrade` and `Upgrade` so the upstream sees it.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !(upgrade && *name == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate"] {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    // `te: trailers` is how gRPC asks for trailers; any other TE is hop-by-hop.
+    let keep_te = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !keep_te {
+        headers.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_and_upgrades_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("gzip"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key("x-kept"));
+
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(headers.get(header::CONNECTION).unwrap(), "upgrade");
+        assert_eq!(headers.get(header::TE).unwrap(), "trailers");
+    }
+
+    #[test]
+    fn the_request_host_comes_from_authority_or_host() {
+        let request = Request::builder().uri("https://API.Example.test:8443/x").body(()).unwrap();
+        assert_eq!(request_host(&request).as_deref(), Some("api.example.test"));
+        let request = Request::builder().uri("/x").header("host", "[fd00::1]:80").body(()).unwrap();
+        assert_eq!(request_host(&request).as_deref(), Some("fd00::1"));
+        let request = Request::builder().uri("/x").body(()).unwrap();
+        assert_eq!(request_host(&request), None);
+    }
+}
