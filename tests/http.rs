@@ -25,7 +25,7 @@ reason = "the admin area is off limits"
 [[rule]]
 name = "web-api"
 action = "allow"
-hosts = ["web.test", "expired.test", "wrong.test"]
+hosts = ["web.test", "expired.test", "wrong.test", "git.test"]
 methods = ["GET", "POST"]
 ports = [443, 80]
 "#;
@@ -48,7 +48,8 @@ impl World {
         let ca = TestCa::new();
         let web = WebServer::start(&net, SocketAddr::new(net.v4(2), 443), Some(ca.server_config(&["web.test"], false)));
         let plain = WebServer::start(&net, SocketAddr::new(net.v4(2), 80), None);
-        let zone = HashMap::from([("web.test".to_owned(), vec![net.v4(2)])]);
+        let git_ip = net.add_host(5);
+        let zone = HashMap::from([("web.test".to_owned(), vec![net.v4(2)]), ("git.test".to_owned(), vec![git_ip])]);
         let dns = TestDns::start(net.udp_socket(SocketAddr::new(net.v4(2), 53)), zone);
         let daemon = Daemon::start_with(Some(dns.addr), Some(&ca.cert_pem));
         let sandbox = daemon.sandbox("web", PROFILE).with_nameserver(&daemon.dir, net.v4(99));
@@ -272,4 +273,149 @@ fn a_client_that_does_not_trust_the_sandbox_ca_fails_closed() {
     assert!(!output.status.success(), "an untrusted interception was accepted: {output:?}");
     assert!(world.web.seen().is_empty());
     world.daemon.wait_decisions("client TLS failure", |d| d.iter().any(|d| d.rule == "client-tls"));
+}
+
+/// A git smart-HTTP server over TLS (git http-backend behind a small Python
+/// CGI bridge), inside the test network.
+const GIT_SERVER: &str = r#"
+import http.server, os, ssl, subprocess, sys
+addr, root, cert, key, backend = sys.argv[1:6]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self): self.cgi()
+    def do_POST(self): self.cgi()
+    def log_message(self, *args): pass
+    def cgi(self):
+        path, _, query = self.path.partition("?")
+        env = dict(os.environ, GIT_PROJECT_ROOT=root, GIT_HTTP_EXPORT_ALL="1", PATH_INFO=path,
+                   QUERY_STRING=query, REQUEST_METHOD=self.command, REMOTE_ADDR="10.0.0.1",
+                   CONTENT_TYPE=self.headers.get("content-type", ""),
+                   GIT_PROTOCOL=self.headers.get("git-protocol", ""),
+                   HTTP_CONTENT_ENCODING=self.headers.get("content-encoding", ""))
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        out = subprocess.run([backend], input=body, env=env, capture_output=True).stdout
+        head, _, rest = out.partition(b"\r\n\r\n")
+        status, headers = 200, []
+        for line in head.split(b"\r\n"):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "status":
+                status = int(value.split()[0])
+            elif name:
+                headers.append((name, value.strip()))
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("content-length", str(len(rest)))
+        self.end_headers()
+        self.wfile.write(rest)
+context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+context.load_cert_chain(cert, key)
+server = http.server.ThreadingHTTPServer((addr, 443), Handler)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print("ready", flush=True)
+server.serve_forever()
+"#;
+
+#[test]
+fn git_clones_over_https_through_sluice() {
+    if !privileged() {
+        return;
+    }
+    let world = World::new();
+    let dir = world.daemon.dir.join("git");
+    let repo = dir.join("repo.git");
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let git = |args: &[&str], cwd: &std::path::Path| {
+        let status = std::process::Command::new("git")
+            .args(["-c", "user.email=t@sluice.test", "-c", "user.name=sluice", "-c", "init.defaultBranch=main"])
+            .args(args)
+            .current_dir(cwd)
+            .status()
+            .unwrap();
+        assert!(status.success(), "git {args:?}");
+    };
+    git(&["init", "-q"], &work);
+    std::fs::write(work.join("README"), "cloned through sluice\n").unwrap();
+    git(&["add", "README"], &work);
+    git(&["commit", "-q", "-m", "first"], &work);
+    git(&["clone", "-q", "--bare", work.to_str().unwrap(), repo.to_str().unwrap()], &dir);
+
+    let (cert, key) = world.ca.leaf_pem(&["git.test"]);
+    std::fs::write(dir.join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.join("key.pem"), key).unwrap();
+    std::fs::write(dir.join("server.py"), GIT_SERVER).unwrap();
+    let exec_path =
+        String::from_utf8(std::process::Command::new("git").arg("--exec-path").output().unwrap().stdout).unwrap();
+    let backend = std::path::Path::new(exec_path.trim()).join("git-http-backend");
+    let mut server = std::process::Command::new("ip")
+        .args(["netns", "exec", &world.net.name, "python3"])
+        .arg(dir.join("server.py"))
+        .arg(world.net.v4(5).to_string())
+        .arg(&dir)
+        .arg(dir.join("cert.pem"))
+        .arg(dir.join("key.pem"))
+        .arg(&backend)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
+
+    let clone = dir.join("clone");
+    let mut command = world.sandbox.command("git");
+    command.args(["clone", "-q", "https://git.test/repo.git"]).arg(&clone);
+    let output = command.output().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(output.status.success(), "git clone failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(std::fs::read_to_string(clone.join("README")).unwrap(), "cloned through sluice\n");
+    let decisions = world.daemon.decisions();
+    assert!(decisions.iter().any(|d| d.kind == Kind::Request
+        && d.host.as_deref() == Some("git.test")
+        && d.path.as_deref() == Some("/repo.git/git-upload-pack")));
+}
+
+#[test]
+fn sandbox_cas_are_unique_survive_a_restart_and_sluice_run_trusts_them() {
+    if !privileged() {
+        return;
+    }
+    let mut world = World::new();
+    let other = world.daemon.sandbox("other", PROFILE);
+    let ca_a = harness::block_on(world.daemon.client().ca("web")).unwrap();
+    let ca_b = harness::block_on(world.daemon.client().ca("other")).unwrap();
+    assert!(ca_a.contains("BEGIN CERTIFICATE") && ca_a != ca_b, "sandboxes must not share a CA");
+    let export = std::process::Command::new(harness::SLUICE)
+        .args(["ca", "export", "web", "--instance", &world.daemon.instance])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&export), ca_a);
+    assert!(!std::fs::read_to_string(&world.sandbox.ca_bundle).unwrap().contains("PRIVATE KEY"));
+
+    // A client in one sandbox trusting another sandbox's CA is refused.
+    let resolve = format!("web.test:443:{}", world.net.v4(2));
+    let mut crossed = harness::in_cgroup(&other.cgroup, "curl");
+    crossed.args(["-sS", "--max-time", "10", "--resolve", &resolve, "https://web.test/echo"]);
+    crossed.env("CURL_CA_BUNDLE", &world.sandbox.ca_bundle);
+    assert!(!crossed.output().unwrap().status.success(), "a sandbox accepted another sandbox's CA");
+
+    // After a restart the same CA is presented: bundles handed out still work.
+    world.daemon.restart();
+    assert_eq!(harness::block_on(world.daemon.client().ca("web")).unwrap(), ca_a);
+    let after = world.curl(&["--resolve", &resolve, "https://web.test/echo"]);
+    assert!(stdout(&after).contains("host=web.test"), "{after:?}");
+
+    // `sluice run` sets the trust variables for its command by itself,
+    // overriding what it inherits.
+    std::fs::write(world.daemon.dir.join("run-profile.toml"), PROFILE).unwrap();
+    let output = std::process::Command::new(harness::SLUICE)
+        .args(["run", "--instance", &world.daemon.instance, "-q", "--profile"])
+        .arg(world.daemon.dir.join("run-profile.toml"))
+        .args(["--", "curl", "-sS", "--max-time", "10", "--resolve", &resolve, "https://web.test/echo"])
+        .env("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+        .output()
+        .unwrap();
+    assert!(stdout(&output).contains("host=web.test"), "{output:?}");
 }

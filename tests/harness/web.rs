@@ -45,6 +45,14 @@ impl TestCa {
         std::fs::write(path, &self.cert_pem).unwrap();
     }
 
+    /// A leaf for `names` as PEM (certificate, key), for servers outside Rust.
+    pub fn leaf_pem(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// A server config for `names`; `expired` makes a certificate that ended
     /// yesterday.
     pub fn server_config(&self, names: &[&str], expired: bool) -> Arc<rustls::ServerConfig> {
