@@ -25,6 +25,7 @@ const NS_IF: &str = "sluice-demo1";
 const SCRIPT: &str = r#"
 run() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; echo "(exit $?)"; sleep 0.3; }
 run curl -sS --max-time 5 -w '[HTTP %{http_code}]\n' http://docs.demo.test/
+run curl -sS --max-time 5 -w '[HTTP %{http_code}]\n' https://docs.demo.test/
 run curl -sS --max-time 5 -w '[HTTP %{http_code}]\n' http://intranet.demo.test/
 run curl -sS --max-time 5 http://docs.demo.test:8080/
 run python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"quic?", ("198.18.0.10", 443))'
@@ -43,6 +44,7 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::write(dir.join("www/index.html"), "hello from docs.demo.test, reached through sluice\n")?;
     std::fs::write(dir.join("resolv.conf"), "nameserver 198.18.0.53\noptions timeout:2 attempts:1\n")?;
     std::fs::write(dir.join("demo.sh"), SCRIPT)?;
+    make_demo_certificates(&dir)?;
 
     step("creating the stand-in internet (network namespace sluice-demo)");
     let net = DemoNet::create()?;
@@ -56,7 +58,9 @@ pub fn run() -> anyhow::Result<()> {
         dir.join("demo.sh").display()
     );
     let status = Command::new(&sluice)
-        .args(["run", "--name", "demo", "--upstream-dns", "198.18.0.53:53", "--", "unshare", "-m", "sh", "-c", &inner])
+        .args(["run", "--name", "demo", "--upstream-dns", "198.18.0.53:53", "--upstream-ca"])
+        .arg(dir.join("demo-ca.pem"))
+        .args(["--", "unshare", "-m", "sh", "-c", &inner])
         .status()
         .context("running sluice")?;
     eprintln!();
@@ -64,6 +68,76 @@ pub fn run() -> anyhow::Result<()> {
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The demo's HTTPS server: the same page over TLS, with a certificate
+/// from the demo's own CA (which sluice is told to trust upstream).
+const HTTPS_SERVER: &str = r#"
+import functools, http.server, ssl, sys
+root, cert, key = sys.argv[1:4]
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)
+server = http.server.ThreadingHTTPServer(("0.0.0.0", 443), handler)
+context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
+/// A demo CA and a certificate for docs.demo.test signed by it (openssl).
+fn make_demo_certificates(dir: &Path) -> anyhow::Result<()> {
+    let at = |name: &str| dir.join(name).display().to_string();
+    sh(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sluice demo upstream CA",
+        "-keyout",
+        &at("demo-ca.key"),
+        "-out",
+        &at("demo-ca.pem"),
+    ])?;
+    sh(&[
+        "openssl",
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=docs.demo.test",
+        "-keyout",
+        &at("docs.key"),
+        "-out",
+        &at("docs.csr"),
+    ])?;
+    std::fs::write(dir.join("docs.ext"), "subjectAltName=DNS:docs.demo.test\n")?;
+    sh(&[
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        &at("docs.csr"),
+        "-CA",
+        &at("demo-ca.pem"),
+        "-CAkey",
+        &at("demo-ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &at("docs.ext"),
+        "-out",
+        &at("docs.pem"),
+    ])
 }
 
 struct DemoNet;
@@ -96,6 +170,14 @@ impl DemoNet {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
+        let https = Command::new("ip")
+            .args(["netns", "exec", NETNS, "python3", "-c", HTTPS_SERVER])
+            .arg(dir.join("www"))
+            .arg(dir.join("docs.pem"))
+            .arg(dir.join("docs.key"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
         let dns = Command::new("ip")
             .args([
                 "netns",
@@ -113,7 +195,7 @@ impl DemoNet {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let servers = Servers(vec![web, dns]);
+        let servers = Servers(vec![web, https, dns]);
         std::thread::sleep(std::time::Duration::from_millis(500));
         Ok(servers)
     }
@@ -138,7 +220,12 @@ impl Drop for Servers {
 }
 
 fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new(args[0]).args(&args[1..]).status().with_context(|| format!("running {args:?}"))?;
+    let status = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .with_context(|| format!("running {args:?}"))?;
     if !status.success() {
         bail!("{args:?} failed (the demo needs root)");
     }
