@@ -419,3 +419,59 @@ fn sandbox_cas_are_unique_survive_a_restart_and_sluice_run_trusts_them() {
         .unwrap();
     assert!(stdout(&output).contains("host=web.test"), "{output:?}");
 }
+
+#[test]
+fn a_profile_changed_at_runtime_decides_the_next_request_on_a_kept_connection() {
+    if !privileged() {
+        return;
+    }
+    let world = World::new();
+    let stricter = world.daemon.dir.join("stricter.toml");
+    std::fs::write(
+        &stricter,
+        PROFILE
+            .replace("methods = [\"GET\", \"POST\"]", "methods = [\"POST\"]")
+            .replace("name = \"web\"", "name = \"web-strict\""),
+    )
+    .unwrap();
+    let broken = world.daemon.dir.join("broken.toml");
+    std::fs::write(&broken, "name = \"x\"\n[[rule]]\naction = \"sometimes\"\n").unwrap();
+    let set = |file: &std::path::Path| {
+        std::process::Command::new(harness::SLUICE)
+            .args(["policy", "set", "--sandbox", "web", "--instance", &world.daemon.instance])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    // One TLS connection, kept alive across the change. The script waits on
+    // stdin between its two requests.
+    let script = r#"
+import http.client, ssl, sys
+conn = http.client.HTTPSConnection("web.test", timeout=15, context=ssl.create_default_context())
+conn.request("GET", "/echo"); r = conn.getresponse(); r.read(); print("first=" + str(r.status), flush=True)
+sys.stdin.readline()
+conn.request("GET", "/echo"); r = conn.getresponse(); body = r.read().decode(); print("second=" + str(r.status), flush=True)
+print("rule=" + [l for l in body.splitlines() if l.startswith("rule: ")][0][6:], flush=True)
+"#;
+    let mut command = world.sandbox.command("python3");
+    command.args(["-c", script]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "first=200");
+
+    let refused = set(&broken);
+    assert_eq!(refused.status.code(), Some(2), "a broken profile was accepted");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("broken.toml:3"), "{refused:?}");
+    let applied = set(&stricter);
+    assert!(applied.status.success(), "{applied:?}");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let _ = child.wait();
+    assert!(rest.contains("second=403") && rest.contains("rule=default-deny"), "{rest}");
+    let status = world.daemon.statuses().into_iter().find(|s| s.record.name == "web").unwrap();
+    assert_eq!(status.profile_name, "web-strict");
+    assert_eq!(world.web.seen().len(), 1, "the second request reached the upstream");
+}

@@ -295,7 +295,7 @@ impl Daemon {
     fn status(&self, sandbox: &Sandbox) -> SandboxStatus {
         let counters = self.datapath.counters(sandbox.record.slot);
         SandboxStatus {
-            record: sandbox.record.clone(),
+            record: sandbox.current_record(),
             profile_name: sandbox.policy.load().name().to_owned(),
             processes: cgroup::pids(&sandbox.record.cgroup).len(),
             redirected: counters.redirected,
@@ -448,6 +448,26 @@ impl Daemon {
         ] {
             let _ = std::fs::remove_file(path);
         }
+    }
+
+    /// Replaces a sandbox's profile at runtime. A broken profile is refused
+    /// and the one in force stays.
+    pub async fn set_profile(&self, name: &str, source: ProfileSource) -> anyhow::Result<SandboxStatus> {
+        let policy = compile(&source)?;
+        let _guard = self.registering.lock().await;
+        let sandbox = self.registry.by_name(name).with_context(|| format!("no sandbox named {name:?}"))?;
+        let described = source.describe().to_owned();
+        sandbox.replace_policy(source, policy);
+        self.persist();
+        let mut decision = Decision::new(
+            Kind::Lifecycle,
+            Verdict::Info,
+            "profile-changed",
+            format!("sandbox {name} now enforces {described}"),
+        );
+        decision.sandbox = Some(name.to_owned());
+        self.log.record(decision);
+        Ok(self.status(&sandbox))
     }
 
     /// Removes a sandbox. In a cgroup sluice made, remaining processes are

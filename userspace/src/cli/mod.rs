@@ -74,7 +74,7 @@ pub fn main(cli: Cli) -> anyhow::Result<u8> {
             Command::Run(args) => run::run(args).await,
             Command::Sandbox(command) => sandbox::run(command).await.map(|()| 0),
             Command::Ca(command) => ca::run(command).await.map(|()| 0),
-            Command::Policy(command) => policy::run(&command),
+            Command::Policy(command) => policy::run(&command).await,
             Command::Teardown(args) => teardown::run(&args).await.map(|()| 0),
         }
     })

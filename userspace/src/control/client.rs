@@ -41,6 +41,15 @@ impl ControlClient {
         self.call(Method::POST, "/v1/sandboxes", Some(request)).await
     }
 
+    /// Replaces a sandbox's profile.
+    pub async fn set_profile(
+        &self,
+        name: &str,
+        profile: &crate::sandbox::ProfileSource,
+    ) -> anyhow::Result<SandboxStatus> {
+        self.call(Method::PUT, &format!("/v1/sandboxes/{name}/profile"), Some(profile)).await
+    }
+
     /// The sandbox's CA certificate, PEM.
     pub async fn ca(&self, name: &str) -> anyhow::Result<String> {
         let (status, body) = self.send(Method::GET, &format!("/v1/sandboxes/{name}/ca"), None::<&()>).await?;

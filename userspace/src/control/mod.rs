@@ -7,6 +7,7 @@
 //! | POST   | /v1/sandboxes            | register a sandbox ([`RegisterRequest`]) |
 //! | DELETE | /v1/sandboxes/{name}     | remove a sandbox (kills what remains in a cgroup sluice made) |
 //! | GET    | /v1/sandboxes/{name}/ca  | the sandbox's CA certificate (PEM)    |
+//! | PUT    | /v1/sandboxes/{name}/profile | replace its profile ([`ProfileSource`]); next request uses it |
 //! | GET    | /v1/events[?sandbox=N]   | follow decisions as JSON lines        |
 //!
 //! The socket is mode 0600 and every connection's peer is checked: it must
@@ -172,6 +173,20 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
             Ok(false) => error(StatusCode::NOT_FOUND, format!("no sandbox named {name:?}")),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
         },
+        (Method::PUT, ["v1", "sandboxes", name, "profile"]) => {
+            let body = match read_body(request).await {
+                Ok(body) => body,
+                Err(why) => return error(StatusCode::BAD_REQUEST, why),
+            };
+            let source: ProfileSource = match serde_json::from_slice(&body) {
+                Ok(source) => source,
+                Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
+            };
+            match daemon.set_profile(name, source).await {
+                Ok(status) => json(StatusCode::OK, &status),
+                Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+            }
+        }
         (Method::GET, ["v1", "sandboxes", name, "ca"]) => match daemon.registry().by_name(name) {
             Some(sandbox) => Response::builder()
                 .status(StatusCode::OK)

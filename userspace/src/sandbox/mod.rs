@@ -76,12 +76,15 @@ pub struct Sandbox {
     /// Names this sandbox resolved through sluice, by address.
     pub names: NameMemory,
     pub tls: SandboxTls,
+    /// Where the policy in force came from (it changes at runtime).
+    profile: Mutex<ProfileSource>,
     resolvers: Mutex<Vec<SandboxResolver>>,
 }
 
 impl Sandbox {
     pub fn new(record: SandboxRecord, policy: Policy, resolvers: Vec<SandboxResolver>, tls: SandboxTls) -> Self {
         Self {
+            profile: Mutex::new(record.profile.clone()),
             record,
             policy: ArcSwap::from_pointee(policy),
             names: NameMemory::default(),
@@ -92,6 +95,19 @@ impl Sandbox {
 
     pub fn name(&self) -> &str {
         &self.record.name
+    }
+
+    /// The record as it is now, with the profile in force.
+    pub fn current_record(&self) -> SandboxRecord {
+        SandboxRecord { profile: self.profile.lock().expect("lock poisoned").clone(), ..self.record.clone() }
+    }
+
+    /// Puts a new policy in force. Atomic for every reader: the next
+    /// decision, on a new connection or a kept-alive one, uses it.
+    pub fn replace_policy(&self, source: ProfileSource, policy: Policy) {
+        let mut current = self.profile.lock().expect("lock poisoned");
+        self.policy.store(Arc::new(policy));
+        *current = source;
     }
 
     /// Stops the sandbox's resolvers.
@@ -172,7 +188,7 @@ impl Registry {
     }
 
     pub fn records(&self) -> Vec<SandboxRecord> {
-        self.list().iter().map(|s| s.record.clone()).collect()
+        self.list().iter().map(|s| s.current_record()).collect()
     }
 }
 
