@@ -288,6 +288,7 @@ pub struct Daemon {
     child: Option<Child>,
     upstream_dns: Option<SocketAddr>,
     upstream_ca: Option<PathBuf>,
+    secrets: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -297,6 +298,11 @@ impl Daemon {
 
     /// A daemon that also trusts `upstream_ca` (PEM text) for upstreams.
     pub fn start_with(upstream_dns: Option<SocketAddr>, upstream_ca: Option<&str>) -> Self {
+        Self::start_full(upstream_dns, upstream_ca, None)
+    }
+
+    /// ... and holds the secrets in `secrets` (`name = "value"` lines).
+    pub fn start_full(upstream_dns: Option<SocketAddr>, upstream_ca: Option<&str>, secrets: Option<&str>) -> Self {
         let instance = next_instance();
         let dir = std::env::temp_dir().join(&instance);
         let _ = std::fs::remove_dir_all(&dir);
@@ -306,7 +312,14 @@ impl Daemon {
             std::fs::write(&path, pem).unwrap();
             path
         });
-        let mut daemon = Self { instance, dir, child: None, upstream_dns, upstream_ca };
+        let secrets = secrets.map(|text| {
+            let path = dir.join("secrets");
+            let mut file =
+                std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&path).unwrap();
+            file.write_all(text.as_bytes()).unwrap();
+            path
+        });
+        let mut daemon = Self { instance, dir, child: None, upstream_dns, upstream_ca, secrets };
         daemon.spawn();
         daemon
     }
@@ -329,6 +342,9 @@ impl Daemon {
         }
         if let Some(ca) = &self.upstream_ca {
             command.arg("--upstream-ca").arg(ca);
+        }
+        if let Some(secrets) = &self.secrets {
+            command.arg("--secrets").arg(secrets);
         }
         self.child = Some(command.spawn().expect("spawn sluice daemon"));
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -386,6 +402,7 @@ impl Daemon {
             cgroup: status.record.cgroup,
             ca_bundle: status.record.ca_bundle,
             resolv: None,
+            env: status.env.into_iter().collect(),
         }
     }
 
@@ -448,6 +465,8 @@ pub struct Sandbox {
     pub ca_bundle: PathBuf,
     /// A resolv.conf its commands see instead of the host's.
     pub resolv: Option<PathBuf>,
+    /// Credential placeholders, as `sluice run` hands them over.
+    pub env: Vec<(String, String)>,
 }
 
 impl Sandbox {
@@ -476,6 +495,9 @@ impl Sandbox {
             command.env(variable, &self.ca_bundle);
         }
         command.env_remove("SSL_CERT_DIR");
+        for (variable, value) in &self.env {
+            command.env(variable, value);
+        }
         command
     }
 

@@ -204,6 +204,15 @@ async fn respond(mut request: Request<hyper::body::Incoming>, seen: &Mutex<Vec<S
             Response::new(StreamBody::new(futures_util::stream::iter(chunks)).boxed())
         }
         "/upload" => Response::new(full(format!("received={}\n", body.len()))),
+        // Echoes the request head back, the way debug endpoints do.
+        "/reflect" => {
+            let mut text = format!("query={query}\n");
+            for (name, value) in &headers {
+                use std::fmt::Write as _;
+                let _ = writeln!(text, "{name}: {value}");
+            }
+            Response::new(full(text))
+        }
         "/grpc" => {
             let trailers = {
                 let mut map = hyper::HeaderMap::new();

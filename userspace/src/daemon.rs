@@ -55,6 +55,10 @@ pub struct DaemonConfig {
     /// Extra roots (PEM files) upstream certificates may chain to, besides
     /// the system's.
     pub upstream_ca: Vec<PathBuf>,
+    /// Secrets file (`name = "value"` lines, root-only) and directory (one
+    /// file per secret); `SLUICE_SECRET_<NAME>` variables count too.
+    pub secrets_file: Option<PathBuf>,
+    pub secrets_dir: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -69,6 +73,8 @@ impl DaemonConfig {
             decision_log: Some(PathBuf::from(format!("/var/log/{instance}/decisions.jsonl"))),
             serve_control: true,
             upstream_ca: Vec::new(),
+            secrets_file: None,
+            secrets_dir: None,
         })
     }
 
@@ -122,6 +128,7 @@ pub struct Daemon {
     /// Registrations run one at a time: slot and port choice, map writes and
     /// the state file must agree.
     registering: tokio::sync::Mutex<()>,
+    secrets: Arc<arc_swap::ArcSwap<crate::credentials::SecretStore>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     unknown_resolvers: Mutex<Vec<SandboxResolver>>,
     /// Loopback addresses the proxy and resolvers listen on.
@@ -191,7 +198,11 @@ impl Daemon {
         datapath.add_endpoint(target, target.dns_port, sluice_common::PROTO_UDP)?;
         datapath.add_endpoint(target, target.dns_port, PROTO_TCP)?;
 
+        let secrets =
+            crate::credentials::SecretStore::load(config.secrets_file.as_deref(), config.secrets_dir.as_deref())
+                .context("loading secrets")?;
         let daemon = Arc::new(Self {
+            secrets: Arc::new(arc_swap::ArcSwap::from_pointee(secrets)),
             config,
             datapath: datapath.clone(),
             registry: registry.clone(),
@@ -246,6 +257,7 @@ impl Daemon {
             self.log.clone(),
             addrs,
             upstream_roots,
+            self.secrets.clone(),
         ));
         for listener in listeners {
             self.spawn(proxy::serve(listener, context.clone()));
@@ -302,6 +314,7 @@ impl Daemon {
             dns: counters.dns,
             refused: counters.refused,
             dropped_packets: counters.dropped_packets,
+            env: crate::credentials::environment(sandbox.policy.load().credentials(), &sandbox.placeholders()),
         }
     }
 
@@ -338,6 +351,10 @@ impl Daemon {
             profile: request.profile,
             owns_cgroup,
             ca_bundle: PathBuf::new(),
+            placeholders: crate::credentials::placeholders_for(
+                policy.credentials(),
+                &std::collections::BTreeMap::new(),
+            ),
             created: SystemTime::now(),
         };
         match self.install(record, policy).await {
@@ -448,6 +465,22 @@ impl Daemon {
         ] {
             let _ = std::fs::remove_file(path);
         }
+    }
+
+    /// Re-reads the secrets (rotation, revocation). The next request uses
+    /// them, on new and kept-alive connections alike. On error the secrets
+    /// in force stay. Returns how many secrets are held.
+    pub fn reload_secrets(&self) -> anyhow::Result<usize> {
+        let store = crate::credentials::SecretStore::load(
+            self.config.secrets_file.as_deref(),
+            self.config.secrets_dir.as_deref(),
+        )?;
+        let count = store.len();
+        self.secrets.store(Arc::new(store));
+        let decision =
+            Decision::new(Kind::Lifecycle, Verdict::Info, "secrets-reloaded", format!("{count} secrets held"));
+        self.log.record(decision);
+        Ok(count)
     }
 
     /// Replaces a sandbox's profile at runtime. A broken profile is refused

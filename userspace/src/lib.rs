@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod cli;
 pub mod control;
+pub mod credentials;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;

@@ -80,6 +80,9 @@ pub struct Decision {
     pub method: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// Names (never values) of the secrets injected into the request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<String>,
     pub verdict: Verdict,
     /// The rule that decided, or a built-in reason name.
     pub rule: String,
@@ -99,6 +102,7 @@ impl Decision {
             protocol: None,
             method: None,
             path: None,
+            credentials: Vec::new(),
             verdict,
             rule: rule.into(),
             reason: reason.into(),
@@ -140,6 +144,9 @@ impl fmt::Display for Decision {
         }
         if let Some(protocol) = &self.protocol {
             write!(f, " [{protocol}]")?;
+        }
+        if !self.credentials.is_empty() {
+            write!(f, " [injected {}]", self.credentials.join(", "))?;
         }
         write!(f, " rule={}: {}", self.rule, self.reason)
     }

@@ -25,6 +25,13 @@ pub struct DaemonArgs {
     /// besides the system roots.
     #[arg(long = "upstream-ca", value_name = "PEM")]
     pub upstream_ca: Vec<PathBuf>,
+    /// Secrets file: `name = "value"` lines, owned by root, mode 600.
+    /// Re-read on SIGHUP.
+    #[arg(long)]
+    pub secrets: Option<PathBuf>,
+    /// Directory with one file per secret (e.g. a mounted secret volume).
+    #[arg(long)]
+    pub secrets_dir: Option<PathBuf>,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
@@ -33,6 +40,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     config.dns_port = args.dns_port;
     config.upstream_dns = args.upstream_dns;
     config.upstream_ca = args.upstream_ca;
+    config.secrets_file = args.secrets;
+    config.secrets_dir = args.secrets_dir;
     if let Some(path) = args.decision_log {
         config.decision_log = Some(path);
     }
@@ -41,9 +50,17 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     }
     let daemon = Daemon::start(config).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+            _ = hangup.recv() => match daemon.reload_secrets() {
+                Ok(count) => tracing::info!(count, "secrets reloaded"),
+                // The secrets in force stay; the error never includes values.
+                Err(error) => tracing::error!(error = %format!("{error:#}"), "secrets not reloaded"),
+            },
+        }
     }
     // Pins stay: sandboxes remain cut off until a daemon is back.
     daemon.stop();

@@ -70,7 +70,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
             let (name, tally) = (name.clone(), tally.clone());
             tokio::spawn(async move { client.follow(Some(&name), |d| tally.print(&d)).await })
         });
-        let result = spawn_and_wait(&status.record, &args.command).await;
+        let result = spawn_and_wait(&status.record, &status.env, &args.command).await;
         // Let the last decisions arrive before the summary.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         if let Some(follower) = follower {
@@ -110,7 +110,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         })
     });
     let result = match daemon.register(request).await {
-        Ok(status) => spawn_and_wait(&status.record, &args.command).await,
+        Ok(status) => spawn_and_wait(&status.record, &status.env, &args.command).await,
         Err(error) => Err(error),
     };
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -171,7 +171,11 @@ const TRUST_VARIABLES: [&str; 14] = [
 /// Runs the command inside the sandbox's cgroup from its first instruction,
 /// trusting the sandbox's CA, forwards signals, and returns its exit code
 /// (128 + signal if killed).
-async fn spawn_and_wait(sandbox: &crate::sandbox::SandboxRecord, argv: &[OsString]) -> anyhow::Result<u8> {
+async fn spawn_and_wait(
+    sandbox: &crate::sandbox::SandboxRecord,
+    env: &std::collections::BTreeMap<String, String>,
+    argv: &[OsString],
+) -> anyhow::Result<u8> {
     let procs = CString::new(sandbox.cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
     let mut command = std::process::Command::new(&argv[0]);
     command.args(&argv[1..]);
@@ -181,6 +185,10 @@ async fn spawn_and_wait(sandbox: &crate::sandbox::SandboxRecord, argv: &[OsStrin
     // A directory of system roots would be consulted instead of, not beside,
     // the bundle by some clients.
     command.env_remove("SSL_CERT_DIR");
+    // Credentials: the sandbox only ever holds placeholders.
+    for (variable, placeholder) in env {
+        command.env(variable, placeholder);
+    }
     // Debian's wget reads no variable; it takes its CA from a wgetrc.
     let wgetrc = sandbox.ca_bundle.with_extension("wgetrc");
     if std::fs::write(&wgetrc, format!("ca_certificate = {}\n", sandbox.ca_bundle.display())).is_ok() {

@@ -8,6 +8,7 @@
 //! | DELETE | /v1/sandboxes/{name}     | remove a sandbox (kills what remains in a cgroup sluice made) |
 //! | GET    | /v1/sandboxes/{name}/ca  | the sandbox's CA certificate (PEM)    |
 //! | PUT    | /v1/sandboxes/{name}/profile | replace its profile ([`ProfileSource`]); next request uses it |
+//! | POST   | /v1/secrets/reload       | re-read secrets (rotation); next request uses them |
 //! | GET    | /v1/events[?sandbox=N]   | follow decisions as JSON lines        |
 //!
 //! The socket is mode 0600 and every connection's peer is checked: it must
@@ -58,6 +59,10 @@ pub struct SandboxStatus {
     pub dns: u64,
     pub refused: u64,
     pub dropped_packets: u64,
+    /// Variables for the sandbox's commands: placeholders of its
+    /// credentials (variable -> placeholder).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// `GET /v1/health`.
@@ -194,6 +199,10 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
                 .body(Full::new(Bytes::from(sandbox.tls.ca.cert_pem().to_owned())).boxed())
                 .expect("valid response"),
             None => error(StatusCode::NOT_FOUND, format!("no sandbox named {name:?}")),
+        },
+        (Method::POST, ["v1", "secrets", "reload"]) => match daemon.reload_secrets() {
+            Ok(count) => json(StatusCode::OK, &serde_json::json!({ "secrets": count })),
+            Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
         },
         (Method::GET, ["v1", "events"]) => {
             let sandbox = query.split('&').find_map(|kv| kv.strip_prefix("sandbox=")).map(str::to_owned);

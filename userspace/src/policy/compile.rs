@@ -75,6 +75,7 @@ impl fmt::Debug for Policy {
 
 struct Compiled {
     name: String,
+    credentials: Vec<super::model::CredentialSpec>,
     /// In file order; indexes below refer to positions here.
     rules: Vec<CompiledRule>,
     hosts: HostIndex,
@@ -204,11 +205,23 @@ impl Policy {
             });
         }
         let hosts = hosts.build().map_err(|message| PolicyError::Compile { profile: profile.name.clone(), message })?;
-        Ok(Policy { inner: Arc::new(Compiled { name: profile.name.clone(), rules, hosts }) })
+        Ok(Policy {
+            inner: Arc::new(Compiled {
+                name: profile.name.clone(),
+                credentials: profile.credentials.clone(),
+                rules,
+                hosts,
+            }),
+        })
     }
 
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// The profile's credential bindings.
+    pub fn credentials(&self) -> &[super::model::CredentialSpec] {
+        &self.inner.credentials
     }
 
     /// A connection whose requests will not be seen (opaque TCP, TLS that

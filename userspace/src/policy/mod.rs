@@ -39,7 +39,10 @@ use serde::Deserialize;
 
 pub use compile::{ConnectQuery, Decision, Policy, RequestInfo, Verdict};
 pub use error::{Location, PolicyError, RuleRef};
-pub use model::{Action, HostPattern, HostPatternKind, IpPattern, PortRange, Profile, RuleSpec, DEFAULT_DENY};
+pub use model::{
+    Action, CredentialSpec, HostPattern, HostPatternKind, IpPattern, PortRange, Profile, RuleSpec, TlsMode,
+    DEFAULT_DENY,
+};
 
 /// Text of the built-in default profile (`sluice policy default` prints it).
 pub const BUILTIN_DEFAULT_TOML: &str = include_str!("default.toml");

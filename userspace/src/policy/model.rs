@@ -25,6 +25,26 @@ pub struct Profile {
     /// Written as `[[rule]]` tables, hence the singular key.
     #[serde(default, rename = "rule", skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RuleSpec>,
+    /// Written as `[[credential]]` tables: secrets the daemon holds and
+    /// injects for this sandbox, bound to hosts.
+    #[serde(default, rename = "credential", skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<CredentialSpec>,
+}
+
+/// One `[[credential]]`: the sandbox gets a placeholder for `secret` (in
+/// the variable `env`, under `sluice run`), and sluice swaps the placeholder
+/// for the real value in requests to `hosts` only. A placeholder seen going
+/// to any other host is blocked as an exfiltration attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSpec {
+    /// Name of the secret in the daemon's secret store.
+    pub secret: String,
+    /// Hosts the secret may go to: exact names or `*.suffix`.
+    pub hosts: Vec<HostPattern>,
+    /// Environment variable that carries the placeholder into the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
 }
 
 /// One `[[rule]]`. Every condition that is present must match; an absent
@@ -165,6 +185,38 @@ impl Profile {
                     return Err(fail(
                         "a passthrough rule cannot have `methods` or `paths`: its requests are never seen".into(),
                     ));
+                }
+            }
+        }
+        for (index, credential) in self.credentials.iter().enumerate() {
+            let fail = |problem: String| ProfileProblem::Rule {
+                index: self.rules.len() + index,
+                name: format!("credential {}", credential.secret),
+                problem,
+            };
+            let name_ok = |name: &str| {
+                !name.is_empty()
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+            };
+            if !name_ok(&credential.secret) {
+                return Err(fail(format!(
+                    "secret name {:?} must be letters, digits, '_', '-' or '.'",
+                    credential.secret
+                )));
+            }
+            if credential.hosts.is_empty() {
+                return Err(fail("`hosts` is empty: a credential must be bound to at least one host".into()));
+            }
+            if credential.hosts.iter().any(|h| matches!(h.kind(), HostPatternKind::Glob(_) | HostPatternKind::Any)) {
+                return Err(fail(
+                    "credential hosts must be exact names or `*.suffix`, never `*` or other globs".into(),
+                ));
+            }
+            if let Some(env) = &credential.env {
+                let valid = env.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                    && env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if !valid {
+                    return Err(fail(format!("{env:?} is not an environment variable name")));
                 }
             }
         }

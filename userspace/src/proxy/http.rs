@@ -28,6 +28,7 @@ use tokio::{
 
 use crate::{
     audit::{Decision, HostSource, Kind, Verdict},
+    credentials::{swap, Leak, ScrubBody, Secret, PLACEHOLDER_PREFIX},
     policy::{ConnectQuery, RequestInfo, Verdict as PolicyVerdict},
     sandbox::Sandbox,
 };
@@ -228,7 +229,12 @@ impl Connection {
         decision.reason = verdict.reason.to_string();
 
         let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-        let upstream_request = self.upstream_request(request, &host, upgrade.is_some());
+        let mut upstream_request = self.upstream_request(request, &host, upgrade.is_some());
+        let injected = match self.inject_credentials(&mut upstream_request, &host) {
+            Ok(injected) => injected,
+            Err((rule, reason)) => return self.refuse(decision, StatusCode::FORBIDDEN, rule, &reason),
+        };
+        decision.credentials = injected.iter().map(|(name, _, _)| name.clone()).collect();
         let response = match self.send(upstream_request).await {
             Ok(response) => response,
             Err(error) => {
@@ -251,7 +257,90 @@ impl Connection {
             return Response::from_parts(parts, Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
         }
         strip_hop_by_hop(&mut parts.headers, false);
-        Response::from_parts(parts, body.boxed())
+        if injected.is_empty() {
+            return Response::from_parts(parts, body.boxed());
+        }
+        // The upstream got real secrets: none may come back to the sandbox.
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = injected
+            .into_iter()
+            .map(|(_, secret, placeholder)| (secret.expose().as_bytes().to_vec(), placeholder.into_bytes()))
+            .collect();
+        for value in parts.headers.values_mut() {
+            let scrubbed = crate::credentials::scrub::scrub(value.as_bytes(), &pairs);
+            if scrubbed != value.as_bytes() {
+                *value = HeaderValue::from_bytes(&scrubbed).unwrap_or(HeaderValue::from_static("<scrubbed>"));
+            }
+        }
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Response::from_parts(parts, ScrubBody::new(body, pairs).boxed())
+    }
+
+    /// Swaps this sandbox's placeholders in the request's headers and query
+    /// for the secrets bound to `host`. Returns (name, secret, placeholder) of
+    /// each secret put in, or the rule and reason to refuse the request.
+    #[allow(clippy::type_complexity)]
+    fn inject_credentials(
+        &self,
+        request: &mut Request<Body>,
+        host: &str,
+    ) -> Result<Vec<(String, Secret, String)>, (&'static str, String)> {
+        let has_placeholder =
+            request.headers().values().any(|v| memchr_str(v.as_bytes(), PLACEHOLDER_PREFIX.as_bytes()))
+                || request.uri().query().is_some_and(|q| q.contains(PLACEHOLDER_PREFIX));
+        if !has_placeholder {
+            return Ok(Vec::new());
+        }
+        if self.upstream.tls.is_none() {
+            return Err((
+                "credential-cleartext",
+                format!("a credential placeholder was sent to {host} without TLS; secrets are only injected over TLS"),
+            ));
+        }
+        let policy = self.sandbox.policy.load();
+        let placeholders = self.sandbox.placeholders();
+        let secrets = self.ctx.secrets.load();
+        let leak = |leak: Leak| match leak {
+            Leak::Missing { .. } => ("credential-missing", leak.to_string()),
+            _ => ("credential-exfiltration", leak.to_string()),
+        };
+        let mut used: Vec<String> = Vec::new();
+        for value in request.headers_mut().values_mut() {
+            if !memchr_str(value.as_bytes(), PLACEHOLDER_PREFIX.as_bytes()) {
+                continue;
+            }
+            let text = value
+                .to_str()
+                .map_err(|_| ("credential-exfiltration", "a placeholder in a non-text header".to_owned()))?;
+            if let Some((swapped, names)) =
+                swap(text, host, policy.credentials(), &placeholders, &secrets).map_err(leak)?
+            {
+                *value = HeaderValue::from_str(&swapped)
+                    .map_err(|_| ("credential-invalid", "a secret is not valid in an HTTP header".to_owned()))?;
+                used.extend(names);
+            }
+        }
+        if let Some(path_and_query) = request.uri().path_and_query().map(ToString::to_string) {
+            if let Some((swapped, names)) =
+                swap(&path_and_query, host, policy.credentials(), &placeholders, &secrets).map_err(leak)?
+            {
+                let mut parts = request.uri().clone().into_parts();
+                parts.path_and_query = Some(
+                    swapped.parse().map_err(|_| ("credential-invalid", "a secret is not valid in a URL".to_owned()))?,
+                );
+                *request.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+                used.extend(names);
+            }
+        }
+        used.sort();
+        used.dedup();
+        Ok(used
+            .into_iter()
+            .filter_map(|name| {
+                let secret = secrets.get(&name)?.clone();
+                let placeholder = placeholders.get(&name)?.clone();
+                Some((name, secret, placeholder))
+            })
+            .collect())
     }
 
     /// TLS: the request's host must be the server name of the handshake
@@ -346,6 +435,10 @@ impl Connection {
             .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
             .expect("valid response")
     }
+}
+
+fn memchr_str(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
 }
 
 /// The host a request names: the h2 `:authority` / absolute-form authority,

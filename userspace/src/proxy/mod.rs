@@ -51,6 +51,8 @@ pub struct ProxyContext {
     pub connect_timeout: Duration,
     /// Roots that upstream servers' certificates are verified against.
     pub upstream_roots: Arc<crate::tls::UpstreamRoots>,
+    /// Secrets injected for sandboxes; swapped whole on reload.
+    pub secrets: Arc<arc_swap::ArcSwap<crate::credentials::SecretStore>>,
 }
 
 impl ProxyContext {
@@ -60,6 +62,7 @@ impl ProxyContext {
         log: Arc<DecisionLog>,
         own_addrs: Vec<SocketAddr>,
         upstream_roots: Arc<crate::tls::UpstreamRoots>,
+        secrets: Arc<arc_swap::ArcSwap<crate::credentials::SecretStore>>,
     ) -> Self {
         Self {
             datapath,
@@ -70,6 +73,7 @@ impl ProxyContext {
             prefix_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             upstream_roots,
+            secrets,
         }
     }
 }

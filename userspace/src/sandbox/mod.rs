@@ -59,6 +59,10 @@ pub struct SandboxRecord {
     /// and the sandbox's own CA.
     #[serde(default)]
     pub ca_bundle: PathBuf,
+    /// Placeholder per secret its profile binds (secret name -> placeholder).
+    /// Not secret: they are worth nothing outside this sandbox.
+    #[serde(default)]
+    pub placeholders: std::collections::BTreeMap<String, String>,
     pub created: SystemTime,
 }
 
@@ -78,6 +82,7 @@ pub struct Sandbox {
     pub tls: SandboxTls,
     /// Where the policy in force came from (it changes at runtime).
     profile: Mutex<ProfileSource>,
+    placeholders: arc_swap::ArcSwap<std::collections::BTreeMap<String, String>>,
     resolvers: Mutex<Vec<SandboxResolver>>,
 }
 
@@ -85,6 +90,7 @@ impl Sandbox {
     pub fn new(record: SandboxRecord, policy: Policy, resolvers: Vec<SandboxResolver>, tls: SandboxTls) -> Self {
         Self {
             profile: Mutex::new(record.profile.clone()),
+            placeholders: arc_swap::ArcSwap::from_pointee(record.placeholders.clone()),
             record,
             policy: ArcSwap::from_pointee(policy),
             names: NameMemory::default(),
@@ -99,13 +105,25 @@ impl Sandbox {
 
     /// The record as it is now, with the profile in force.
     pub fn current_record(&self) -> SandboxRecord {
-        SandboxRecord { profile: self.profile.lock().expect("lock poisoned").clone(), ..self.record.clone() }
+        SandboxRecord {
+            profile: self.profile.lock().expect("lock poisoned").clone(),
+            placeholders: (**self.placeholders.load()).clone(),
+            ..self.record.clone()
+        }
+    }
+
+    /// This sandbox's placeholders (secret name -> placeholder).
+    pub fn placeholders(&self) -> Arc<std::collections::BTreeMap<String, String>> {
+        self.placeholders.load_full()
     }
 
     /// Puts a new policy in force. Atomic for every reader: the next
     /// decision, on a new connection or a kept-alive one, uses it.
+    /// Placeholders of secrets the new profile still binds are kept.
     pub fn replace_policy(&self, source: ProfileSource, policy: Policy) {
         let mut current = self.profile.lock().expect("lock poisoned");
+        let placeholders = crate::credentials::placeholders_for(policy.credentials(), &self.placeholders.load());
+        self.placeholders.store(Arc::new(placeholders));
         self.policy.store(Arc::new(policy));
         *current = source;
     }
