@@ -196,3 +196,40 @@ fn teardown_removes_every_pin_and_the_cgroups_sluice_made() {
     assert!(!pins.exists(), "pins remain");
     assert!(!sandbox.cgroup.exists() && !sandbox.cgroup.parent().unwrap().exists(), "cgroups remain");
 }
+
+#[test]
+fn sluice_log_shows_decisions_filtered_by_sandbox_and_verdict() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(None);
+    let open = daemon.sandbox(
+        "logged",
+        "name = \"open\"\n[[rule]]\nname = \"loopback\"\naction = \"allow\"\nips = [\"127.0.0.1/32\"]\n",
+    );
+    let closed = daemon.sandbox("quiet", "name = \"closed\"\n");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=5)\ns.sendall(b'x')\ns.close()\n"
+    );
+    for sandbox in [&open, &closed] {
+        let _ = sandbox.python(&script);
+    }
+    daemon.wait_decisions("two connects", |d| d.iter().filter(|d| d.kind == sluice::audit::Kind::Connect).count() >= 2);
+    let log = |extra: &[&str]| {
+        let output = sluice().args(["log", "--instance", &daemon.instance]).args(extra).output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let all = log(&[]);
+    assert!(all.contains("[logged] ALLOW connect") && all.contains("[quiet] DENY  connect"), "{all}");
+    let denials = log(&["--deny"]);
+    assert!(!denials.contains("ALLOW") && denials.contains("rule=default-deny"), "{denials}");
+    let json = log(&["--json", "--sandbox", "logged"]);
+    assert!(json
+        .lines()
+        .all(|l| serde_json::from_str::<sluice::audit::Decision>(l)
+            .is_ok_and(|d| d.sandbox.as_deref() == Some("logged"))));
+    assert!(json.contains("\"rule\":\"loopback\""), "{json}");
+}

@@ -2,6 +2,7 @@
 
 mod ca;
 mod daemon;
+mod log;
 mod policy;
 mod run;
 mod sandbox;
@@ -32,6 +33,8 @@ pub enum Command {
     /// Sandbox CA certificates.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Show decisions (what was allowed and denied, and why).
+    Log(log::LogArgs),
     /// Check profile files.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -74,6 +77,7 @@ pub fn main(cli: Cli) -> anyhow::Result<u8> {
             Command::Run(args) => run::run(args).await,
             Command::Sandbox(command) => sandbox::run(command).await.map(|()| 0),
             Command::Ca(command) => ca::run(command).await.map(|()| 0),
+            Command::Log(args) => log::run(args).await.map(|()| 0),
             Command::Policy(command) => policy::run(&command).await,
             Command::Teardown(args) => teardown::run(&args).await.map(|()| 0),
         }

@@ -1,0 +1,69 @@
+//! `sluice log`: the decision log, filtered, as text or JSON lines;
+//! `--follow` streams new decisions from the daemon.
+
+use clap::Args;
+
+use super::InstanceArgs;
+use crate::{
+    audit::{Decision, Verdict},
+    control::client::ControlClient,
+};
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// Only this sandbox.
+    #[arg(long)]
+    pub sandbox: Option<String>,
+    /// Only denials.
+    #[arg(long)]
+    pub deny: bool,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep printing new decisions as they happen.
+    #[arg(long, short)]
+    pub follow: bool,
+}
+
+pub async fn run(args: LogArgs) -> anyhow::Result<()> {
+    let socket = args.instance.control_socket();
+    let Some(client) = ControlClient::connect(&socket).await else {
+        anyhow::bail!("no sluice daemon is listening on {}", socket.display());
+    };
+    let wanted = |d: &Decision| {
+        args.sandbox.as_ref().is_none_or(|name| d.sandbox.as_ref() == Some(name))
+            && (!args.deny || d.verdict == Verdict::Deny)
+    };
+    let print = |d: &Decision| {
+        if args.json {
+            println!("{}", serde_json::to_string(d).unwrap_or_default());
+        } else {
+            println!("{} {}{}", d.time, d.sandbox.as_deref().map(|s| format!("[{s}] ")).unwrap_or_default(), d);
+        }
+    };
+    if args.follow {
+        return client
+            .follow(args.sandbox.as_deref(), |d| {
+                if wanted(&d) {
+                    print(&d);
+                }
+                true
+            })
+            .await;
+    }
+    let health = client.health().await?;
+    let Some(path) = health.decision_log else {
+        anyhow::bail!("this daemon keeps no decision log file; use --follow");
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    for line in text.lines() {
+        if let Ok(decision) = serde_json::from_str::<Decision>(line) {
+            if wanted(&decision) {
+                print(&decision);
+            }
+        }
+    }
+    Ok(())
+}
