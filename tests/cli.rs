@@ -233,3 +233,39 @@ fn sluice_log_shows_decisions_filtered_by_sandbox_and_verdict() {
             .is_ok_and(|d| d.sandbox.as_deref() == Some("logged"))));
     assert!(json.contains("\"rule\":\"loopback\""), "{json}");
 }
+
+#[test]
+fn rules_added_and_removed_at_runtime_take_effect_at_once() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("edited", "name = \"closed\"\n");
+    let listener = harness::EchoServer::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let script = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {}), timeout=5)\ns.sendall(b'hi')\nprint('result=' + repr(s.recv(10)))\n",
+        listener.addr.port()
+    );
+    let attempt = || harness::fields(&sandbox.python(&script))["result"].clone();
+    let policy = |args: &[&str]| {
+        sluice()
+            .args(["policy"])
+            .args(args)
+            .args(["--sandbox", "edited", "--instance", &daemon.instance])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(attempt(), "b''");
+    assert!(policy(&["allow", "127.0.0.1", "--port", &listener.addr.port().to_string()]).status.success());
+    assert_eq!(attempt(), "b'hi'");
+    assert!(policy(&["deny", "127.0.0.0/8"]).status.success());
+    assert_eq!(attempt(), "b''", "forbid must win over the allow rule");
+    assert!(policy(&["remove-rule", "deny-127.0.0.0-8"]).status.success());
+    assert_eq!(attempt(), "b'hi'");
+    let missing = policy(&["remove-rule", "no-such-rule"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no rule named"));
+    let bad = policy(&["allow", "not a host"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert_eq!(listener.accepted(), 2);
+}

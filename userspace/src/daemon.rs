@@ -483,6 +483,24 @@ impl Daemon {
         Ok(count)
     }
 
+    /// Edits a sandbox's profile in force (add or remove a rule) and puts
+    /// the result in force like [`Daemon::set_profile`].
+    pub async fn edit_profile(
+        &self,
+        name: &str,
+        edit: impl FnOnce(&mut policy::Profile) -> anyhow::Result<()>,
+    ) -> anyhow::Result<SandboxStatus> {
+        let sandbox = self.registry.by_name(name).with_context(|| format!("no sandbox named {name:?}"))?;
+        let (mut profile, origin) = match sandbox.current_record().profile {
+            ProfileSource::Builtin => (policy::builtin_default(), "builtin:default".to_owned()),
+            ProfileSource::Inline { origin, text } => (policy::parse_profile(&text, &origin)?, origin),
+        };
+        edit(&mut profile)?;
+        let text = toml::to_string(&profile).context("writing the edited profile")?;
+        let origin = if origin.ends_with(" (edited)") { origin } else { format!("{origin} (edited)") };
+        self.set_profile(name, ProfileSource::Inline { origin, text }).await
+    }
+
     /// Replaces a sandbox's profile at runtime. A broken profile is refused
     /// and the one in force stays.
     pub async fn set_profile(&self, name: &str, source: ProfileSource) -> anyhow::Result<SandboxStatus> {

@@ -50,6 +50,17 @@ impl ControlClient {
         self.call(Method::PUT, &format!("/v1/sandboxes/{name}/profile"), Some(profile)).await
     }
 
+    /// Adds a rule to a sandbox's profile in force.
+    pub async fn add_rule(&self, name: &str, rule: &crate::policy::RuleSpec) -> anyhow::Result<SandboxStatus> {
+        self.call(Method::POST, &format!("/v1/sandboxes/{name}/rules"), Some(rule)).await
+    }
+
+    /// Removes a rule (by name) from a sandbox's profile in force.
+    pub async fn remove_rule(&self, name: &str, rule: &str) -> anyhow::Result<SandboxStatus> {
+        let rule = rule.replace('%', "%25").replace('/', "%2F").replace(' ', "%20");
+        self.call(Method::DELETE, &format!("/v1/sandboxes/{name}/rules/{rule}"), None::<&()>).await
+    }
+
     /// The sandbox's CA certificate, PEM.
     pub async fn ca(&self, name: &str) -> anyhow::Result<String> {
         let (status, body) = self.send(Method::GET, &format!("/v1/sandboxes/{name}/ca"), None::<&()>).await?;

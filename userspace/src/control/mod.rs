@@ -8,6 +8,8 @@
 //! | DELETE | /v1/sandboxes/{name}     | remove a sandbox (kills what remains in a cgroup sluice made) |
 //! | GET    | /v1/sandboxes/{name}/ca  | the sandbox's CA certificate (PEM)    |
 //! | PUT    | /v1/sandboxes/{name}/profile | replace its profile ([`ProfileSource`]); next request uses it |
+//! | POST   | /v1/sandboxes/{name}/rules | add a rule (JSON [`RuleSpec`](crate::policy::RuleSpec)) |
+//! | DELETE | /v1/sandboxes/{name}/rules/{rule} | remove a rule by name          |
 //! | POST   | /v1/secrets/reload       | re-read secrets (rotation); next request uses them |
 //! | GET    | /v1/events[?sandbox=N]   | follow decisions as JSON lines        |
 //!
@@ -188,6 +190,46 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
                 Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
             };
             match daemon.set_profile(name, source).await {
+                Ok(status) => json(StatusCode::OK, &status),
+                Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+            }
+        }
+        (Method::POST, ["v1", "sandboxes", name, "rules"]) => {
+            let body = match read_body(request).await {
+                Ok(body) => body,
+                Err(why) => return error(StatusCode::BAD_REQUEST, why),
+            };
+            let rule: crate::policy::RuleSpec = match serde_json::from_slice(&body) {
+                Ok(rule) => rule,
+                Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid rule: {e}")),
+            };
+            let edited = daemon
+                .edit_profile(name, |profile| {
+                    // Deny rules win wherever they are; allow rules go first so
+                    // a rule added now names the decisions it makes.
+                    match rule.action {
+                        crate::policy::Action::Allow => profile.rules.insert(0, rule),
+                        crate::policy::Action::Deny => profile.rules.push(rule),
+                    }
+                    Ok(())
+                })
+                .await;
+            match edited {
+                Ok(status) => json(StatusCode::OK, &status),
+                Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+            }
+        }
+        (Method::DELETE, ["v1", "sandboxes", name, "rules", rule]) => {
+            let rule = rule.replace("%2F", "/").replace("%20", " ").replace("%25", "%");
+            let edited = daemon
+                .edit_profile(name, |profile| {
+                    let before = profile.rules.len();
+                    profile.rules.retain(|r| r.name.as_deref() != Some(rule.as_str()));
+                    anyhow::ensure!(profile.rules.len() < before, "the profile has no rule named {rule:?}");
+                    Ok(())
+                })
+                .await;
+            match edited {
                 Ok(status) => json(StatusCode::OK, &status),
                 Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
             }
