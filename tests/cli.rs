@@ -269,3 +269,25 @@ fn rules_added_and_removed_at_runtime_take_effect_at_once() {
     assert_eq!(bad.status.code(), Some(2));
     assert_eq!(listener.accepted(), 2);
 }
+
+#[test]
+fn a_dry_run_profile_lets_traffic_through_and_logs_what_it_would_deny() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("trial", "name = \"trial\"\nmode = \"dry-run\"\n");
+    let listener = harness::EchoServer::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let script = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {}), timeout=5)\ns.sendall(b'hi')\nprint('result=' + repr(s.recv(10)))\n",
+        listener.addr.port()
+    );
+    assert_eq!(harness::fields(&sandbox.python(&script))["result"], "b'hi'");
+    let decisions = daemon.wait_decisions("a dry-run connect", |d| d.iter().any(|d| d.would_deny));
+    let decision = decisions.iter().find(|d| d.would_deny).unwrap();
+    assert_eq!((decision.verdict, decision.rule.as_str()), (sluice::audit::Verdict::Allow, "default-deny"));
+    assert!(decision.to_string().starts_with("DRYRUN connect"), "{decision}");
+    // Kernel refusals are not policy: a dry run does not open raw sockets.
+    let raw = sandbox.python("import socket\ntry:\n    socket.socket(socket.AF_INET, socket.SOCK_RAW, 1); print('raw=created')\nexcept PermissionError:\n    print('raw=EPERM')\n");
+    assert_eq!(harness::fields(&raw)["raw"], "EPERM");
+}

@@ -717,6 +717,14 @@ impl DnsPolicy for DnsBridge {
             };
         };
         let decision = sandbox.policy.load().may_resolve(name);
+        if decision.would_deny {
+            let mut record =
+                Decision::new(Kind::Dns, Verdict::Allow, decision.rule.to_string(), decision.reason.to_string());
+            record.would_deny = true;
+            record.sandbox = Some(sandbox.name().to_owned());
+            record.host = Some(name.to_owned());
+            self.log.record(record);
+        }
         if decision.is_allowed() {
             NameVerdict::Allow
         } else {

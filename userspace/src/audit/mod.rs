@@ -80,6 +80,10 @@ pub struct Decision {
     pub method: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// Allowed only because the profile is a dry run: enforcing, this would
+    /// have been a denial by `rule`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub would_deny: bool,
     /// Names (never values) of the secrets injected into the request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<String>,
@@ -103,6 +107,7 @@ impl Decision {
             method: None,
             path: None,
             credentials: Vec::new(),
+            would_deny: false,
             verdict,
             rule: rule.into(),
             reason: reason.into(),
@@ -114,6 +119,7 @@ impl fmt::Display for Decision {
     /// The one-line form `sluice run` prints.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let verdict = match self.verdict {
+            Verdict::Allow if self.would_deny => "DRYRUN",
             Verdict::Allow => "ALLOW",
             Verdict::Deny => "DENY ",
             Verdict::Info => "INFO ",
@@ -147,6 +153,9 @@ impl fmt::Display for Decision {
         }
         if !self.credentials.is_empty() {
             write!(f, " [injected {}]", self.credentials.join(", "))?;
+        }
+        if self.would_deny {
+            write!(f, " [dry run: would deny]")?;
         }
         write!(f, " rule={}: {}", self.rule, self.reason)
     }

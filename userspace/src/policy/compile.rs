@@ -46,6 +46,8 @@ pub struct Decision {
     pub reason: Arc<str>,
     /// An allowed TLS connection is spliced, not intercepted.
     pub passthrough: bool,
+    /// Dry-run profile: this allow is a denial that was not enforced.
+    pub would_deny: bool,
 }
 
 impl Decision {
@@ -54,7 +56,13 @@ impl Decision {
     }
 
     fn default_deny(reason: String) -> Self {
-        Self { verdict: Verdict::Deny, rule: Arc::from(DEFAULT_DENY), reason: Arc::from(reason), passthrough: false }
+        Self {
+            verdict: Verdict::Deny,
+            rule: Arc::from(DEFAULT_DENY),
+            reason: Arc::from(reason),
+            passthrough: false,
+            would_deny: false,
+        }
     }
 }
 
@@ -75,6 +83,7 @@ impl fmt::Debug for Policy {
 
 struct Compiled {
     name: String,
+    dry_run: bool,
     credentials: Vec<super::model::CredentialSpec>,
     /// In file order; indexes below refer to positions here.
     rules: Vec<CompiledRule>,
@@ -124,6 +133,7 @@ impl CompiledRule {
             rule: Arc::clone(&self.name),
             reason: Arc::clone(&self.reason),
             passthrough: self.passthrough,
+            would_deny: false,
         }
     }
 }
@@ -208,6 +218,7 @@ impl Policy {
         Ok(Policy {
             inner: Arc::new(Compiled {
                 name: profile.name.clone(),
+                dry_run: profile.mode == super::model::Mode::DryRun,
                 credentials: profile.credentials.clone(),
                 rules,
                 hosts,
@@ -244,6 +255,19 @@ impl Policy {
     }
 
     fn decide(&self, q: &ConnectQuery<'_>, request: Option<&RequestInfo<'_>>, inspected: bool) -> Decision {
+        self.dry_run(self.decide_enforced(q, request, inspected))
+    }
+
+    /// In a dry-run profile a denial lets the connection through, marked so
+    /// the decision log says what would have happened.
+    fn dry_run(&self, decision: Decision) -> Decision {
+        if !self.inner.dry_run || decision.is_allowed() {
+            return decision;
+        }
+        Decision { verdict: Verdict::Allow, would_deny: true, ..decision }
+    }
+
+    fn decide_enforced(&self, q: &ConnectQuery<'_>, request: Option<&RequestInfo<'_>>, inspected: bool) -> Decision {
         let ip = q.ip.to_canonical();
         let host = match q.host.map(classify_host) {
             Some(QueryHost::Invalid(raw)) => {
@@ -293,6 +317,10 @@ impl Policy {
     /// the host alone (no `ips`, no `ports`; a rule with no conditions counts)
     /// matches the name, since every connection to it would be denied anyway.
     pub fn may_resolve(&self, name: &str) -> Decision {
+        self.dry_run(self.may_resolve_enforced(name))
+    }
+
+    fn may_resolve_enforced(&self, name: &str) -> Decision {
         let host = match classify_host(name) {
             QueryHost::Name(name) => Some(name),
             QueryHost::IpLiteral => None,

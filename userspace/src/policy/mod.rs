@@ -40,7 +40,7 @@ use serde::Deserialize;
 pub use compile::{ConnectQuery, Decision, Policy, RequestInfo, Verdict};
 pub use error::{Location, PolicyError, RuleRef};
 pub use model::{
-    Action, CredentialSpec, HostPattern, HostPatternKind, IpPattern, PortRange, Profile, RuleSpec, TlsMode,
+    Action, CredentialSpec, HostPattern, HostPatternKind, IpPattern, Mode, PortRange, Profile, RuleSpec, TlsMode,
     DEFAULT_DENY,
 };
 
@@ -707,5 +707,20 @@ tls = "passthrough"
             let error = parse_profile(&text, "bad.toml").and_then(|p| Policy::compile(&p).map(|_| p)).unwrap_err();
             assert!(error.to_string().contains(expected), "{body}: {error}");
         }
+    }
+
+    #[test]
+    fn a_dry_run_lets_denials_through_and_marks_them() {
+        let p = policy(
+            "name = \"trial\"\nmode = \"dry-run\"\n[[rule]]\nname = \"web\"\naction = \"allow\"\nports = [443]\n",
+        );
+        let d = p.evaluate(&ConnectQuery { host: Some("example.org"), ip: ip("198.18.0.1"), port: 22 });
+        assert!(d.is_allowed() && d.would_deny);
+        assert_eq!(d.rule.as_ref(), "default-deny");
+        let d = p.evaluate(&ConnectQuery { host: Some("example.org"), ip: ip("198.18.0.1"), port: 443 });
+        assert!(d.is_allowed() && !d.would_deny);
+        let enforced = policy("name = \"x\"\n");
+        let d = enforced.evaluate(&ConnectQuery { host: None, ip: ip("198.18.0.1"), port: 22 });
+        assert!(!d.is_allowed() && !d.would_deny);
     }
 }

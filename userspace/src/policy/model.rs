@@ -22,6 +22,10 @@ pub struct Profile {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// `enforce` (default) or `dry-run`: in a dry run nothing is denied, but
+    /// every decision that would have been a denial is logged as such.
+    #[serde(default, skip_serializing_if = "Mode::is_enforce")]
+    pub mode: Mode,
     /// Written as `[[rule]]` tables, hence the singular key.
     #[serde(default, rename = "rule", skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RuleSpec>,
@@ -94,6 +98,21 @@ impl RuleSpec {
 
 pub(crate) fn default_rule_name(index: usize) -> String {
     format!("rule-{}", index + 1)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    DryRun,
+}
+
+impl Mode {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+    pub fn is_enforce(&self) -> bool {
+        *self == Mode::Enforce
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

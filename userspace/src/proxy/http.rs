@@ -227,6 +227,7 @@ impl Connection {
         }
         decision.rule = verdict.rule.to_string();
         decision.reason = verdict.reason.to_string();
+        decision.would_deny = verdict.would_deny;
 
         let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let mut upstream_request = self.upstream_request(request, &host, upgrade.is_some());

@@ -169,6 +169,7 @@ async fn handle(ctx: &Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr
         return;
     }
     decision.verdict = Verdict::Allow;
+    decision.would_deny = verdict.would_deny;
     ctx.log.record(decision);
 
     match classified {
