@@ -84,6 +84,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Requests and answers are small writes; Nagle would hold them
+                // back for the peer's delayed ACK.
+                let _ = stream.set_nodelay(true);
                 let ctx = ctx.clone();
                 tokio::spawn(async move { handle(&ctx, stream, peer).await });
             }
