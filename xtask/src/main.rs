@@ -99,5 +99,6 @@ pub fn run(command: &mut Command) -> anyhow::Result<()> {
 pub fn build_sluice() -> anyhow::Result<std::path::PathBuf> {
     step("building sluice (release)");
     run(cargo().args(["build", "--release", "--package", "sluice"]))?;
-    Ok(workspace_root().join("target/release/sluice"))
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), Into::into);
+    Ok(target.join("release/sluice"))
 }
