@@ -72,24 +72,10 @@ pub async fn run(command: &PolicyCommand) -> anyhow::Result<u8> {
             Ok(0)
         }
         PolicyCommand::Allow { sandbox, host, ports, instance } => {
-            let rule = host_rule(policy::Action::Allow, host, ports)?;
-            let status = connect(instance).await?.add_rule(sandbox, &rule).await?;
-            println!(
-                "sandbox {sandbox}: added rule {} ({})",
-                rule.name.unwrap_or_default(),
-                status.record.profile.describe()
-            );
-            Ok(0)
+            add_host_rule(instance, sandbox, policy::Action::Allow, host, ports).await
         }
         PolicyCommand::Deny { sandbox, host, instance } => {
-            let rule = host_rule(policy::Action::Deny, host, &[])?;
-            let status = connect(instance).await?.add_rule(sandbox, &rule).await?;
-            println!(
-                "sandbox {sandbox}: added rule {} ({})",
-                rule.name.unwrap_or_default(),
-                status.record.profile.describe()
-            );
-            Ok(0)
+            add_host_rule(instance, sandbox, policy::Action::Deny, host, &[]).await
         }
         PolicyCommand::RemoveRule { sandbox, rule, instance } => {
             connect(instance).await?.remove_rule(sandbox, rule).await?;
@@ -101,6 +87,19 @@ pub async fn run(command: &PolicyCommand) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+async fn add_host_rule(
+    instance: &super::InstanceArgs,
+    sandbox: &str,
+    action: policy::Action,
+    host: &str,
+    ports: &[u16],
+) -> anyhow::Result<u8> {
+    let rule = host_rule(action, host, ports)?;
+    let status = connect(instance).await?.add_rule(sandbox, &rule).await?;
+    println!("sandbox {sandbox}: added rule {} ({})", rule.name.unwrap_or_default(), status.record.profile.describe());
+    Ok(0)
 }
 
 async fn connect(instance: &super::InstanceArgs) -> anyhow::Result<crate::control::client::ControlClient> {

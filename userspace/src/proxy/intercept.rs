@@ -53,7 +53,7 @@ pub async fn intercept(
             match upstream.connect(ctx).await {
                 Ok((io, negotiated)) => (Ok(io), negotiated),
                 Err(error) => {
-                    record_upstream_failure(ctx, &sandbox, pid, destination, sni.as_deref(), &error);
+                    record_tls_failure(ctx, &sandbox, pid, destination, sni.as_deref(), "upstream-tls", error.clone());
                     (Err(error), offered.first().cloned())
                 }
             }
@@ -70,11 +70,13 @@ pub async fn intercept(
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
             // Clients that do not trust the sandbox's CA end here.
-            record_client_failure(ctx, &sandbox, pid, destination, sni.as_deref(), &error.to_string());
+            let reason = client_failure(&error.to_string());
+            record_tls_failure(ctx, &sandbox, pid, destination, sni.as_deref(), "client-tls", reason);
             return;
         }
         Err(_) => {
-            record_client_failure(ctx, &sandbox, pid, destination, sni.as_deref(), "handshake timed out");
+            let reason = client_failure("handshake timed out");
+            record_tls_failure(ctx, &sandbox, pid, destination, sni.as_deref(), "client-tls", reason);
             return;
         }
     };
@@ -82,15 +84,18 @@ pub async fn intercept(
     connection.serve(stream).await;
 }
 
-fn record_upstream_failure(
+/// A TLS handshake that failed on one side: `rule` says which
+/// (`upstream-tls` or `client-tls`).
+fn record_tls_failure(
     ctx: &ProxyContext,
     sandbox: &Sandbox,
     pid: u32,
     destination: SocketAddr,
     sni: Option<&str>,
-    error: &str,
+    rule: &str,
+    reason: String,
 ) {
-    let mut decision = Decision::new(Kind::Connect, Verdict::Deny, "upstream-tls", error);
+    let mut decision = Decision::new(Kind::Connect, Verdict::Deny, rule, reason);
     decision.sandbox = Some(sandbox.name().to_owned());
     decision.pid = Some(pid);
     decision.destination = Some(destination);
@@ -99,24 +104,6 @@ fn record_upstream_failure(
     ctx.log.record(decision);
 }
 
-fn record_client_failure(
-    ctx: &ProxyContext,
-    sandbox: &Sandbox,
-    pid: u32,
-    destination: SocketAddr,
-    sni: Option<&str>,
-    error: &str,
-) {
-    let mut decision = Decision::new(
-        Kind::Connect,
-        Verdict::Deny,
-        "client-tls",
-        format!("TLS handshake with the sandboxed client failed (does it trust the sandbox's CA?): {error}"),
-    );
-    decision.sandbox = Some(sandbox.name().to_owned());
-    decision.pid = Some(pid);
-    decision.destination = Some(destination);
-    decision.host = sni.map(str::to_owned);
-    decision.protocol = Some("tls".into());
-    ctx.log.record(decision);
+fn client_failure(error: &str) -> String {
+    format!("TLS handshake with the sandboxed client failed (does it trust the sandbox's CA?): {error}")
 }
