@@ -210,6 +210,7 @@ fn bench(quick: bool) -> anyhow::Result<()> {
 
     print_tcp(&direct, &sandboxed, rounds);
     let (summary, targets) = print_https(&https, &sizes, mitm_unavailable.as_deref());
+    print_minting(&sluice);
     eprintln!("(measured in {:.0} s)", started.elapsed().as_secs_f64());
     println!("load average (1, 5, 15 min) before: {}; after: {}", load[0], load[1]);
     let measured = Measured { direct, sandboxed, https, mitm_version, mitm_unavailable, summary, targets, load };
@@ -351,6 +352,26 @@ fn print_tcp(direct: &[Sample], sandboxed: &[Sample], rounds: usize) {
 }
 
 /// Prints the HTTPS table and the targets; returns both for the JSON file.
+/// Leaf minting for a new server name against a cached one, measured inside
+/// sluice (`sluice debug mint-bench`).
+fn print_minting(sluice: &std::path::Path) {
+    let output = Command::new(sluice).args(["debug", "mint-bench"]).output().ok();
+    let Some(output) = output.filter(|o| o.status.success()) else {
+        println!("leaf minting: unavailable (sluice debug mint-bench failed)");
+        return;
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let value =
+        |key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.trim().parse::<f64>().ok()).unwrap_or(f64::NAN);
+    println!(
+        "leaf minting: new name p50 {:.1} µs (p99 {:.1}); cached p50 {:.2} µs (p99 {:.2})",
+        value("mint_cold_p50_us"),
+        value("mint_cold_p99_us"),
+        value("mint_cached_p50_us"),
+        value("mint_cached_p99_us"),
+    );
+}
+
 fn print_https(
     https: &BTreeMap<(&str, &str), Vec<Sample>>,
     sizes: &Sizes,

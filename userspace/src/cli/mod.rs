@@ -2,6 +2,7 @@
 
 mod ca;
 mod daemon;
+mod debug;
 mod log;
 mod policy;
 mod run;
@@ -33,6 +34,9 @@ pub enum Command {
     /// Sandbox CA certificates.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Measurements for `cargo xtask bench`.
+    #[command(subcommand, hide = true)]
+    Debug(debug::DebugCommand),
     /// Show decisions (what was allowed and denied, and why).
     Log(log::LogArgs),
     /// Check profile files.
@@ -78,6 +82,7 @@ pub fn main(cli: Cli) -> anyhow::Result<u8> {
             Command::Sandbox(command) => sandbox::run(command).await.map(|()| 0),
             Command::Ca(command) => ca::run(command).await.map(|()| 0),
             Command::Log(args) => log::run(args).await.map(|()| 0),
+            Command::Debug(command) => debug::run(&command),
             Command::Policy(command) => policy::run(&command).await,
             Command::Teardown(args) => teardown::run(&args).await.map(|()| 0),
         }
