@@ -57,9 +57,7 @@ fn main() -> anyhow::Result<()> {
             step("building and running every test");
             let mut cargo = cargo();
             cargo.args(["test", "--workspace", "--release"]).args(&args);
-            // Tests that start daemons must not run out of file descriptors
-            // or fight over the two cores: one test binary at a time.
-            run(&mut cargo)
+            run_tests(&mut cargo)
         }
         Task::Demo => {
             setup::run()?;
@@ -91,6 +89,33 @@ pub fn run(command: &mut Command) -> anyhow::Result<()> {
     let status = command.status().with_context(|| format!("running {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one line
+/// that totals every test binary's results.
+fn run_tests(command: &mut Command) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let mut child = command.stdout(std::process::Stdio::piped()).spawn().context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufReader::new(child.stdout.take().context("cargo test output")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
     }
     Ok(())
 }
