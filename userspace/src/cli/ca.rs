@@ -1,7 +1,6 @@
 use clap::Subcommand;
 
 use super::InstanceArgs;
-use crate::control::client::ControlClient;
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
@@ -18,11 +17,7 @@ pub enum CaCommand {
 pub async fn run(command: CaCommand) -> anyhow::Result<()> {
     match command {
         CaCommand::Export { sandbox, instance } => {
-            let socket = instance.control_socket();
-            let Some(client) = ControlClient::connect(&socket).await else {
-                anyhow::bail!("no sluice daemon is listening on {}", socket.display());
-            };
-            print!("{}", client.ca(&sandbox).await?);
+            print!("{}", instance.daemon().await?.ca(&sandbox).await?);
             Ok(())
         }
     }

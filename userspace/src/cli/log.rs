@@ -4,10 +4,7 @@
 use clap::Args;
 
 use super::InstanceArgs;
-use crate::{
-    audit::{Decision, Verdict},
-    control::client::ControlClient,
-};
+use crate::audit::{Decision, Verdict};
 
 #[derive(Debug, Args)]
 pub struct LogArgs {
@@ -28,10 +25,7 @@ pub struct LogArgs {
 }
 
 pub async fn run(args: LogArgs) -> anyhow::Result<()> {
-    let socket = args.instance.control_socket();
-    let Some(client) = ControlClient::connect(&socket).await else {
-        anyhow::bail!("no sluice daemon is listening on {}", socket.display());
-    };
+    let client = args.instance.daemon().await?;
     let wanted = |d: &Decision| {
         args.sandbox.as_ref().is_none_or(|name| d.sandbox.as_ref() == Some(name))
             && (!args.deny || d.verdict == Verdict::Deny)

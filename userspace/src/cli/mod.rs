@@ -60,6 +60,19 @@ impl InstanceArgs {
     pub fn control_socket(&self) -> PathBuf {
         crate::daemon::control_socket(&self.instance)
     }
+
+    /// A client for the running daemon, or an error that says how to start one.
+    pub async fn daemon(&self) -> anyhow::Result<crate::control::client::ControlClient> {
+        let socket = self.control_socket();
+        match crate::control::client::ControlClient::connect(&socket).await {
+            Some(client) => Ok(client),
+            None => anyhow::bail!(
+                "no sluice daemon is listening on {} (start one with `sluice daemon --instance {}`)",
+                socket.display(),
+                self.instance
+            ),
+        }
+    }
 }
 
 /// Runs a parsed command line; returns the process exit code.

@@ -62,10 +62,7 @@ pub async fn run(command: &PolicyCommand) -> anyhow::Result<u8> {
             let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
             // Check here for line and column; the daemon checks again.
             policy::Policy::compile(&policy::parse_profile(&text, &file.display().to_string())?)?;
-            let socket = instance.control_socket();
-            let Some(client) = crate::control::client::ControlClient::connect(&socket).await else {
-                anyhow::bail!("no sluice daemon is listening on {}", socket.display());
-            };
+            let client = instance.daemon().await?;
             let source = crate::sandbox::ProfileSource::Inline { origin: file.display().to_string(), text };
             let status = client.set_profile(sandbox, &source).await?;
             println!("sandbox {sandbox} now enforces profile {:?} from {}", status.profile_name, file.display());
@@ -78,7 +75,7 @@ pub async fn run(command: &PolicyCommand) -> anyhow::Result<u8> {
             add_host_rule(instance, sandbox, policy::Action::Deny, host, &[]).await
         }
         PolicyCommand::RemoveRule { sandbox, rule, instance } => {
-            connect(instance).await?.remove_rule(sandbox, rule).await?;
+            instance.daemon().await?.remove_rule(sandbox, rule).await?;
             println!("sandbox {sandbox}: removed rule {rule}");
             Ok(0)
         }
@@ -97,16 +94,9 @@ async fn add_host_rule(
     ports: &[u16],
 ) -> anyhow::Result<u8> {
     let rule = host_rule(action, host, ports)?;
-    let status = connect(instance).await?.add_rule(sandbox, &rule).await?;
+    let status = instance.daemon().await?.add_rule(sandbox, &rule).await?;
     println!("sandbox {sandbox}: added rule {} ({})", rule.name.unwrap_or_default(), status.record.profile.describe());
     Ok(0)
-}
-
-async fn connect(instance: &super::InstanceArgs) -> anyhow::Result<crate::control::client::ControlClient> {
-    let socket = instance.control_socket();
-    crate::control::client::ControlClient::connect(&socket)
-        .await
-        .with_context(|| format!("no sluice daemon is listening on {}", socket.display()))
 }
 
 /// A rule for one host: an IP or CIDR becomes an `ips` condition, anything

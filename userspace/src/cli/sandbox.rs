@@ -1,7 +1,6 @@
 use clap::Subcommand;
 
 use super::InstanceArgs;
-use crate::control::client::ControlClient;
 
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
@@ -18,15 +17,7 @@ pub enum SandboxCommand {
 pub async fn run(command: SandboxCommand) -> anyhow::Result<()> {
     match command {
         SandboxCommand::Ls { instance, json } => {
-            let socket = instance.control_socket();
-            let Some(client) = ControlClient::connect(&socket).await else {
-                anyhow::bail!(
-                    "no sluice daemon is listening on {} (start one with `sluice daemon --instance {}`)",
-                    socket.display(),
-                    instance.instance
-                );
-            };
-            let sandboxes = client.sandboxes().await?;
+            let sandboxes = instance.daemon().await?.sandboxes().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&sandboxes)?);
                 return Ok(());
