@@ -23,6 +23,16 @@ ports = [{port}]
     )
 }
 
+/// A test network with an echo server at .2:8080 and a canary at .3:8080
+/// that must receive nothing.
+fn host_and_canary() -> (TestNet, EchoServer, std::net::IpAddr, EchoServer) {
+    let net = TestNet::new();
+    let server = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v4(2), 8080)));
+    let canary_ip = net.add_host(3);
+    let canary = EchoServer::start(net.tcp_listener(SocketAddr::new(canary_ip, 8080)));
+    (net, server, canary_ip, canary)
+}
+
 #[test]
 fn sandboxed_connects_reach_their_original_destination_v4_v6_and_mapped() {
     if !privileged() {
@@ -168,10 +178,7 @@ fn a_child_cgroup_made_inside_the_sandbox_stays_enforced() {
     if !privileged() {
         return;
     }
-    let net = TestNet::new();
-    let server = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v4(2), 8080)));
-    let canary_ip = net.add_host(3);
-    let canary = EchoServer::start(net.tcp_listener(SocketAddr::new(canary_ip, 8080)));
+    let (net, server, canary_ip, canary) = host_and_canary();
     let daemon = Daemon::start(None);
     let sandbox = daemon.sandbox("nested", &allow_net_profile(&net, 8080));
     let output = sandbox.python(&format!(
@@ -313,10 +320,7 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_resumes() {
     if !privileged() {
         return;
     }
-    let net = TestNet::new();
-    let server = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v4(2), 8080)));
-    let canary_ip = net.add_host(3);
-    let canary = EchoServer::start(net.tcp_listener(SocketAddr::new(canary_ip, 8080)));
+    let (net, server, canary_ip, canary) = host_and_canary();
     let udp_canary = UdpCanary::start(net.udp_socket(SocketAddr::new(canary_ip, 53)));
     let mut daemon = Daemon::start(None);
     let sandbox = daemon.sandbox("survivor", &allow_net_profile(&net, 8080));
@@ -366,10 +370,7 @@ fn denied_hosts_get_nothing_and_allowed_bytes_arrive_intact_both_ways() {
     if !privileged() {
         return;
     }
-    let net = TestNet::new();
-    let server = EchoServer::start(net.tcp_listener(SocketAddr::new(net.v4(2), 8080)));
-    let canary_ip = net.add_host(3);
-    let canary = EchoServer::start(net.tcp_listener(SocketAddr::new(canary_ip, 8080)));
+    let (net, server, canary_ip, canary) = host_and_canary();
     let daemon = Daemon::start(None);
     let sandbox = daemon.sandbox("bulk", &allow_net_profile(&net, 8080));
     let output = sandbox.python(&format!(

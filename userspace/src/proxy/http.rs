@@ -357,15 +357,9 @@ impl Connection {
         if host.parse::<IpAddr>().is_ok() {
             return Ok(());
         }
-        let resolved = self.sandbox.names.names_for(self.destination.ip());
-        if resolved.is_empty() || resolved.iter().any(|known| known.eq_ignore_ascii_case(host)) {
-            Ok(())
-        } else {
-            Err(format!(
-                "the request names {host:?} but the sandbox resolved {} for another name",
-                self.destination.ip()
-            ))
-        }
+        self.sandbox.names.agrees(self.destination.ip(), host).map_err(|_| {
+            format!("the request names {host:?} but the sandbox resolved {} for another name", self.destination.ip())
+        })
     }
 
     fn upstream_request(&self, request: Request<Incoming>, host: &str, upgrade: bool) -> Request<Body> {

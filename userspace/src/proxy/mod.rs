@@ -298,19 +298,15 @@ fn name_connection(
         }
         _ => None,
     };
-    let resolved = sandbox.names.names_for(ip);
     match claimed {
-        Some((name, source)) => {
-            if resolved.is_empty() || resolved.iter().any(|known| **known == *name) {
-                Ok((Some(name), source))
-            } else {
-                Err(format!(
-                    "the client named {name:?} but the sandbox resolved {ip} for {}",
-                    resolved.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
-                ))
-            }
-        }
-        None => match resolved.last() {
+        Some((name, source)) => match sandbox.names.agrees(ip, &name) {
+            Ok(()) => Ok((Some(name), source)),
+            Err(resolved) => Err(format!(
+                "the client named {name:?} but the sandbox resolved {ip} for {}",
+                resolved.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+            )),
+        },
+        None => match sandbox.names.names_for(ip).last() {
             Some(name) => Ok((Some(name.to_string()), HostSource::Dns)),
             None => Ok((None, HostSource::Ip)),
         },

@@ -57,6 +57,18 @@ impl NameMemory {
         self.names_for_at(ip, Instant::now())
     }
 
+    /// Whether a name a client claims for `ip` agrees with what the sandbox
+    /// resolved through sluice: it resolved nothing for `ip`, or this name.
+    /// On disagreement, the names it did resolve.
+    pub fn agrees(&self, ip: IpAddr, name: &str) -> Result<(), Vec<Arc<str>>> {
+        let resolved = self.names_for(ip);
+        if resolved.is_empty() || resolved.iter().any(|known| known.eq_ignore_ascii_case(name)) {
+            Ok(())
+        } else {
+            Err(resolved)
+        }
+    }
+
     fn names_for_at(&self, ip: IpAddr, now: Instant) -> Vec<Arc<str>> {
         let by_ip = self.by_ip.lock().expect("lock poisoned");
         by_ip
