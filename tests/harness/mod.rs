@@ -289,6 +289,8 @@ pub struct Daemon {
     upstream_dns: Option<SocketAddr>,
     upstream_ca: Option<PathBuf>,
     secrets: Option<PathBuf>,
+    /// More `sluice daemon` arguments.
+    extra_args: Vec<String>,
 }
 
 impl Daemon {
@@ -319,7 +321,21 @@ impl Daemon {
             file.write_all(text.as_bytes()).unwrap();
             path
         });
-        let mut daemon = Self { instance, dir, child: None, upstream_dns, upstream_ca, secrets };
+        let mut daemon =
+            Self { instance, dir, child: None, upstream_dns, upstream_ca, secrets, extra_args: Vec::new() };
+        daemon.spawn();
+        daemon
+    }
+
+    /// A daemon started with more `sluice daemon` arguments.
+    pub fn start_with_args(extra_args: &[String]) -> Self {
+        let instance = next_instance();
+        let dir = std::env::temp_dir().join(&instance);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let extra_args = extra_args.to_vec();
+        let mut daemon =
+            Self { instance, dir, child: None, upstream_dns: None, upstream_ca: None, secrets: None, extra_args };
         daemon.spawn();
         daemon
     }
@@ -346,6 +362,7 @@ impl Daemon {
         if let Some(secrets) = &self.secrets {
             command.arg("--secrets").arg(secrets);
         }
+        command.args(&self.extra_args);
         self.child = Some(command.spawn().expect("spawn sluice daemon"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {

@@ -59,6 +59,31 @@ pub struct DaemonConfig {
     /// file per secret); `SLUICE_SECRET_<NAME>` variables count too.
     pub secrets_file: Option<PathBuf>,
     pub secrets_dir: Option<PathBuf>,
+    /// Extra proxy listeners for connections redirected by iptables/nftables
+    /// (REDIRECT) instead of the kernel programs.
+    pub redirect_listeners: Vec<RedirectListener>,
+}
+
+/// A proxy listener for connections an iptables/nftables REDIRECT rule sends
+/// to it: their original destination comes from conntrack, and every one of
+/// them is decided by the policy of the sandbox named here (it must be
+/// registered by the time connections arrive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedirectListener {
+    pub addr: SocketAddr,
+    pub sandbox: String,
+}
+
+impl std::str::FromStr for RedirectListener {
+    type Err = String;
+
+    /// `ADDR=SANDBOX`, e.g. `10.231.0.1:15002=gateway`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (addr, sandbox) = text.split_once('=').ok_or("expected ADDR=SANDBOX, e.g. 10.231.0.1:15002=gateway")?;
+        let addr = addr.parse().map_err(|e| format!("invalid listener address {addr:?}: {e}"))?;
+        sandbox::validate_name(sandbox)?;
+        Ok(Self { addr, sandbox: sandbox.to_owned() })
+    }
 }
 
 impl DaemonConfig {
@@ -75,6 +100,7 @@ impl DaemonConfig {
             upstream_ca: Vec::new(),
             secrets_file: None,
             secrets_dir: None,
+            redirect_listeners: Vec::new(),
         })
     }
 
@@ -177,7 +203,8 @@ impl Daemon {
         })
         .await
         .with_context(|| format!("binding the proxy on port {proxy_port} (is another daemon running?)"))?;
-        let proxy_addrs: Vec<SocketAddr> = proxy_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+        let mut proxy_addrs: Vec<SocketAddr> = proxy_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+        let redirect_listeners = bind_redirect_listeners(&config.redirect_listeners, &mut proxy_addrs).await?;
         let registry = Arc::new(Registry::default());
         let bridge: Arc<dyn DnsPolicy> = Arc::new(DnsBridge { registry: registry.clone(), log: log.clone() });
         let unknown_resolvers = start_resolvers(&listen_ips, dns_port, 0, &bridge, &upstream)
@@ -216,7 +243,7 @@ impl Daemon {
             bridge,
         });
 
-        daemon.serve_proxy(proxy_listeners, proxy_addrs.clone())?;
+        daemon.serve_proxy(proxy_listeners, redirect_listeners, proxy_addrs.clone())?;
         if let Some(events) = datapath.take_events() {
             let (registry, log) = (registry.clone(), log.clone());
             daemon.spawn(forward_kernel_events(events, registry, log));
@@ -245,8 +272,14 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// Starts the proxy on its listeners.
-    fn serve_proxy(&self, listeners: Vec<TcpListener>, addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
+    /// Starts the proxy on its listeners: the kernel programs' and those for
+    /// redirected connections.
+    fn serve_proxy(
+        &self,
+        listeners: Vec<TcpListener>,
+        redirect_listeners: Vec<(TcpListener, proxy::Attribution)>,
+        addrs: Vec<SocketAddr>,
+    ) -> anyhow::Result<()> {
         let upstream_roots = Arc::new(
             crate::tls::UpstreamRoots::system_and(&self.config.upstream_ca)
                 .context("loading the roots upstream certificates are verified against")?,
@@ -259,8 +292,9 @@ impl Daemon {
             upstream_roots,
             self.secrets.clone(),
         ));
-        for listener in listeners {
-            self.spawn(proxy::serve(listener, context.clone()));
+        let kernel = listeners.into_iter().map(|listener| (listener, proxy::Attribution::Kernel));
+        for (listener, attribution) in kernel.chain(redirect_listeners) {
+            self.spawn(proxy::serve(listener, context.clone(), attribution));
         }
         Ok(())
     }
@@ -700,6 +734,39 @@ pub fn preflight() -> anyhow::Result<()> {
     }
     datapath::cgroup2_mount()?;
     Ok(())
+}
+
+/// Binds the listeners for redirected connections and adds their addresses to `addrs`.
+async fn bind_redirect_listeners(
+    redirects: &[RedirectListener],
+    addrs: &mut Vec<SocketAddr>,
+) -> anyhow::Result<Vec<(TcpListener, proxy::Attribution)>> {
+    let mut listeners = Vec::new();
+    for redirect in redirects {
+        let listener = TcpListener::bind(redirect.addr)
+            .await
+            .with_context(|| format!("binding the redirect listener {}", redirect.addr))?;
+        addrs.push(listener.local_addr()?);
+        listeners.push((listener, proxy::Attribution::Redirected { sandbox: redirect.sandbox.clone() }));
+    }
+    Ok(listeners)
+}
+
+/// Raises the soft limit on open files to the hard limit: every proxied
+/// connection holds two descriptors, and the usual soft limit of 1024 would
+/// cap the proxy near 500 connections. Only for `sluice daemon`: `sluice run`
+/// would hand the raised limit to the command it runs.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            let wanted = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const wanted) != 0 {
+                tracing::warn!(error = %std::io::Error::last_os_error(), "could not raise the open files limit");
+            }
+        }
+    }
 }
 
 /// Tells the resolvers what each sandbox may resolve, and remembers answers.

@@ -43,7 +43,7 @@ fn nightly_rust_src() -> anyhow::Result<()> {
 }
 
 /// Debian packages: LLVM for bpf-linker; iproute2, curl, python3 and dig for
-/// the tests' network namespaces and clients.
+/// the tests' network namespaces and clients; iptables for the REDIRECT path.
 fn apt_packages() -> anyhow::Result<()> {
     let wanted = [
         (format!("llvm-{LLVM}-dev"), format!("/usr/lib/llvm-{LLVM}/bin/llvm-config")),
@@ -51,6 +51,7 @@ fn apt_packages() -> anyhow::Result<()> {
         ("curl".to_owned(), "/usr/bin/curl".to_owned()),
         ("dnsutils".to_owned(), "/usr/bin/dig".to_owned()),
         ("python3".to_owned(), "/usr/bin/python3".to_owned()),
+        ("iptables".to_owned(), "/usr/sbin/iptables".to_owned()),
     ];
     let missing: Vec<&str> = wanted
         .iter()

@@ -3,7 +3,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::Args;
 
 use super::InstanceArgs;
-use crate::daemon::{Daemon, DaemonConfig, DEFAULT_DNS_PORT, DEFAULT_PROXY_PORT};
+use crate::daemon::{Daemon, DaemonConfig, RedirectListener, DEFAULT_DNS_PORT, DEFAULT_PROXY_PORT};
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
@@ -32,6 +32,11 @@ pub struct DaemonArgs {
     /// Directory with one file per secret (e.g. a mounted secret volume).
     #[arg(long)]
     pub secrets_dir: Option<PathBuf>,
+    /// Also accept connections redirected by an iptables/nftables REDIRECT
+    /// rule on ADDR (repeatable): their original destination comes from
+    /// conntrack and the policy of sandbox SANDBOX decides them.
+    #[arg(long = "redirect-listener", value_name = "ADDR=SANDBOX")]
+    pub redirect_listeners: Vec<RedirectListener>,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
@@ -42,12 +47,14 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     config.upstream_ca = args.upstream_ca;
     config.secrets_file = args.secrets;
     config.secrets_dir = args.secrets_dir;
+    config.redirect_listeners = args.redirect_listeners;
     if let Some(path) = args.decision_log {
         config.decision_log = Some(path);
     }
     if crate::control::client::ControlClient::connect(&config.control_socket()).await.is_some() {
         anyhow::bail!("a sluice daemon for instance {:?} is already running", config.instance);
     }
+    crate::daemon::raise_open_files_limit();
     let daemon = Daemon::start(config).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;

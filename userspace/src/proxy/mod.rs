@@ -1,7 +1,9 @@
 //! The connect-level proxy. Every TCP connection a sandbox opens arrives
 //! here, redirected by the kernel. Phases, in order:
 //! 1. attribute: the flow record gives the original destination, the
-//!    sandbox and the pid;
+//!    sandbox and the pid (or, on a listener for iptables/nftables REDIRECT,
+//!    conntrack gives the original destination and the listener names the
+//!    sandbox, see [`Attribution`]);
 //! 2. classify: the first bytes say TLS (SNI), HTTP/1 (Host) or other;
 //! 3. name: SNI, Host, else the name the sandbox resolved for this address
 //!    through sluice, else the bare address; a claimed name that contradicts
@@ -13,6 +15,7 @@ pub mod classify;
 mod http;
 mod intercept;
 mod prefixed;
+mod redirected;
 mod relay;
 
 use std::{
@@ -35,6 +38,8 @@ use crate::{
 };
 use classify::{classify, Classified, MAX_PREFIX};
 use prefixed::Prefixed;
+use redirected::Attributed;
+pub use redirected::Attribution;
 
 /// What the proxy needs from the daemon.
 pub struct ProxyContext {
@@ -80,15 +85,16 @@ impl ProxyContext {
 
 /// Accepts connections until the task is aborted. Errors on one connection
 /// never stop the loop.
-pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
+pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>, attribution: Attribution) {
+    let attribution = Arc::new(attribution);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 // Requests and answers are small writes; Nagle would hold them
                 // back for the peer's delayed ACK.
                 let _ = stream.set_nodelay(true);
-                let ctx = ctx.clone();
-                tokio::spawn(async move { handle(&ctx, stream, peer).await });
+                let (ctx, attribution) = (ctx.clone(), attribution.clone());
+                tokio::spawn(async move { handle(&ctx, &attribution, stream, peer).await });
             }
             Err(error) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -99,31 +105,19 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
     }
 }
 
-async fn handle(ctx: &Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr) {
-    let Some(flow) = ctx.datapath.take_flow(peer) else {
-        // Reached the proxy port without passing the kernel hooks: a host
-        // process, or a sandbox whose flow record was lost. Never forward.
-        let mut decision = Decision::new(
-            Kind::Connect,
-            Verdict::Deny,
-            "no-flow-record",
-            format!("connection from {peer} was not redirected by sluice's kernel programs"),
-        );
-        decision.destination = client.local_addr().ok();
-        ctx.log.record(decision);
-        return;
+async fn handle(ctx: &Arc<ProxyContext>, attribution: &Attribution, mut client: TcpStream, peer: SocketAddr) {
+    let flow = match attribution.attribute(ctx, &client, peer) {
+        Ok(flow) => flow,
+        Err(decision) => {
+            ctx.log.record(*decision);
+            return;
+        }
     };
-    let destination = flow.original_destination();
+    let Attributed { destination, sandbox, pid } = flow;
     let mut decision = Decision::new(Kind::Connect, Verdict::Deny, "", "");
-    decision.pid = Some(flow.pid);
+    // 0: not known (connections redirected by iptables/nftables).
+    decision.pid = (pid != 0).then_some(pid);
     decision.destination = Some(destination);
-
-    let Some(sandbox) = ctx.registry.by_cgroup(flow.sandbox_cgroup) else {
-        decision.rule = "unknown-sandbox".into();
-        decision.reason = format!("cgroup {} is under an enforced parent but is not a registered sandbox", flow.cgroup);
-        ctx.log.record(decision);
-        return;
-    };
     decision.sandbox = Some(sandbox.name().to_owned());
 
     if ctx.own_addrs.iter().any(|own| {
@@ -151,7 +145,7 @@ async fn handle(ctx: &Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr
             decision.rule = "host-mismatch".into();
             decision.reason = reason;
             ctx.log.record(decision.clone());
-            refuse(ctx, Refused { sandbox, pid: flow.pid, destination, client, prefix, classified, decision }).await;
+            refuse(ctx, Refused { sandbox, pid, destination, client, prefix, classified, decision }).await;
             return;
         }
     };
@@ -168,7 +162,7 @@ async fn handle(ctx: &Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr
     decision.reason = verdict.reason.to_string();
     if verdict.verdict != PolicyVerdict::Allow {
         ctx.log.record(decision.clone());
-        refuse(ctx, Refused { sandbox, pid: flow.pid, destination, client, prefix, classified, decision }).await;
+        refuse(ctx, Refused { sandbox, pid, destination, client, prefix, classified, decision }).await;
         return;
     }
     decision.verdict = Verdict::Allow;
@@ -180,13 +174,13 @@ async fn handle(ctx: &Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr
             let upstream = http::Upstream { destination, tls: None, h2: false };
             let first = upstream.connect(ctx).await.map(|(io, _)| io);
             let connection =
-                http::Connection::new(ctx.clone(), sandbox, flow.pid, destination, None, upstream, first, None).await;
+                http::Connection::new(ctx.clone(), sandbox, pid, destination, None, upstream, first, None).await;
             connection.serve(Prefixed::new(prefix, client)).await;
         }
         Classified::Tls { sni, alpn } if !verdict.passthrough => {
-            intercept::intercept(ctx, sandbox, flow.pid, destination, client, prefix, sni, alpn, None).await;
+            intercept::intercept(ctx, sandbox, pid, destination, client, prefix, sni, alpn, None).await;
         }
-        _ => splice_through(ctx, &sandbox, flow.pid, destination, client, &prefix).await,
+        _ => splice_through(ctx, &sandbox, pid, destination, client, &prefix).await,
     }
 }
 
