@@ -1,62 +1,83 @@
 //! `cargo xtask bench`: what sluice costs, measured against the same work
-//! done directly, in the same run, in interleaved rounds.
+//! done directly and through the proxies users pick today, in the same run,
+//! in interleaved rounds, with the same client and the same upstreams.
 //!
-//! Servers run here on 127.0.0.1; the client is this binary again
-//! (`xtask bench-client`), started either as a plain process (direct) or under
-//! `sluice run` (every connect redirected by the kernel programs and relayed
-//! by the proxy). Rows:
-//! - `connect()`: the syscall's latency, which inside a sandbox includes the
-//!   kernel hooks and a handshake with the proxy instead of the server;
-//! - round trip of 64 bytes on a kept connection, through the relay or not;
-//! - bulk upload throughput through the relay or not;
-//! - HTTPS (h1 and h2, see `bench_tls.rs`) against an upstream served from this
-//!   process: directly, intercepted by sluice, and through mitmproxy
-//!   (`bench_mitm.rs`): a request on a kept connection, a new connection with
-//!   its handshake, requests/s over 32 connections, a large download.
+//! Configurations:
+//! - `direct`: the client talks to the upstreams itself;
+//! - `sluice`: the client runs under `sluice run`; sluice's eBPF programs
+//!   redirect its connects to the proxy (the way sluice is meant to be used);
+//! - `iptables`: the client runs in a network namespace whose TCP an iptables
+//!   REDIRECT rule on the host side of its veth sends to the same daemon's
+//!   redirect listener (the classic transparent proxy), see `bench_net.rs`;
+//! - `mitmproxy` (from `PyPI`, `bench_mitm.rs`) and `squid` (Debian `squid-openssl`,
+//!   ssl-bump, `bench_squid.rs`) as explicit proxies that intercept HTTPS.
+//!
+//! Measures: TCP connect, kept round trip and bulk upload (transparent
+//! configurations); for plain HTTP and intercepted HTTPS h1/h2 (see
+//! `bench_tls.rs`) a request on a kept connection (p50, p99, p99.9), a new
+//! connection with its handshake, requests/s over 1, 32 and 256 connections,
+//! a large download, the proxy's CPU time per request and its memory under
+//! load (from /proc, `bench_proc.rs`); the proxies' memory idle and per idle
+//! connection; DNS through sluice's resolver. Output: a table, a JSON file and
+//! SVG plots (`bench_report.rs`) under `<target>/bench/`.
 //!
 //! Everything runs from a release build (TLS in an unoptimized build would
-//! measure the build). Results also go to `<target>/bench/results.json`.
+//! measure the build).
 
 #[path = "bench_mitm.rs"]
 mod mitm;
+#[path = "bench_net.rs"]
+mod net;
+#[path = "bench_proc.rs"]
+mod proc;
+#[path = "bench_report.rs"]
+mod report;
+#[path = "bench_squid.rs"]
+mod squid;
 #[path = "bench_tls.rs"]
 mod tls;
 
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::{BufRead as _, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
-use serde_json::json;
 
 use crate::step;
 
 /// Measurements one client run reports, one `name value` pair a line.
-type Sample = BTreeMap<String, f64>;
+pub type Sample = BTreeMap<String, f64>;
 
-/// Where this run measures HTTPS from.
-const CONFIGS: [&str; 3] = ["direct", "sluice", "mitmproxy"];
-const PROTOCOLS: [&str; 2] = ["h1", "h2"];
+/// Every configuration, in table order.
+pub const CONFIGS: [&str; 5] = ["direct", "sluice", "iptables", "mitmproxy", "squid"];
+/// What the client measures: TCP, plain HTTP, HTTPS h1 and h2, DNS.
+pub const PROTOCOLS: [&str; 5] = ["tcp", "http", "h1", "h2", "dns"];
+/// Connection counts for requests/s.
+pub const CONNS: [usize; 3] = [1, 32, 256];
 
 /// How much one run measures.
-struct Sizes {
-    rounds: usize,
-    connects: usize,
-    round_trips: usize,
-    bulk_mb: u64,
-    kept: usize,
-    new: usize,
-    rps_secs: f64,
+pub struct Sizes {
+    pub rounds: usize,
+    pub connects: usize,
+    pub round_trips: usize,
+    pub bulk_mb: u64,
+    pub kept: usize,
+    pub new: usize,
+    pub rps_secs: f64,
     /// At most this long for each of the kept and new measures.
-    cap_secs: f64,
-    big_mib: u64,
+    pub cap_secs: f64,
+    pub big_mib: u64,
+    pub dns: usize,
+    /// Idle connections to hold open through each proxy, and the most time
+    /// opening them may take.
+    pub idle: usize,
+    pub idle_cap_secs: f64,
 }
 
 impl Sizes {
@@ -64,26 +85,32 @@ impl Sizes {
         if quick {
             Self {
                 rounds: 3,
-                connects: 1000,
-                round_trips: 5000,
-                bulk_mb: 256,
+                connects: 500,
+                round_trips: 2000,
+                bulk_mb: 128,
                 kept: 2000,
-                new: 200,
-                rps_secs: 1.0,
-                cap_secs: 2.0,
+                new: 100,
+                rps_secs: 0.5,
+                cap_secs: 0.7,
                 big_mib: 16,
+                dns: 300,
+                idle: 2000,
+                idle_cap_secs: 10.0,
             }
         } else {
             Self {
                 rounds: 5,
-                connects: 3000,
-                round_trips: 20_000,
-                bulk_mb: 1024,
+                connects: 2000,
+                round_trips: 10_000,
+                bulk_mb: 512,
                 kept: 10_000,
-                new: 1000,
-                rps_secs: 3.0,
-                cap_secs: 5.0,
+                new: 500,
+                rps_secs: 1.5,
+                cap_secs: 2.0,
                 big_mib: 64,
+                dns: 1000,
+                idle: 10_000,
+                idle_cap_secs: 30.0,
             }
         }
     }
@@ -109,6 +136,72 @@ fn target_dir() -> PathBuf {
         .map_or_else(|| crate::workspace_root().join("target"), |dir| crate::workspace_root().join(dir))
 }
 
+/// A peer (`squid`), or a peer with one protocol (`squid h1`), that could
+/// not be had, and why (its rows say so).
+pub type Unavailable = BTreeMap<String, String>;
+
+/// Everything one run measured.
+pub struct Measured {
+    pub sizes: Sizes,
+    pub quick: bool,
+    /// Samples by (protocol, configuration), one a round.
+    pub samples: BTreeMap<(&'static str, &'static str), Vec<Sample>>,
+    /// Memory of each proxy (KiB): idle after start, and holding idle connections.
+    pub memory: BTreeMap<&'static str, serde_json::Value>,
+    pub versions: BTreeMap<&'static str, String>,
+    pub unavailable: Unavailable,
+    /// /proc/loadavg before and after the rounds: other work on the machine skews everything.
+    pub load: [String; 2],
+    pub seconds: f64,
+}
+
+/// Where each configuration's client runs and what it trusts.
+struct Setup<'a> {
+    client: PathBuf,
+    sluice: PathBuf,
+    profile: PathBuf,
+    net: &'a net::Net,
+    daemon: &'a net::Daemon,
+    redirect_bundle: PathBuf,
+    upstream: &'a tls::Upstream,
+    mitm: Option<&'a mitm::Mitm>,
+    squid: Option<&'a squid::Squid>,
+    runs: std::cell::Cell<u32>,
+}
+
+impl Setup<'_> {
+    /// The client command for `config` (None if that configuration is
+    /// unavailable), with the proxy address to add to its arguments and the
+    /// proxy's PID.
+    fn command(&self, config: &str) -> Option<(Command, Option<SocketAddr>, Option<u32>)> {
+        let plain = |ca: &Path| {
+            let mut command = Command::new(&self.client);
+            command.env("SSL_CERT_FILE", ca);
+            command
+        };
+        Some(match config {
+            "direct" => (plain(&self.upstream.ca_pem), None, None),
+            "sluice" => {
+                // `sluice run` points SSL_CERT_FILE at the system roots plus the sandbox CA.
+                let n = self.runs.get() + 1;
+                self.runs.set(n);
+                let mut run = Command::new(&self.sluice);
+                run.args(["run", "--quiet", "--instance", net::INSTANCE, "--name", &format!("bench-{n}")]);
+                run.arg("--profile").arg(&self.profile).arg("--").arg(&self.client);
+                (run, None, Some(self.daemon.pid()))
+            }
+            "iptables" => {
+                let mut command = self.net.command(&self.client);
+                command.env("SSL_CERT_FILE", &self.redirect_bundle);
+                (command, None, Some(self.daemon.pid()))
+            }
+            "mitmproxy" => self.mitm.map(|m| (plain(&m.ca_pem), Some(m.addr), Some(m.pid())))?,
+            "squid" => self.squid.map(|s| (plain(&s.ca_pem), Some(s.addr), Some(s.pid())))?,
+            _ => return None,
+        })
+    }
+}
+
 fn bench(quick: bool) -> anyhow::Result<()> {
     step("building sluice (release)");
     crate::run(crate::cargo().args(["build", "--release", "--package", "sluice"]))?;
@@ -117,153 +210,273 @@ fn bench(quick: bool) -> anyhow::Result<()> {
     let out_dir = target_dir().join("bench");
     std::fs::create_dir_all(&out_dir)?;
     let sizes = Sizes::new(quick);
-    let rounds = sizes.rounds;
+    let mut unavailable = Unavailable::new();
+    let mut versions = BTreeMap::new();
 
-    // Before pinning, so that pip is not confined to one CPU.
+    // Installs first, before pinning, so that pip and apt are not confined to one CPU.
+    let mitmdump = install(&out_dir, &mut versions, &mut unavailable)?;
+
+    // CPU placement dominates small latencies on two cores: servers, sluice
+    // and the peers on CPU 0, the client on CPU 1.
+    raise_open_files_limit();
+    pin_to_cpu(0)?;
+    step("setting up the bench network namespace, upstreams and sluice daemon");
+    let mut bench_net = net::Net::new()?;
+    let host = IpAddr::V4(net::host_ip());
+    let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| {
+        let servers = [spawn_server(host, accept_and_close)?, spawn_server(host, echo)?, spawn_server(host, sink)?];
+        let upstream = tls::start_upstream(&dir, host, sizes.big_mib * 1024 * 1024)?;
+        let dns = net::start_dns()?;
+        let profile = dir.join("bench.toml");
+        let profile_text = format!(
+            "name = \"bench\"\n[[rule]]\nname = \"bench-servers\"\naction = \"allow\"\nips = [\"{}/32\"]\n\n\
+             [[rule]]\nname = \"bench-names\"\naction = \"allow\"\nhosts = [\"*.bench.test\"]\n",
+            net::host_ip()
+        );
+        std::fs::write(&profile, &profile_text)?;
+        let daemon = net::Daemon::start(&sluice, &dir, &upstream.ca_pem)?;
+        let mut memory = BTreeMap::new();
+        let sluice_idle = proc::rss_kb(&proc::tree(&[daemon.pid()]));
+        let redirect_bundle = daemon.register(net::REDIRECT_SANDBOX, &profile_text)?;
+        bench_net.redirect_tcp_to(daemon.redirect_port)?;
+
+        let (mitm, squid) = start_peers(mitmdump.as_ref(), &dir, &upstream, &mut versions, &mut unavailable);
+        // Idle: after start, before any traffic.
+        std::thread::sleep(Duration::from_millis(500));
+        memory.insert("sluice", serde_json::json!({ "idle_kb": sluice_idle }));
+        let peers =
+            [("mitmproxy", mitm.as_ref().map(mitm::Mitm::pid)), ("squid", squid.as_ref().map(squid::Squid::pid))];
+        for (name, pid) in peers {
+            if let Some(pid) = pid {
+                memory.insert(name, serde_json::json!({ "idle_kb": proc::rss_kb(&proc::tree(&[pid])) }));
+            }
+        }
+
+        let setup = Setup {
+            client: client.clone(),
+            sluice: sluice.clone(),
+            profile,
+            net: &bench_net,
+            daemon: &daemon,
+            redirect_bundle,
+            upstream: &upstream,
+            mitm: mitm.as_ref(),
+            squid: squid.as_ref(),
+            runs: std::cell::Cell::new(0),
+        };
+        let started = Instant::now();
+        let load_before = loadavg();
+        // Before the rounds, so that memory freed after load does not hide
+        // what new connections cost.
+        step("idle connections: memory each proxy holds per connection");
+        for config in ["sluice", "mitmproxy", "squid"].into_iter().filter(|c| selected(c)) {
+            if let Some(held) = idle_memory(&setup, config, &sizes)? {
+                memory.entry(config).or_insert_with(|| serde_json::json!({}))["idle_connections"] = held;
+            }
+        }
+        let mut samples = BTreeMap::new();
+        for round in 1..=sizes.rounds {
+            // A different configuration goes first each round.
+            let mut order: Vec<&'static str> = CONFIGS.into_iter().filter(|c| selected(c)).collect();
+            order.rotate_left((round - 1) % CONFIGS.len());
+            for config in order {
+                step(&format!("round {round}/{}: {config}", sizes.rounds));
+                measure_config(&setup, config, servers, dns, &sizes, &mut samples, &mut unavailable);
+            }
+        }
+        Ok::<_, anyhow::Error>(Measured {
+            sizes,
+            quick,
+            samples,
+            memory,
+            versions: versions.clone(),
+            unavailable: unavailable.clone(),
+            load: [load_before, loadavg()],
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    })();
+    // The guards (peers, daemon, namespace) have dropped by now.
+    drop(bench_net);
+    let _ = std::fs::remove_dir_all(&dir);
+    let measured = result?;
+    report::print(&measured);
+    print_minting(&sluice);
+    let path = out_dir.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report::json(&measured)?)? + "\n")?;
+    println!("results and every sample: {}", path.display());
+    for plot in report::plots(&measured.samples, &out_dir)? {
+        println!("plot: {}", plot.display());
+    }
+    Ok(())
+}
+
+/// Installs what the configurations need: iptables, mitmproxy (a venv
+/// under `out_dir`), Squid. Returns mitmdump, or why it is unavailable.
+fn install(
+    out_dir: &Path,
+    versions: &mut BTreeMap<&'static str, String>,
+    unavailable: &mut Unavailable,
+) -> anyhow::Result<anyhow::Result<PathBuf>> {
+    net::install_iptables()?;
     let mitmdump = mitm::install(&out_dir.join("venv"));
     if let Err(error) = &mitmdump {
         eprintln!("mitmproxy could not be installed, its rows will say unavailable: {error:#}");
     }
-
-    // CPU placement dominates small latencies on two cores: servers, sluice
-    // (inherited by `sluice run`) and mitmproxy on CPU 0, the client on CPU 1.
-    pin_to_cpu(0)?;
-    let connect_addr = spawn_server(accept_and_close)?;
-    let echo_addr = spawn_server(echo)?;
-    let sink_addr = spawn_server(sink)?;
-    let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let profile = dir.join("bench.toml");
-    std::fs::write(
-        &profile,
-        "name = \"bench\"\n[[rule]]\nname = \"bench-servers\"\naction = \"allow\"\nips = [\"127.0.0.1/32\"]\n",
-    )?;
-    let upstream = tls::start_upstream(&dir, sizes.big_mib * 1024 * 1024)?;
-    let mut mitm_version = String::new();
-    let mut mitm = mitmdump.and_then(|exe| {
-        mitm_version = mitm::version(&exe);
-        step(&format!("starting mitmdump ({mitm_version}) on CPU 0"));
-        mitm::start(&exe, &dir.join("mitmproxy"), &upstream.ca_pem)
-    });
-    let mut mitm_unavailable = mitm.as_ref().err().map(|error| format!("{error:#}"));
-
-    let client_args = |mode: &str| -> Vec<String> {
-        vec![
-            "bench-client".into(),
-            mode.into(),
-            connect_addr.to_string(),
-            echo_addr.to_string(),
-            sink_addr.to_string(),
-            sizes.connects.to_string(),
-            sizes.round_trips.to_string(),
-            sizes.bulk_mb.to_string(),
-        ]
-    };
-    let in_sandbox = |name: &str, upstream_ca: Option<&Path>| {
-        let mut run = Command::new(&sluice);
-        run.args(["run", "--quiet", "--name", name]);
-        if let Some(ca) = upstream_ca {
-            run.arg("--upstream-ca").arg(ca);
+    match squid::install() {
+        Ok(version) => {
+            versions.insert("squid", version);
         }
-        run.arg("--profile").arg(&profile).arg("--").arg(&client);
-        run
-    };
+        Err(error) => {
+            eprintln!("Squid could not be installed, its rows will say unavailable: {error:#}");
+            unavailable.insert("squid".into(), format!("{error:#}"));
+        }
+    }
+    Ok(mitmdump)
+}
 
-    let started = Instant::now();
-    let load_before = loadavg();
-    let mut direct = Vec::new();
-    let mut sandboxed = Vec::new();
-    let mut https: BTreeMap<(&str, &str), Vec<Sample>> = BTreeMap::new();
-    for round in 1..=rounds {
-        step(&format!("round {round}/{rounds}: TCP direct, then through sluice"));
-        direct.push(parse(&Command::new(&client).args(client_args("all")).output()?)?);
-        sandboxed.push(parse(&in_sandbox("bench", None).args(client_args("all")).output()?)?);
-        for proto in PROTOCOLS {
-            step(&format!("round {round}/{rounds}: HTTPS {proto} direct, through sluice, through mitmproxy"));
-            let runs = HttpsRuns { client: &client, upstream: &upstream, sizes: &sizes, proto };
-            let mut command = Command::new(&client);
-            command.env("SSL_CERT_FILE", &upstream.ca_pem).args(runs.args(None));
-            https.entry((proto, "direct")).or_default().push(parse(&command.output()?)?);
-            // `sluice run` points SSL_CERT_FILE at the system roots plus the sandbox CA.
-            let mut command = in_sandbox("bench-tls", Some(&upstream.ca_pem));
-            command.args(runs.args(None));
-            https.entry((proto, "sluice")).or_default().push(parse(&command.output()?)?);
-            if let Ok(proxy) = &mitm {
-                match runs.through(proxy) {
-                    Ok(sample) => https.entry((proto, "mitmproxy")).or_default().push(sample),
-                    Err(error) => {
-                        eprintln!("the client failed through mitmproxy; its rows will say unavailable: {error:#}");
-                        mitm_unavailable = Some(format!("{error:#}"));
-                        mitm = Err(error);
-                    }
-                }
+/// Starts mitmproxy and Squid (each on CPU 0, by inheritance); a peer that
+/// cannot start is recorded as unavailable.
+fn start_peers(
+    mitmdump: Result<&PathBuf, &anyhow::Error>,
+    dir: &Path,
+    upstream: &tls::Upstream,
+    versions: &mut BTreeMap<&'static str, String>,
+    unavailable: &mut Unavailable,
+) -> (Option<mitm::Mitm>, Option<squid::Squid>) {
+    let mitm = mitmdump.map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|exe| {
+        versions.insert("mitmproxy", mitm::version(exe));
+        step(&format!("starting mitmdump ({}) on CPU 0", versions["mitmproxy"]));
+        mitm::start(exe, &dir.join("mitmproxy"), &upstream.ca_pem)
+    });
+    let mitm = mitm.map_err(|error| unavailable.insert("mitmproxy".into(), format!("{error:#}"))).ok();
+    let squid = if unavailable.contains_key("squid") {
+        None
+    } else {
+        step("starting Squid (ssl-bump) on CPU 0");
+        squid::start(&dir.join("squid"), IpAddr::V4(net::host_ip()), &upstream.ca_pem)
+            .map_err(|error| unavailable.insert("squid".into(), format!("{error:#}")))
+            .ok()
+    };
+    (mitm, squid)
+}
+
+/// One round of one configuration: every protocol it can carry.
+fn measure_config(
+    setup: &Setup,
+    config: &'static str,
+    servers: [SocketAddr; 3],
+    dns: SocketAddr,
+    sizes: &Sizes,
+    samples: &mut BTreeMap<(&'static str, &'static str), Vec<Sample>>,
+    unavailable: &mut Unavailable,
+) {
+    let transparent = matches!(config, "direct" | "sluice" | "iptables");
+    for proto in PROTOCOLS {
+        // Squid speaks HTTP/1.1 to its clients only; DNS goes through
+        // sluice's resolver only with its eBPF redirection.
+        let skip = match proto {
+            "tcp" => !transparent,
+            "h2" => config == "squid",
+            "dns" => !matches!(config, "direct" | "sluice"),
+            _ => false,
+        };
+        if skip || unavailable.contains_key(config) || unavailable.contains_key(&format!("{config} {proto}")) {
+            continue;
+        }
+        let Some((mut command, proxy, pid)) = setup.command(config) else { continue };
+        command.args(["bench-client"]);
+        match proto {
+            "tcp" => {
+                command.args(["all", &servers[0].to_string(), &servers[1].to_string(), &servers[2].to_string()]);
+                command.args([sizes.connects.to_string(), sizes.round_trips.to_string(), sizes.bulk_mb.to_string()]);
+            }
+            "dns" => {
+                command.args(["dns", &dns.to_string(), &sizes.dns.to_string()]);
+            }
+            _ => {
+                let kinds = if proto == "http" { "kept,rps,bulk" } else { "kept,new,rps,bulk" };
+                let upstream = if proto == "http" { setup.upstream.plain_addr } else { setup.upstream.addr };
+                command.args(["tls", kinds, proto, &upstream.to_string()]);
+                command.args(proxy.map(|p| p.to_string()));
+                command.arg(format!("kept={}", sizes.kept));
+                command.arg(format!("new={}", sizes.new));
+                command.arg(format!("secs={}", sizes.rps_secs));
+                command.arg(format!("cap={}", sizes.cap_secs));
+                command.arg(format!("conns={}", CONNS.map(|c| c.to_string()).join(",")));
+                command.args(pid.map(|pid| format!("pids={pid}")));
             }
         }
+        match command.output().map_err(anyhow::Error::from).and_then(|output| parse(&output)) {
+            Ok(sample) => samples.entry((proto, config)).or_default().push(sample),
+            Err(error) if matches!(config, "mitmproxy" | "squid") => {
+                eprintln!("the client failed through {config} ({proto}); its rows will say unavailable: {error:#}");
+                unavailable.insert(format!("{config} {proto}"), format!("{error:#}"));
+                samples.remove(&(proto, config));
+            }
+            Err(error) => eprintln!("{config} {proto} failed this round: {error:#}"),
+        }
     }
-    let load = [load_before, loadavg()];
-    // Stops mitmdump (by its PID).
-    drop(mitm);
-    let _ = std::fs::remove_dir_all(&dir);
-    if mitm_unavailable.is_some() {
-        https.retain(|(_, config), _| *config != "mitmproxy");
-    }
-
-    print_tcp(&direct, &sandboxed, rounds);
-    let (summary, targets) = print_https(&https, &sizes, mitm_unavailable.as_deref());
-    print_minting(&sluice);
-    eprintln!("(measured in {:.0} s)", started.elapsed().as_secs_f64());
-    println!("load average (1, 5, 15 min) before: {}; after: {}", load[0], load[1]);
-    let measured = Measured { direct, sandboxed, https, mitm_version, mitm_unavailable, summary, targets, load };
-    let path = out_dir.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&results(quick, &sizes, &measured)?)? + "\n")?;
-    println!("results and every sample: {}", path.display());
-    Ok(())
 }
 
-/// Everything one run measured, for the JSON file.
-struct Measured<'a> {
-    direct: Vec<Sample>,
-    sandboxed: Vec<Sample>,
-    https: BTreeMap<(&'a str, &'a str), Vec<Sample>>,
-    mitm_version: String,
-    mitm_unavailable: Option<String>,
-    summary: Vec<serde_json::Value>,
-    targets: Vec<serde_json::Value>,
-    /// /proc/loadavg before and after the rounds: other work on the machine skews everything.
-    load: [String; 2],
+/// Opens idle HTTPS connections (one request each) through `config`'s proxy
+/// and reads its memory before and while they are held.
+fn idle_memory(setup: &Setup, config: &str, sizes: &Sizes) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some((mut command, proxy, Some(pid))) = setup.command(config) else { return Ok(None) };
+    // Each proxied connection holds two descriptors in the proxy, and the
+    // hard limit on open files bounds that.
+    let limit = hard_open_files_limit();
+    let wanted = sizes.idle.min(usize::try_from(limit / 2).unwrap_or(usize::MAX).saturating_sub(200));
+    command.args(["bench-client", "tls", "idle", "h1", &setup.upstream.addr.to_string()]);
+    command.args(proxy.map(|p| p.to_string()));
+    command.args([format!("idle={wanted}"), format!("cap={}", sizes.idle_cap_secs)]);
+    let pids = || proc::tree(&[pid]);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = proc::rss_kb(&pids());
+    let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("client output")?).read_line(&mut line)?;
+    let opened: u64 = line.strip_prefix("idle_open ").and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(500));
+    let held = proc::rss_kb(&pids());
+    drop(child.stdin.take());
+    let _ = child.wait();
+    if opened == 0 {
+        eprintln!("no idle connection could be opened through {config}");
+        return Ok(None);
+    }
+    println!("{config}: {opened} idle connections, RSS {before} KiB -> {held} KiB");
+    Ok(Some(serde_json::json!({
+        "wanted": wanted,
+        "opened": opened,
+        "rss_before_kb": before,
+        "rss_held_kb": held,
+        "kb_per_connection": held.saturating_sub(before) as f64 / opened as f64,
+        "open_files_hard_limit": limit,
+    })))
 }
 
-/// One HTTPS client run's parameters.
-struct HttpsRuns<'a> {
-    client: &'a Path,
-    upstream: &'a tls::Upstream,
-    sizes: &'a Sizes,
-    proto: &'a str,
+/// Whether `config` is measured: all by default, or those named in
+/// `SLUICE_BENCH_CONFIGS` (comma-separated), for looking into one by hand.
+fn selected(config: &str) -> bool {
+    std::env::var("SLUICE_BENCH_CONFIGS").map_or(true, |list| list.split(',').any(|c| c.trim() == config))
 }
 
-impl HttpsRuns<'_> {
-    fn args(&self, proxy: Option<SocketAddr>) -> Vec<String> {
-        let mut args = vec![
-            "bench-client".into(),
-            "tls".into(),
-            "kept,new,rps,bulk".into(),
-            self.proto.into(),
-            self.upstream.addr.to_string(),
-        ];
-        args.extend(proxy.map(|p| p.to_string()));
-        args.push(format!("kept={}", self.sizes.kept));
-        args.push(format!("new={}", self.sizes.new));
-        args.push(format!("secs={}", self.sizes.rps_secs));
-        args.push(format!("cap={}", self.sizes.cap_secs));
-        args
-    }
+fn hard_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscall on a valid struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) };
+    limit.rlim_max
+}
 
-    /// The client through mitmproxy, trusting mitmproxy's CA.
-    fn through(&self, proxy: &mitm::Mitm) -> anyhow::Result<Sample> {
-        let mut command = Command::new(self.client);
-        command.env("SSL_CERT_FILE", &proxy.ca_pem).args(self.args(Some(proxy.addr)));
-        parse(&command.output()?)
-    }
+/// Soft limit on open files up to the hard limit: the upstreams and the
+/// client hold thousands of connections.
+fn raise_open_files_limit() {
+    let hard = hard_open_files_limit();
+    let wanted = libc::rlimit { rlim_cur: hard, rlim_max: hard };
+    // SAFETY: plain syscall on a valid struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const wanted) };
 }
 
 fn loadavg() -> String {
@@ -271,87 +484,6 @@ fn loadavg() -> String {
     text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
-fn results(quick: bool, sizes: &Sizes, m: &Measured) -> anyhow::Result<serde_json::Value> {
-    let Measured { direct, sandboxed, https, mitm_version, mitm_unavailable, summary, targets, load } = m;
-    Ok(json!({
-        "time_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
-        "quick": quick,
-        "rounds": sizes.rounds,
-        "machine": machine(),
-        "load_average_before_and_after": load,
-        "pinning": "upstream servers, sluice and mitmproxy on CPU 0; the client on CPU 1",
-        "sluice": { "commit": git(&["rev-parse", "HEAD"]), "uncommitted_changes": !git(&["status", "--porcelain"]).is_empty() },
-        "mitmproxy": {
-            "version": mitm_version,
-            "available": mitm_unavailable.is_none(),
-            "unavailable_because": mitm_unavailable,
-            "options": mitm::options(Path::new("BENCH-CA.pem")),
-            "connect_target": "127.0.0.1:PORT (the upstream's address), SNI bench.test",
-        },
-        "parameters": {
-            "tcp": { "connects": sizes.connects, "round_trips": sizes.round_trips, "bulk_upload_mb": sizes.bulk_mb },
-            "https": {
-                "kept_requests": sizes.kept,
-                "new_connections": sizes.new,
-                "kept_and_new_stop_after_seconds": sizes.cap_secs,
-                "new_connection": "TCP connect + (CONNECT for mitmproxy) + full TLS handshake, no resumption + GET /small",
-                "rps_connections": tls::RPS_CONNECTIONS,
-                "rps_seconds": sizes.rps_secs,
-                "small_body_bytes": 64,
-                "big_body_mib": sizes.big_mib,
-                "server_name": tls::SERVER_NAME,
-            },
-        },
-        "samples": {
-            "tcp": { "direct": direct, "sluice": sandboxed },
-            "https": PROTOCOLS.iter().map(|proto| {
-                let per_config: BTreeMap<&str, &Vec<Sample>> = CONFIGS
-                    .iter()
-                    .filter_map(|config| https.get(&(*proto, *config)).map(|s| (*config, s)))
-                    .collect();
-                (proto.to_string(), json!(per_config))
-            }).collect::<serde_json::Map<_, _>>(),
-        },
-        "summary": summary,
-        "targets": targets,
-    }))
-}
-
-fn print_tcp(direct: &[Sample], sandboxed: &[Sample], rounds: usize) {
-    let rows: [(&str, &str, &str, bool); 5] = [
-        ("connect() p50", "connect_p50_us", "µs", false),
-        ("connect() p99", "connect_p99_us", "µs", false),
-        ("kept-conn round trip p50", "rtt_p50_us", "µs", false),
-        ("kept-conn round trip p99", "rtt_p99_us", "µs", false),
-        ("bulk upload", "bulk_mb_s", "MB/s", true),
-    ];
-    println!();
-    println!("sluice bench ({rounds} interleaved rounds, median [min-max]; kernel {})", kernel());
-    println!("{:<28} {:>24} {:>24} {:>14}", "measure", "direct", "sluice", "sluice - direct");
-    for (name, key, unit, higher_is_better) in rows {
-        let d = stats(direct, key);
-        let s = stats(sandboxed, key);
-        let delta = if higher_is_better {
-            format!("{:.0}% of direct", 100.0 * s.0 / d.0)
-        } else {
-            format!("{:+.1} {unit}", s.0 - d.0)
-        };
-        // Spreads that overlap mean the difference is within noise.
-        let tie = if d.1 <= s.2 && s.1 <= d.2 { " (tie)" } else { "" };
-        println!(
-            "{name:<28} {:>24} {:>24} {:>14}{tie}",
-            format!("{:.1} [{:.1}-{:.1}] {unit}", d.0, d.1, d.2),
-            format!("{:.1} [{:.1}-{:.1}] {unit}", s.0, s.1, s.2),
-            delta
-        );
-    }
-    println!("targets: kernel hook adds < 1 µs to connect(); relay adds < 30 µs at p50 on a kept connection; bulk >= 80% of direct");
-    println!(
-        "note: inside a sandbox connect() completes against sluice's proxy, not the server; both are on loopback here."
-    );
-}
-
-/// Prints the HTTPS table and the targets; returns both for the JSON file.
 /// Leaf minting for a new server name against a cached one, measured inside
 /// sluice (`sluice debug mint-bench`).
 fn print_minting(sluice: &std::path::Path) {
@@ -372,129 +504,8 @@ fn print_minting(sluice: &std::path::Path) {
     );
 }
 
-fn print_https(
-    https: &BTreeMap<(&str, &str), Vec<Sample>>,
-    sizes: &Sizes,
-    mitm_unavailable: Option<&str>,
-) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
-    let big = format!("GET {} MiB", sizes.big_mib);
-    let rps = format!("req/s, {} conns", tls::RPS_CONNECTIONS);
-    let rows: [(&str, &str, &str, bool); 6] = [
-        ("kept conn p50", "kept_p50_us", "µs", false),
-        ("kept conn p99", "kept_p99_us", "µs", false),
-        ("new conn+handshake p50", "new_p50_us", "µs", false),
-        ("new conn+handshake p99", "new_p99_us", "µs", false),
-        (&rps, "rps", "req/s", true),
-        (&big, "bulk_mb_s", "MB/s", true),
-    ];
-    println!();
-    println!(
-        "HTTPS, intercepted ({} interleaved rounds, median [min-max]; upstream, sluice and mitmproxy on CPU 0, client on CPU 1)",
-        sizes.rounds
-    );
-    println!("{:<28} {:>24} {:>24} {:>24}   sluice vs direct / mitmproxy", "measure", "direct", "sluice", "mitmproxy");
-    let mut summary = Vec::new();
-    for proto in PROTOCOLS {
-        for (name, key, unit, higher_is_better) in &rows {
-            let get = |config: &str| https.get(&(proto, config)).map(|samples| stats(samples, key));
-            let (d, s, m) = (get("direct"), get("sluice"), get("mitmproxy"));
-            let cell = |v: Option<(f64, f64, f64)>| match v {
-                Some((median, min, max)) => format!("{} [{}-{}] {unit}", num(median), num(min), num(max)),
-                None => "unavailable".to_owned(),
-            };
-            let mut compare = Vec::new();
-            if let (Some(d), Some(s)) = (d, s) {
-                if *higher_is_better {
-                    compare.push(format!("{:.0}% of direct", 100.0 * s.0 / d.0));
-                } else {
-                    compare.push(format!("{:+.1} {unit} ({:.2}x)", s.0 - d.0, s.0 / d.0));
-                }
-            }
-            if let (Some(s), Some(m)) = (s, m) {
-                compare.push(format!("{:.1}x mitmproxy", if *higher_is_better { s.0 / m.0 } else { m.0 / s.0 }));
-            }
-            println!(
-                "{:<28} {:>24} {:>24} {:>24}   {}",
-                format!("{name} {proto}"),
-                cell(d),
-                cell(s),
-                cell(m),
-                compare.join(", ")
-            );
-            let stat = |v: Option<(f64, f64, f64)>| {
-                v.map(|(median, min, max)| json!({"median": median, "min": min, "max": max}))
-            };
-            summary.push(json!({
-                "measure": key, "protocol": proto, "unit": unit,
-                "direct": stat(d), "sluice": stat(s), "mitmproxy": stat(m),
-            }));
-        }
-    }
-    if let Some(reason) = mitm_unavailable {
-        println!("mitmproxy unavailable: {reason}");
-    }
-    println!(
-        "notes: kept = up to {} sequential GETs of 64 bytes on one connection; new = up to {} times TCP connect + full \
-         TLS handshake (no resumption) + one GET; each stops after {} s. mitmproxy is reached with CONNECT \
-         127.0.0.1:PORT and SNI bench.test, verifying the upstream against the bench CA, bodies streamed.",
-        sizes.kept, sizes.new, sizes.cap_secs
-    );
-    for ((proto, config), samples) in https {
-        for (key, wanted) in [("kept_count", sizes.kept), ("new_count", sizes.new)] {
-            let fewest = samples.iter().filter_map(|s| s.get(key)).copied().fold(f64::INFINITY, f64::min);
-            if fewest < wanted as f64 {
-                println!(
-                    "note: {config} {proto}: {} stopped after {} s with {fewest} samples (of {wanted})",
-                    key.trim_end_matches("_count"),
-                    sizes.cap_secs
-                );
-            }
-        }
-    }
-    (summary, print_targets(https))
-}
-
-/// Prints each HTTPS target as met or missed (not asserted); returns them.
-fn print_targets(https: &BTreeMap<(&str, &str), Vec<Sample>>) -> Vec<serde_json::Value> {
-    let median = |proto: &str, config: &str, key: &str| https.get(&(proto, config)).map(|s| stats(s, key).0);
-    let mut targets = Vec::new();
-    println!("targets (medians; reported, not asserted):");
-    let checks: [Target; 4] = [
-        ("added at p50 on a kept connection <= 100 µs", "kept_p50_us", |s, d| s - d, "direct", 100.0, "µs"),
-        ("new connection p50 <= 2x direct", "new_p50_us", |s, d| s / d, "direct", 2.0, "x"),
-        ("req/s >= 5x mitmproxy", "rps", |s, m| m / s, "mitmproxy", 0.2, ""),
-        ("MB/s >= 5x mitmproxy", "bulk_mb_s", |s, m| m / s, "mitmproxy", 0.2, ""),
-    ];
-    for (what, key, measure, against, limit, unit) in checks {
-        let mut line = format!("  {what:<46}");
-        for proto in PROTOCOLS {
-            let (Some(s), Some(other)) = (median(proto, "sluice", key), median(proto, against, key)) else {
-                let _ = write!(line, " {proto}: n/a ({against} unavailable)");
-                targets.push(json!({"target": what, "protocol": proto, "met": null}));
-                continue;
-            };
-            let value = measure(s, other);
-            let met = value <= limit;
-            let shown = match unit {
-                "µs" => format!("{value:+.1} µs"),
-                "x" => format!("{value:.3}x"),
-                _ => format!("{:.1}x", s / other),
-            };
-            let verdict = if met { "met" } else { "MISSED" };
-            let _ = write!(line, " {proto}: {verdict} ({shown})");
-            targets.push(json!({"target": what, "protocol": proto, "met": met, "sluice": s, against: other}));
-        }
-        println!("{line}");
-    }
-    targets
-}
-
-/// A target: what, the measure, how sluice's median compares with the other
-/// configuration's (lower is better), which configuration, the limit, its unit.
-type Target = (&'static str, &'static str, fn(f64, f64) -> f64, &'static str, f64, &'static str);
-
 /// A number with as many decimals as it needs.
-fn num(value: f64) -> String {
+pub fn num(value: f64) -> String {
     if value >= 1000.0 {
         format!("{value:.0}")
     } else {
@@ -502,11 +513,11 @@ fn num(value: f64) -> String {
     }
 }
 
-fn kernel() -> String {
+pub fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned()
 }
 
-fn machine() -> serde_json::Value {
+pub fn machine() -> serde_json::Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()
@@ -514,7 +525,7 @@ fn machine() -> serde_json::Value {
         .unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mem_total = meminfo.lines().find_map(|line| line.strip_prefix("MemTotal:")).unwrap_or_default().trim();
-    json!({
+    serde_json::json!({
         "kernel": kernel(),
         "kernel_version": std::fs::read_to_string("/proc/version").unwrap_or_default().trim(),
         "cpus": online_cpus(),
@@ -525,7 +536,7 @@ fn machine() -> serde_json::Value {
     })
 }
 
-fn git(args: &[&str]) -> String {
+pub fn git(args: &[&str]) -> String {
     Command::new("git")
         .args(args)
         .current_dir(crate::workspace_root())
@@ -535,12 +546,17 @@ fn git(args: &[&str]) -> String {
 }
 
 /// Median (mean of the middle two for an even count), min and max.
-fn stats(samples: &[Sample], key: &str) -> (f64, f64, f64) {
-    let mut values: Vec<f64> = samples.iter().map(|s| s.get(key).copied().unwrap_or(f64::NAN)).collect();
+/// Median (mean of the middle two for an even count), min and max of `key`
+/// over the rounds that reported it.
+pub fn stats(samples: &[Sample], key: &str) -> Option<(f64, f64, f64)> {
+    let mut values: Vec<f64> = samples.iter().filter_map(|s| s.get(key).copied()).filter(|v| v.is_finite()).collect();
+    if values.is_empty() {
+        return None;
+    }
     values.sort_by(f64::total_cmp);
     let n = values.len();
     let median = f64::midpoint(values[(n - 1) / 2], values[n / 2]);
-    (median, values[0], values[n - 1])
+    Some((median, values[0], values[n - 1]))
 }
 
 fn parse(output: &std::process::Output) -> anyhow::Result<Sample> {
@@ -560,8 +576,8 @@ fn parse(output: &std::process::Output) -> anyhow::Result<Sample> {
     Ok(sample)
 }
 
-fn spawn_server(handle: fn(TcpStream)) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
+fn spawn_server(ip: IpAddr, handle: fn(TcpStream)) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((ip, 0))?;
     let addr = listener.local_addr()?;
     thread::spawn(move || {
         for stream in listener.incoming().flatten() {
@@ -610,12 +626,14 @@ fn sink(mut stream: TcpStream) {
 pub fn client(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("tls") => return tls::client(&args[1..]),
+        Some("dns") => return net::dns_client(&args[1..]),
+        Some("plot") => return report::replot(&args[1..]),
         Some("bench") => return bench(args.get(1).is_some_and(|a| a == "--quick")),
         Some("upstream") => {
             let dir = std::env::temp_dir().join(format!("sluice-bench-upstream-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
             pin_to_cpu(0)?;
-            let upstream = tls::start_upstream(&dir, 64 << 20)?;
+            let upstream = tls::start_upstream(&dir, std::net::Ipv4Addr::LOCALHOST.into(), 64 << 20)?;
             println!("{} {}", upstream.addr, upstream.ca_pem.display());
             std::io::stdout().flush()?;
             std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
@@ -695,9 +713,24 @@ fn online_cpus() -> usize {
     usize::try_from(n).unwrap_or(1).max(1)
 }
 
+/// Percentiles the clients report (per mille), for the tables and the
+/// latency distribution plots.
+pub const QUANTILES: [(u32, &str); 9] = [
+    (100, "p10"),
+    (250, "p25"),
+    (500, "p50"),
+    (750, "p75"),
+    (900, "p90"),
+    (950, "p95"),
+    (990, "p99"),
+    (999, "p999"),
+    (1000, "max"),
+];
+
 fn report(name: &str, times: &mut [Duration]) {
     times.sort();
-    let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)].as_secs_f64() * 1e6;
-    println!("{name}_p50_us {:.2}", at(0.50));
-    println!("{name}_p99_us {:.2}", at(0.99));
+    for (per_mille, label) in QUANTILES {
+        let at = (times.len() * per_mille as usize / 1000).min(times.len() - 1);
+        println!("{name}_{label}_us {:.2}", times[at].as_secs_f64() * 1e6);
+    }
 }

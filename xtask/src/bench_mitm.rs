@@ -117,6 +117,12 @@ pub fn start(mitmdump: &Path, confdir: &Path, upstream_ca: &Path) -> anyhow::Res
     }
 }
 
+impl Mitm {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Mitm {
     fn drop(&mut self) {
         // Child::kill signals exactly this PID.

@@ -27,7 +27,7 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
-use tokio_rustls::{client::TlsStream, TlsAcceptor, TlsConnector};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// The name the upstream's certificate is for, and the client's SNI.
 pub const SERVER_NAME: &str = "bench.test";
@@ -40,16 +40,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// The HTTPS upstream: where it listens and the CA file that verifies it.
+/// The upstream: where it listens (HTTPS, and plain HTTP) and the CA file
+/// that verifies it.
 pub struct Upstream {
     pub addr: SocketAddr,
+    pub plain_addr: SocketAddr,
     pub ca_pem: PathBuf,
 }
 
 /// Makes a bench CA and a `bench.test` leaf, writes the CA to `dir`, and
 /// serves `/small` (64 bytes) and `/big` (`big_bytes`, streamed) over h1 and
-/// h2 on 127.0.0.1 from one thread, which inherits the caller's CPU affinity.
-pub fn start_upstream(dir: &Path, big_bytes: u64) -> anyhow::Result<Upstream> {
+/// h2 with TLS, and over plain HTTP/1.1, on `ip` from one thread, which
+/// inherits the caller's CPU affinity.
+pub fn start_upstream(dir: &Path, ip: std::net::IpAddr, big_bytes: u64) -> anyhow::Result<Upstream> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -74,12 +77,28 @@ pub fn start_upstream(dir: &Path, big_bytes: u64) -> anyhow::Result<Upstream> {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(config));
 
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let listener = std::net::TcpListener::bind((ip, 0))?;
     let addr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
+    let plain = std::net::TcpListener::bind((ip, 0))?;
+    let plain_addr = plain.local_addr()?;
+    plain.set_nonblocking(true)?;
     std::thread::Builder::new().name("bench-https".into()).spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
         runtime.block_on(async move {
+            let plain = tokio::net::TcpListener::from_std(plain).expect("listener");
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = plain.accept().await else { continue };
+                    let _ = stream.set_nodelay(true);
+                    let service = hyper::service::service_fn(move |request| async move {
+                        Ok::<_, Infallible>(respond(&request, big_bytes))
+                    });
+                    let connection =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    tokio::spawn(connection);
+                }
+            });
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
@@ -98,7 +117,7 @@ pub fn start_upstream(dir: &Path, big_bytes: u64) -> anyhow::Result<Upstream> {
             }
         });
     })?;
-    Ok(Upstream { addr, ca_pem })
+    Ok(Upstream { addr, plain_addr, ca_pem })
 }
 
 fn respond(request: &hyper::Request<hyper::body::Incoming>, big_bytes: u64) -> hyper::Response<Generated> {
@@ -151,28 +170,58 @@ impl Body for Generated {
 /// What one client run measures and how much.
 struct Plan {
     kinds: Vec<String>,
-    h2: bool,
+    proto: Proto,
     upstream: SocketAddr,
     proxy: Option<SocketAddr>,
     kept: usize,
     new: usize,
     rps_for: Duration,
+    /// Connection counts the requests/s measure runs at, one after the other.
+    conns: Vec<usize>,
     /// The most time the kept and new measures may take each (a proxy that
     /// stalls must not stretch the run): they stop early, and say how many.
     cap: Duration,
+    /// The proxy's processes, for CPU time and memory (none when direct).
+    proxy_pids: Vec<u32>,
+    /// Idle connections to open (`idle`).
+    idle: usize,
 }
 
-/// `bench-client tls KIND[,KIND...] h1|h2 ADDR [PROXY] [kept=N] [new=N] [secs=S] [cap=S]`,
-/// KIND one of kept, new, rps, bulk. Prints `name value` lines.
+impl Plan {
+    fn to(&self) -> To {
+        To { proto: self.proto, upstream: self.upstream, proxy: self.proxy }
+    }
+}
+
+/// Where and how connections go.
+#[derive(Clone, Copy)]
+struct To {
+    proto: Proto,
+    upstream: SocketAddr,
+    proxy: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    /// Plain HTTP/1.1.
+    Http,
+    H1,
+    H2,
+}
+
+/// `bench-client tls KIND[,KIND...] http|h1|h2 ADDR [PROXY] [kept=N] [new=N] [secs=S] [cap=S] [conns=N,N]
+/// [pids=P,P] [idle=N]`, KIND one of kept, new, rps, bulk, idle. Prints `name value` lines; `idle` opens
+/// the connections, prints `idle_open N`, and holds them until standard input closes.
 pub fn client(args: &[String]) -> anyhow::Result<()> {
-    const USAGE: &str =
-        "usage: bench-client tls kept|new|rps|bulk[,...] h1|h2 ADDR [PROXY] [kept=N] [new=N] [secs=S] [cap=S]";
+    const USAGE: &str = "usage: bench-client tls kept|new|rps|bulk|idle[,...] http|h1|h2 ADDR [PROXY] [kept=N] \
+                         [new=N] [secs=S] [cap=S] [conns=N,N] [pids=P,P] [idle=N]";
     let [kinds, proto, upstream, rest @ ..] = args else { bail!(USAGE) };
     let mut plan = Plan {
         kinds: kinds.split(',').map(str::to_owned).collect(),
-        h2: match proto.as_str() {
-            "h1" => false,
-            "h2" => true,
+        proto: match proto.as_str() {
+            "http" => Proto::Http,
+            "h1" => Proto::H1,
+            "h2" => Proto::H2,
             _ => bail!(USAGE),
         },
         upstream: upstream.parse().context(USAGE)?,
@@ -180,7 +229,10 @@ pub fn client(args: &[String]) -> anyhow::Result<()> {
         kept: 5000,
         new: 500,
         rps_for: Duration::from_secs(3),
+        conns: vec![RPS_CONNECTIONS],
         cap: Duration::from_secs(10),
+        proxy_pids: Vec::new(),
+        idle: 1000,
     };
     for arg in rest {
         match arg.split_once('=') {
@@ -188,18 +240,27 @@ pub fn client(args: &[String]) -> anyhow::Result<()> {
             Some(("new", n)) => plan.new = n.parse()?,
             Some(("secs", s)) => plan.rps_for = Duration::from_secs_f64(s.parse()?),
             Some(("cap", s)) => plan.cap = Duration::from_secs_f64(s.parse()?),
+            Some(("conns", list)) => plan.conns = list.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            Some(("pids", list)) => plan.proxy_pids = list.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            Some(("idle", n)) => plan.idle = n.parse()?,
             None => plan.proxy = Some(arg.parse().context(USAGE)?),
             Some(_) => bail!(USAGE),
         }
     }
-    if let Some(kind) = plan.kinds.iter().find(|k| !["kept", "new", "rps", "bulk"].contains(&k.as_str())) {
+    if let Some(kind) = plan.kinds.iter().find(|k| !["kept", "new", "rps", "bulk", "idle"].contains(&k.as_str())) {
         bail!("unknown measure {kind:?}; {USAGE}");
     }
     super::pin_to_cpu(1)?;
-    let roots = std::env::var_os("SSL_CERT_FILE").context("SSL_CERT_FILE must name the CA bundle to trust")?;
-    let connector = connector(Path::new(&roots), plan.h2)?;
+    super::raise_open_files_limit();
+    let connector = match plan.proto {
+        Proto::Http => None,
+        Proto::H1 | Proto::H2 => {
+            let roots = std::env::var_os("SSL_CERT_FILE").context("SSL_CERT_FILE must name the CA bundle to trust")?;
+            Some(connector(Path::new(&roots), plan.proto == Proto::H2)?)
+        }
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(measure(&plan, &connector))
+    runtime.block_on(measure(&plan, connector.as_ref()))
 }
 
 fn connector(roots_file: &Path, h2: bool) -> anyhow::Result<TlsConnector> {
@@ -223,11 +284,11 @@ fn connector(roots_file: &Path, h2: bool) -> anyhow::Result<TlsConnector> {
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
-async fn measure(plan: &Plan, connector: &TlsConnector) -> anyhow::Result<()> {
+async fn measure(plan: &Plan, connector: Option<&TlsConnector>) -> anyhow::Result<()> {
     for kind in &plan.kinds {
         match kind.as_str() {
             "kept" => {
-                let mut conn = Conn::open(plan, connector).await?;
+                let mut conn = Conn::open(plan.to(), connector).await?;
                 // Warm up: the first requests pay for connection set-up and caches.
                 for _ in 0..50 {
                     conn.get("/small").await?;
@@ -244,39 +305,109 @@ async fn measure(plan: &Plan, connector: &TlsConnector) -> anyhow::Result<()> {
             }
             "new" => {
                 // One untimed connection first so lazily built state exists.
-                Conn::open(plan, connector).await?.get("/small").await?;
+                Conn::open(plan.to(), connector).await?.get("/small").await?;
                 let mut times = Vec::with_capacity(plan.new);
                 let began = Instant::now();
                 while times.len() < plan.new && began.elapsed() < plan.cap {
                     let start = Instant::now();
-                    let mut conn = Conn::open(plan, connector).await?;
+                    let mut conn = Conn::open(plan.to(), connector).await?;
                     conn.get("/small").await?;
                     times.push(start.elapsed());
                 }
                 println!("new_count {}", times.len());
                 super::report("new", &mut times);
             }
-            "rps" => println!("rps {:.0}", requests_per_second(plan, connector).await?),
+            "rps" => {
+                for &conns in &plan.conns {
+                    let load = requests_per_second(plan, connector, conns).await?;
+                    println!("rps_{conns} {:.0}", load.requests as f64 / load.seconds);
+                    if let Some(cpu) = load.cpu_seconds {
+                        println!("cpu_us_per_req_{conns} {:.2}", cpu * 1e6 / load.requests as f64);
+                    }
+                    if let Some(rss) = load.rss_kb {
+                        println!("rss_load_kb_{conns} {rss}");
+                    }
+                }
+            }
             "bulk" => {
-                let mut conn = Conn::open(plan, connector).await?;
+                let mut conn = Conn::open(plan.to(), connector).await?;
                 conn.get("/small").await?;
                 let start = Instant::now();
                 let bytes = conn.get("/big").await?;
                 println!("bulk_mb_s {:.1}", bytes as f64 / 1e6 / start.elapsed().as_secs_f64());
             }
+            "idle" => hold_idle(plan, connector).await?,
             _ => unreachable!("checked above"),
         }
     }
     Ok(())
 }
 
-async fn requests_per_second(plan: &Plan, connector: &TlsConnector) -> anyhow::Result<f64> {
-    let mut conns = Vec::with_capacity(RPS_CONNECTIONS);
-    for _ in 0..RPS_CONNECTIONS {
-        let mut conn = Conn::open(plan, connector).await?;
-        conn.get("/small").await?;
-        conns.push(conn);
+/// Opens up to `plan.idle` connections (64 at a time, within `plan.cap`),
+/// one request on each, says how many, and keeps them until standard input
+/// closes.
+async fn hold_idle(plan: &Plan, connector: Option<&TlsConnector>) -> anyhow::Result<()> {
+    let began = Instant::now();
+    let mut held = Vec::with_capacity(plan.idle);
+    while held.len() < plan.idle && began.elapsed() < plan.cap {
+        let batch = (plan.idle - held.len()).min(64);
+        for conn in open_many(plan, connector, batch).await {
+            match conn {
+                Ok(conn) => held.push(conn),
+                Err(error) => {
+                    eprintln!("opening idle connection {} failed: {error:#}", held.len() + 1);
+                    break;
+                }
+            }
+        }
     }
+    println!("idle_open {}", held.len());
+    std::io::Write::flush(&mut std::io::stdout())?;
+    tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink())).await??;
+    drop(held);
+    Ok(())
+}
+
+/// Opens `n` connections at once, one request on each.
+async fn open_many(plan: &Plan, connector: Option<&TlsConnector>, n: usize) -> Vec<anyhow::Result<Conn>> {
+    let to = plan.to();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let connector = connector.cloned();
+            tokio::spawn(async move {
+                let mut conn = Conn::open(to, connector.as_ref()).await?;
+                conn.get("/small").await?;
+                anyhow::Ok(conn)
+            })
+        })
+        .collect();
+    let mut opened = Vec::with_capacity(n);
+    for task in tasks {
+        opened.push(task.await.map_err(anyhow::Error::from).and_then(|r| r));
+    }
+    opened
+}
+
+/// What one requests/s run saw.
+struct Load {
+    requests: u64,
+    seconds: f64,
+    /// CPU time the proxy's processes spent meanwhile.
+    cpu_seconds: Option<f64>,
+    /// The proxy's resident memory at the end, connections still open.
+    rss_kb: Option<u64>,
+}
+
+async fn requests_per_second(plan: &Plan, connector: Option<&TlsConnector>, n: usize) -> anyhow::Result<Load> {
+    let mut conns = Vec::with_capacity(n);
+    while conns.len() < n {
+        let batch = (n - conns.len()).min(32);
+        for conn in open_many(plan, connector, batch).await {
+            conns.push(conn?);
+        }
+    }
+    let pids = super::proc::tree(&plan.proxy_pids);
+    let cpu_before = (!pids.is_empty()).then(|| super::proc::cpu_seconds(&pids));
     let start = Instant::now();
     let deadline = start + plan.rps_for;
     let tasks: Vec<_> = conns
@@ -288,15 +419,23 @@ async fn requests_per_second(plan: &Plan, connector: &TlsConnector) -> anyhow::R
                     conn.get("/small").await?;
                     done += 1;
                 }
-                anyhow::Ok(done)
+                anyhow::Ok((done, conn))
             })
         })
         .collect();
-    let mut total = 0;
+    let mut requests = 0;
+    let mut still_open = Vec::with_capacity(n);
     for task in tasks {
-        total += task.await??;
+        let (done, conn) = task.await??;
+        requests += done;
+        still_open.push(conn);
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    let seconds = start.elapsed().as_secs_f64();
+    let pids = super::proc::tree(&plan.proxy_pids);
+    let cpu_seconds = cpu_before.map(|before| super::proc::cpu_seconds(&pids) - before);
+    let rss_kb = (!pids.is_empty()).then(|| super::proc::rss_kb(&pids));
+    drop(still_open);
+    Ok(Load { requests, seconds, cpu_seconds, rss_kb })
 }
 
 enum Sender {
@@ -304,16 +443,25 @@ enum Sender {
     H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
 }
 
-/// One HTTPS connection to the upstream (through the proxy if there is one).
+/// One connection to the upstream (through the proxy if there is one).
 struct Conn {
     sender: Sender,
+    /// What requests name: a path, or for plain HTTP through an explicit
+    /// proxy the absolute URI's prefix.
+    prefix: String,
     authority: String,
 }
 
 impl Conn {
-    async fn open(plan: &Plan, connector: &TlsConnector) -> anyhow::Result<Self> {
+    async fn open(plan: To, connector: Option<&TlsConnector>) -> anyhow::Result<Self> {
         let mut tcp = TcpStream::connect(plan.proxy.unwrap_or(plan.upstream)).await?;
         tcp.set_nodelay(true)?;
+        let Some(connector) = connector else {
+            // Plain HTTP: through an explicit proxy, requests carry the absolute URI.
+            let prefix = if plan.proxy.is_some() { format!("http://{}", plan.upstream) } else { String::new() };
+            let sender = handshake(tcp, false).await?;
+            return Ok(Self { sender, prefix, authority: plan.upstream.to_string() });
+        };
         if plan.proxy.is_some() {
             // The address, not the name: the proxy has no resolver entry for
             // bench.test. It verifies the upstream against the SNI we send.
@@ -334,24 +482,30 @@ impl Conn {
             }
         }
         let tls = connector.connect(ServerName::try_from(SERVER_NAME)?, tcp).await.context("TLS handshake")?;
-        let want: &[u8] = if plan.h2 { b"h2" } else { b"http/1.1" };
-        if tls.get_ref().1.alpn_protocol() != Some(want) {
+        let h2 = plan.proto == Proto::H2;
+        let want: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+        // No ALPN answer means HTTP/1.1 (Squid's bumped connections say nothing).
+        let got = tls.get_ref().1.alpn_protocol().or(if h2 { None } else { Some(b"http/1.1") });
+        if got != Some(want) {
             bail!("ALPN: asked for {}, got {:?}", String::from_utf8_lossy(want), tls.get_ref().1.alpn_protocol());
         }
-        let sender = handshake(tls, plan.h2).await?;
-        Ok(Self { sender, authority: format!("{SERVER_NAME}:{}", plan.upstream.port()) })
+        let sender = handshake(tls, h2).await?;
+        let authority = format!("{SERVER_NAME}:{}", plan.upstream.port());
+        let prefix = if h2 { format!("https://{authority}") } else { String::new() };
+        Ok(Self { sender, prefix, authority })
     }
 
     /// GETs `path` and reads the whole body; returns its length.
     async fn get(&mut self, path: &str) -> anyhow::Result<u64> {
+        let uri = format!("{}{path}", self.prefix);
         let response = match &mut self.sender {
             Sender::H1(sender) => {
-                let request = hyper::Request::get(path).header("host", &self.authority).body(Empty::new())?;
+                let request = hyper::Request::get(uri).header("host", &self.authority).body(Empty::new())?;
                 sender.ready().await?;
                 sender.send_request(request).await?
             }
             Sender::H2(sender) => {
-                let request = hyper::Request::get(format!("https://{}{path}", self.authority)).body(Empty::new())?;
+                let request = hyper::Request::get(uri).body(Empty::new())?;
                 sender.ready().await?;
                 sender.send_request(request).await?
             }
@@ -370,8 +524,11 @@ impl Conn {
     }
 }
 
-async fn handshake(tls: TlsStream<TcpStream>, h2: bool) -> anyhow::Result<Sender> {
-    let io = TokioIo::new(tls);
+async fn handshake<S>(io: S, h2: bool) -> anyhow::Result<Sender>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
     if h2 {
         let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
         // Chrome's receive windows: 6 MiB a stream, 15 MiB a connection.
