@@ -62,6 +62,8 @@ pub struct DaemonConfig {
     /// Extra proxy listeners for connections redirected by iptables/nftables
     /// (REDIRECT) instead of the kernel programs.
     pub redirect_listeners: Vec<RedirectListener>,
+    /// How long a request an `ask` rule holds waits for an operator.
+    pub approval_timeout: Duration,
 }
 
 /// A proxy listener for connections an iptables/nftables REDIRECT rule sends
@@ -101,6 +103,7 @@ impl DaemonConfig {
             secrets_file: None,
             secrets_dir: None,
             redirect_listeners: Vec::new(),
+            approval_timeout: Duration::from_secs(60),
         })
     }
 
@@ -134,6 +137,11 @@ impl DaemonConfig {
     fn keys_dir(&self) -> PathBuf {
         self.runtime_dir().join("keys")
     }
+
+    /// Bundles revoked across every sandbox; kept across restarts.
+    fn revoked_file(&self) -> PathBuf {
+        self.runtime_dir().join("revoked-bundles.json")
+    }
 }
 
 pub fn runtime_dir(instance: &str) -> PathBuf {
@@ -160,6 +168,18 @@ pub struct Daemon {
     /// Loopback addresses the proxy and resolvers listen on.
     listen_ips: Vec<IpAddr>,
     bridge: Arc<dyn DnsPolicy>,
+    /// Bundles taken away from every sandbox.
+    revoked: Mutex<policy::Revoked>,
+    approvals: Arc<crate::approvals::Approvals>,
+    /// Profile files as last seen (modification time, length), by sandbox.
+    profile_stamps: Mutex<std::collections::HashMap<String, FileStamp>>,
+}
+
+/// What a profile file looked like when last read.
+type FileStamp = (Option<SystemTime>, u64);
+
+fn file_stamp(path: &Path) -> FileStamp {
+    std::fs::metadata(path).map_or((None, 0), |m| (m.modified().ok(), m.len()))
 }
 
 impl Daemon {
@@ -228,7 +248,14 @@ impl Daemon {
         let secrets =
             crate::credentials::SecretStore::load(config.secrets_file.as_deref(), config.secrets_dir.as_deref())
                 .context("loading secrets")?;
+        let revoked: policy::Revoked = std::fs::read(config.revoked_file())
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
         let daemon = Arc::new(Self {
+            revoked: Mutex::new(revoked),
+            approvals: Arc::new(crate::approvals::Approvals::new(config.approval_timeout)),
+            profile_stamps: Mutex::new(std::collections::HashMap::new()),
             secrets: Arc::new(arc_swap::ArcSwap::from_pointee(secrets)),
             config,
             datapath: datapath.clone(),
@@ -249,6 +276,17 @@ impl Daemon {
             daemon.spawn(forward_kernel_events(events, registry, log));
         }
         daemon.readopt().await;
+        {
+            let watcher = daemon.clone();
+            daemon.spawn(async move {
+                let mut tick = tokio::time::interval(PROFILE_POLL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    watcher.reload_profiles(false).await;
+                }
+            });
+        }
         if daemon.config.serve_control {
             let socket = daemon.config.control_socket();
             let listener_daemon = daemon.clone();
@@ -284,14 +322,16 @@ impl Daemon {
             crate::tls::UpstreamRoots::system_and(&self.config.upstream_ca)
                 .context("loading the roots upstream certificates are verified against")?,
         );
-        let context = Arc::new(ProxyContext::new(
+        let mut context = ProxyContext::new(
             self.datapath.clone(),
             self.registry.clone(),
             self.log.clone(),
             addrs,
             upstream_roots,
             self.secrets.clone(),
-        ));
+        );
+        context.approvals = self.approvals.clone();
+        let context = Arc::new(context);
         let kernel = listeners.into_iter().map(|listener| (listener, proxy::Attribution::Kernel));
         for (listener, attribution) in kernel.chain(redirect_listeners) {
             self.spawn(proxy::serve(listener, context.clone(), attribution));
@@ -356,7 +396,7 @@ impl Daemon {
     /// cgroup, starts its resolver and enrolls it in the kernel.
     pub async fn register(&self, request: RegisterRequest) -> anyhow::Result<SandboxStatus> {
         sandbox::validate_name(&request.name).map_err(anyhow::Error::msg)?;
-        let policy = compile(&request.profile)?;
+        let (source, policy) = self.compile_source(request.profile)?;
         let _guard = self.registering.lock().await;
         let parent = self.config.cgroup_parent();
         let (cgroup_path, owns_cgroup) = if let Some(path) = &request.cgroup {
@@ -382,7 +422,7 @@ impl Daemon {
             cgroup: cgroup_path.clone(),
             slot: 0,
             dns_port: 0,
-            profile: request.profile,
+            profile: source,
             owns_cgroup,
             ca_bundle: PathBuf::new(),
             placeholders: crate::credentials::placeholders_for(
@@ -525,10 +565,9 @@ impl Daemon {
         edit: impl FnOnce(&mut policy::Profile) -> anyhow::Result<()>,
     ) -> anyhow::Result<SandboxStatus> {
         let sandbox = self.registry.by_name(name).with_context(|| format!("no sandbox named {name:?}"))?;
-        let (mut profile, origin) = match sandbox.current_record().profile {
-            ProfileSource::Builtin => (policy::builtin_default(), "builtin:default".to_owned()),
-            ProfileSource::Inline { origin, text } => (policy::parse_profile(&text, &origin)?, origin),
-        };
+        let source = sandbox.current_record().profile;
+        let mut profile = in_force(&source)?;
+        let origin = source.describe().into_owned();
         edit(&mut profile)?;
         let text = toml::to_string(&profile).context("writing the edited profile")?;
         let origin = if origin.ends_with(" (edited)") { origin } else { format!("{origin} (edited)") };
@@ -538,21 +577,153 @@ impl Daemon {
     /// Replaces a sandbox's profile at runtime. A broken profile is refused
     /// and the one in force stays.
     pub async fn set_profile(&self, name: &str, source: ProfileSource) -> anyhow::Result<SandboxStatus> {
-        let policy = compile(&source)?;
+        let (source, policy) = self.compile_source(source)?;
+        self.put_in_force(name, source, policy, "profile-changed").await
+    }
+
+    async fn put_in_force(
+        &self,
+        name: &str,
+        source: ProfileSource,
+        policy: Policy,
+        why: &str,
+    ) -> anyhow::Result<SandboxStatus> {
         let _guard = self.registering.lock().await;
         let sandbox = self.registry.by_name(name).with_context(|| format!("no sandbox named {name:?}"))?;
-        let described = source.describe().to_owned();
+        let described = source.describe().into_owned();
+        if let ProfileSource::File { path, .. } = &source {
+            self.profile_stamps.lock().expect("lock poisoned").insert(name.to_owned(), file_stamp(path));
+        }
         sandbox.replace_policy(source, policy);
         self.persist();
-        let mut decision = Decision::new(
-            Kind::Lifecycle,
-            Verdict::Info,
-            "profile-changed",
-            format!("sandbox {name} now enforces {described}"),
-        );
+        let mut decision =
+            Decision::new(Kind::Lifecycle, Verdict::Info, why, format!("sandbox {name} now enforces {described}"));
         decision.sandbox = Some(name.to_owned());
         self.log.record(decision);
         Ok(self.status(&sandbox))
+    }
+
+    /// Compiles a profile source with the bundles revoked now. A file is read
+    /// (includes resolved) and the source returned carries that text as its
+    /// last good version.
+    fn compile_source(&self, source: ProfileSource) -> anyhow::Result<(ProfileSource, Policy)> {
+        let profile = source.load()?;
+        let policy = Policy::compile_revoked(&profile, &self.revoked())?;
+        let source = match source {
+            ProfileSource::File { path, .. } => {
+                let path = path.canonicalize().unwrap_or(path);
+                ProfileSource::File { path, text: toml::to_string(&profile).context("writing the profile")? }
+            }
+            other => other,
+        };
+        Ok((source, policy))
+    }
+
+    pub fn revoked(&self) -> policy::Revoked {
+        self.revoked.lock().expect("lock poisoned").clone()
+    }
+
+    pub fn approvals(&self) -> &Arc<crate::approvals::Approvals> {
+        &self.approvals
+    }
+
+    /// Reads profile files again: those whose file changed since last seen,
+    /// or all of them (`force`, on SIGHUP). A file that no longer parses is
+    /// refused, logged, and its last good version stays in force. Returns
+    /// (sandbox, outcome) for each file read.
+    pub async fn reload_profiles(&self, force: bool) -> Vec<(String, Result<bool, String>)> {
+        let mut outcomes = Vec::new();
+        for sandbox in self.registry.list() {
+            let ProfileSource::File { path, text } = sandbox.current_record().profile else { continue };
+            let name = sandbox.name().to_owned();
+            let stamp = file_stamp(&path);
+            let previous = self.profile_stamps.lock().expect("lock poisoned").insert(name.clone(), stamp);
+            if !force && previous.is_none_or(|seen| seen == stamp) {
+                continue;
+            }
+            let outcome = match self.compile_source(ProfileSource::File { path: path.clone(), text: String::new() }) {
+                Ok((ProfileSource::File { text: new_text, .. }, _)) if new_text == text => Ok(false),
+                Ok((source, policy)) => self
+                    .put_in_force(&name, source, policy, "profile-reloaded")
+                    .await
+                    .map(|_| true)
+                    .map_err(|e| format!("{e:#}")),
+                Err(error) => {
+                    let error = format!("{error:#}");
+                    tracing::error!(sandbox = %name, %error, "profile file refused; the last good profile stays in force");
+                    let mut decision = Decision::new(
+                        Kind::Lifecycle,
+                        Verdict::Info,
+                        "profile-reload-failed",
+                        format!("{error}; the last good profile stays in force"),
+                    );
+                    decision.sandbox = Some(name.clone());
+                    self.log.record(decision);
+                    Err(error)
+                }
+            };
+            outcomes.push((name, outcome));
+        }
+        outcomes
+    }
+
+    /// Takes a capability bundle away from every sandbox at once (or gives
+    /// it back), now and after restarts. Returns the sandboxes whose
+    /// profiles take the bundle, each recompiled.
+    pub async fn set_bundle_revoked(&self, bundle: &str, revoke: bool) -> anyhow::Result<Vec<String>> {
+        policy::bundles::get(bundle)?;
+        {
+            let mut revoked = self.revoked.lock().expect("lock poisoned");
+            if revoke {
+                revoked.insert(bundle.to_owned());
+            } else {
+                revoked.remove(bundle);
+            }
+            let path = self.config.revoked_file();
+            std::fs::create_dir_all(self.config.runtime_dir())?;
+            std::fs::write(&path, serde_json::to_vec(&*revoked)?)
+                .with_context(|| format!("saving {}", path.display()))?;
+        }
+        let revoked = self.revoked();
+        let mut affected = Vec::new();
+        for sandbox in self.registry.list() {
+            let source = sandbox.current_record().profile;
+            let profile = in_force(&source)?;
+            if !profile.bundles.iter().any(|b| b == bundle) {
+                continue;
+            }
+            let policy = Policy::compile_revoked(&profile, &revoked)?;
+            let why = if revoke { "bundle-revoked" } else { "bundle-restored" };
+            self.put_in_force(sandbox.name(), source, policy, why).await?;
+            affected.push(sandbox.name().to_owned());
+        }
+        Ok(affected)
+    }
+
+    /// Answers a held request. "Always" also adds a rule for the same
+    /// destination, method and path to the sandbox's profile.
+    pub async fn answer_approval(
+        &self,
+        id: u64,
+        answer: crate::approvals::Answer,
+    ) -> anyhow::Result<crate::approvals::Pending> {
+        let Some(pending) = self.approvals.list().into_iter().find(|p| p.id == id) else {
+            bail!("nothing is waiting for approval {id} (answered already, timed out, or never asked)");
+        };
+        if answer.always {
+            let rule = remembered_rule(&pending, answer.allow);
+            let rule_name = rule.name.clone().unwrap_or_default();
+            self.edit_profile(&pending.sandbox, |profile| {
+                match rule.action {
+                    policy::Action::Allow => profile.rules.insert(0, rule),
+                    _ => profile.rules.push(rule),
+                }
+                Ok(())
+            })
+            .await
+            .with_context(|| format!("remembering the answer as rule {rule_name}"))?;
+        }
+        self.approvals.answer(id, answer).with_context(|| format!("approval {id} ended while it was being answered"))
     }
 
     /// Removes a sandbox. In a cgroup sluice made, remaining processes are
@@ -614,7 +785,13 @@ impl Daemon {
                 continue;
             }
             let name = record.name.clone();
-            let result = match compile(&record.profile) {
+            let revoked = self.revoked();
+            let compiled = record
+                .profile
+                .load_or_last_good()
+                .map_err(anyhow::Error::from)
+                .and_then(|profile| Ok(Policy::compile_revoked(&profile, &revoked)?));
+            let result = match compiled {
                 Ok(policy) => self.install(record, policy).await.map(|_| ()),
                 Err(error) => Err(error),
             };
@@ -718,12 +895,38 @@ async fn start_resolvers(
     .await
 }
 
-fn compile(source: &ProfileSource) -> anyhow::Result<Policy> {
-    let profile = match source {
-        ProfileSource::Builtin => policy::builtin_default(),
-        ProfileSource::Inline { origin, text } => policy::parse_profile(text, origin)?,
-    };
-    Ok(Policy::compile(&profile)?)
+/// How often profile files are checked for changes.
+const PROFILE_POLL: Duration = Duration::from_millis(500);
+
+/// The profile a source has in force: for a file, its last good version
+/// (not the file as it is now).
+fn in_force(source: &ProfileSource) -> anyhow::Result<policy::Profile> {
+    Ok(match source {
+        ProfileSource::File { path, text } => policy::parse_profile(text, &path.display().to_string())?,
+        other => other.load()?,
+    })
+}
+
+/// The rule an "always" answer adds: the same host (or address), port,
+/// method and exact path.
+fn remembered_rule(pending: &crate::approvals::Pending, allow: bool) -> policy::RuleSpec {
+    let host = pending.host.as_deref().and_then(|h| h.parse::<policy::HostPattern>().ok());
+    let ip_only = host.is_none() || pending.host.as_deref().is_some_and(|h| h.parse::<IpAddr>().is_ok());
+    let (verb, action) = if allow { ("approved", policy::Action::Allow) } else { ("refused", policy::Action::Deny) };
+    policy::RuleSpec {
+        name: Some(format!("{verb}-{}", pending.id)),
+        action,
+        hosts: if ip_only { None } else { host.map(|h| vec![h]) },
+        ips: ip_only.then(|| vec![policy::IpPattern::from(ipnet::IpNet::from(pending.destination.ip()))]),
+        ports: policy::PortRange::single(pending.destination.port()).ok().map(|p| vec![p]),
+        methods: pending.method.clone().map(|m| vec![m]),
+        paths: pending.path.as_deref().map(|p| vec![globset::escape(p)]),
+        schemes: None,
+        headers: None,
+        max_body: None,
+        tls: None,
+        reason: Some(format!("answered by an operator (approval {})", pending.id)),
+    }
 }
 
 /// Checks what sluice needs before touching the kernel, with what to do.

@@ -4,6 +4,7 @@
 //! socket of every sandbox below it to this daemon, which decides per
 //! sandbox what may leave the host.
 
+pub mod approvals;
 pub mod audit;
 pub mod cli;
 pub mod control;

@@ -37,6 +37,9 @@ pub enum Kind {
 pub enum Verdict {
     Allow,
     Deny,
+    /// Held for an operator (an `ask` rule); a later record of the same
+    /// approval says how it ended.
+    Ask,
     /// Lifecycle records.
     Info,
 }
@@ -87,6 +90,12 @@ pub struct Decision {
     /// Names (never values) of the secrets injected into the request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<String>,
+    /// The capability bundle whose rule decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
+    /// The approval a held request or connection waited on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<u64>,
     pub verdict: Verdict,
     /// The rule that decided, or a built-in reason name.
     pub rule: String,
@@ -107,6 +116,8 @@ impl Decision {
             method: None,
             path: None,
             credentials: Vec::new(),
+            bundle: None,
+            approval: None,
             would_deny: false,
             verdict,
             rule: rule.into(),
@@ -122,6 +133,7 @@ impl fmt::Display for Decision {
             Verdict::Allow if self.would_deny => "DRYRUN",
             Verdict::Allow => "ALLOW",
             Verdict::Deny => "DENY ",
+            Verdict::Ask => "ASK  ",
             Verdict::Info => "INFO ",
         };
         let kind = match self.kind {

@@ -37,6 +37,10 @@ pub struct DaemonArgs {
     /// conntrack and the policy of sandbox SANDBOX decides them.
     #[arg(long = "redirect-listener", value_name = "ADDR=SANDBOX")]
     pub redirect_listeners: Vec<RedirectListener>,
+    /// How long a request held by an `ask` rule waits for `sluice approve`
+    /// before it is denied (e.g. 60s, 5m).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub approval_timeout: std::time::Duration,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
@@ -48,6 +52,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     config.secrets_file = args.secrets;
     config.secrets_dir = args.secrets_dir;
     config.redirect_listeners = args.redirect_listeners;
+    config.approval_timeout = args.approval_timeout;
     if let Some(path) = args.decision_log {
         config.decision_log = Some(path);
     }
@@ -62,11 +67,19 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
-            _ = hangup.recv() => match daemon.reload_secrets() {
-                Ok(count) => tracing::info!(count, "secrets reloaded"),
-                // The secrets in force stay; the error never includes values.
-                Err(error) => tracing::error!(error = %format!("{error:#}"), "secrets not reloaded"),
-            },
+            _ = hangup.recv() => {
+                match daemon.reload_secrets() {
+                    Ok(count) => tracing::info!(count, "secrets reloaded"),
+                    // The secrets in force stay; the error never includes values.
+                    Err(error) => tracing::error!(error = %format!("{error:#}"), "secrets not reloaded"),
+                }
+                for (sandbox, outcome) in daemon.reload_profiles(true).await {
+                    match outcome {
+                        Ok(changed) => tracing::info!(%sandbox, changed, "profile file read again"),
+                        Err(error) => tracing::error!(%sandbox, %error, "profile file refused; last good profile kept"),
+                    }
+                }
+            }
         }
     }
     // Pins stay: sandboxes remain cut off until a daemon is back.

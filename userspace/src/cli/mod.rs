@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand, each thin over the library.
 
+mod approvals;
 mod ca;
 mod daemon;
 mod debug;
@@ -39,9 +40,16 @@ pub enum Command {
     Debug(debug::DebugCommand),
     /// Show decisions (what was allowed and denied, and why).
     Log(log::LogArgs),
-    /// Check profile files.
+    /// Profiles: check, explain, test, replay, bundles, and changes to
+    /// running sandboxes.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// List requests held by `ask` rules, waiting for an operator.
+    Approvals(approvals::ListArgs),
+    /// Let a held request through (`--always`: and the same ones after it).
+    Approve(approvals::AnswerArgs),
+    /// Refuse a held request (`--always`: and the same ones after it).
+    Deny(approvals::AnswerArgs),
     /// Remove every pin and attachment of an instance (sandboxes sluice made
     /// are killed and removed). Sandboxes are no longer enforced afterwards.
     Teardown(teardown::TeardownArgs),
@@ -97,6 +105,9 @@ pub fn main(cli: Cli) -> anyhow::Result<u8> {
             Command::Log(args) => log::run(args).await.map(|()| 0),
             Command::Debug(command) => debug::run(&command),
             Command::Policy(command) => policy::run(&command).await,
+            Command::Approvals(args) => approvals::list(&args).await.map(|()| 0),
+            Command::Approve(args) => approvals::answer(&args, true).await.map(|()| 0),
+            Command::Deny(args) => approvals::answer(&args, false).await.map(|()| 0),
             Command::Teardown(args) => teardown::run(&args).await.map(|()| 0),
         }
     })

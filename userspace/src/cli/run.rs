@@ -51,10 +51,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     daemon::preflight()?;
     let profile = match &args.profile {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading profile {}", path.display()))?;
             // Fail here, before anything is set up, with line and column.
-            policy::Policy::compile(&policy::parse_profile(&text, &path.display().to_string())?)?;
-            ProfileSource::Inline { origin: path.display().to_string(), text }
+            policy::Policy::compile(&policy::load_profile(path)?)?;
+            // The daemon reads the file itself, and again when it changes.
+            let path = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+            ProfileSource::File { path, text: String::new() }
         }
         None => ProfileSource::Builtin,
     };
@@ -136,7 +137,7 @@ impl Tally {
         match decision.verdict {
             Verdict::Allow => counts.0 += 1,
             Verdict::Deny => counts.1 += 1,
-            Verdict::Info => return true,
+            Verdict::Ask | Verdict::Info => {}
         }
         eprintln!("sluice: {decision}");
         true

@@ -61,6 +61,37 @@ impl ControlClient {
         self.call(Method::DELETE, &format!("/v1/sandboxes/{name}/rules/{rule}"), None::<&()>).await
     }
 
+    /// Requests held by `ask` rules.
+    pub async fn approvals(&self) -> anyhow::Result<Vec<crate::approvals::Pending>> {
+        self.call(Method::GET, "/v1/approvals", None::<&()>).await
+    }
+
+    /// Answers a held request; returns what it was.
+    pub async fn answer(&self, id: u64, answer: crate::approvals::Answer) -> anyhow::Result<crate::approvals::Pending> {
+        self.call(Method::POST, &format!("/v1/approvals/{id}"), Some(&answer)).await
+    }
+
+    /// Which rule decides a request for a running sandbox, and why.
+    pub async fn explain(
+        &self,
+        name: &str,
+        request: &super::ExplainRequest,
+    ) -> anyhow::Result<crate::policy::Explanation> {
+        self.call(Method::POST, &format!("/v1/sandboxes/{name}/explain"), Some(request)).await
+    }
+
+    /// Revokes a bundle from every sandbox (or restores it); returns the
+    /// answer, which lists the sandboxes affected.
+    pub async fn revoke_bundle(&self, bundle: &str, revoke: bool) -> anyhow::Result<serde_json::Value> {
+        let method = if revoke { Method::POST } else { Method::DELETE };
+        self.call(method, &format!("/v1/bundles/{bundle}/revoke"), None::<&()>).await
+    }
+
+    /// Reads every sandbox's profile file again.
+    pub async fn reload_profiles(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        self.call(Method::POST, "/v1/profiles/reload", None::<&()>).await
+    }
+
     /// The sandbox's CA certificate, PEM.
     pub async fn ca(&self, name: &str) -> anyhow::Result<String> {
         let (status, body) = self.send(Method::GET, &format!("/v1/sandboxes/{name}/ca"), None::<&()>).await?;

@@ -10,6 +10,13 @@
 //! | PUT    | /v1/sandboxes/{name}/profile | replace its profile ([`ProfileSource`]); next request uses it |
 //! | POST   | /v1/sandboxes/{name}/rules | add a rule (JSON [`RuleSpec`](crate::policy::RuleSpec)) |
 //! | DELETE | /v1/sandboxes/{name}/rules/{rule} | remove a rule by name          |
+//! | POST   | /v1/sandboxes/{name}/explain | which rule decides a request ([`ExplainRequest`]) and why |
+//! | POST   | /v1/profiles/reload      | read every profile file again (as SIGHUP does) |
+//! | GET    | /v1/bundles              | the capability bundle library, with what is revoked |
+//! | POST   | /v1/bundles/{name}/revoke | take a bundle from every sandbox, now and after restarts |
+//! | DELETE | /v1/bundles/{name}/revoke | give it back                          |
+//! | GET    | /v1/approvals            | requests held by `ask` rules          |
+//! | POST   | /v1/approvals/{id}       | answer one ([`Answer`](crate::approvals::Answer)) |
 //! | POST   | /v1/secrets/reload       | re-read secrets (rotation); next request uses them |
 //! | GET    | /v1/events[?sandbox=N]   | follow decisions as JSON lines        |
 //!
@@ -209,7 +216,7 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
                     // a rule added now names the decisions it makes.
                     match rule.action {
                         crate::policy::Action::Allow => profile.rules.insert(0, rule),
-                        crate::policy::Action::Deny => profile.rules.push(rule),
+                        crate::policy::Action::Ask | crate::policy::Action::Deny => profile.rules.push(rule),
                     }
                     Ok(())
                 })
@@ -242,6 +249,70 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
                 .expect("valid response"),
             None => error(StatusCode::NOT_FOUND, format!("no sandbox named {name:?}")),
         },
+        (Method::POST, ["v1", "sandboxes", name, "explain"]) => {
+            let request: ExplainRequest = match read_json(request).await {
+                Ok(request) => request,
+                Err(response) => return response,
+            };
+            match daemon.registry().by_name(name) {
+                Some(sandbox) => match explain(&sandbox, &request) {
+                    Ok(explanation) => json(StatusCode::OK, &explanation),
+                    Err(why) => error(StatusCode::BAD_REQUEST, why),
+                },
+                None => error(StatusCode::NOT_FOUND, format!("no sandbox named {name:?}")),
+            }
+        }
+        (Method::POST, ["v1", "profiles", "reload"]) => {
+            let outcomes: Vec<serde_json::Value> = daemon
+                .reload_profiles(true)
+                .await
+                .into_iter()
+                .map(|(sandbox, outcome)| match outcome {
+                    Ok(changed) => serde_json::json!({ "sandbox": sandbox, "changed": changed }),
+                    Err(error) => serde_json::json!({ "sandbox": sandbox, "error": error }),
+                })
+                .collect();
+            json(StatusCode::OK, &outcomes)
+        }
+        (Method::GET, ["v1", "bundles"]) => {
+            let revoked = daemon.revoked();
+            let bundles: Vec<serde_json::Value> = crate::policy::bundles::names()
+                .filter_map(|name| crate::policy::bundles::get(name).ok())
+                .map(|b| {
+                    serde_json::json!({
+                        "name": b.name,
+                        "description": b.description,
+                        "revoked": revoked.contains(&b.name),
+                        "rules": b.rules,
+                    })
+                })
+                .collect();
+            json(StatusCode::OK, &bundles)
+        }
+        (method @ (Method::POST | Method::DELETE), ["v1", "bundles", name, "revoke"]) => {
+            let revoke = method == Method::POST;
+            match daemon.set_bundle_revoked(name, revoke).await {
+                Ok(sandboxes) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "bundle": name, "revoked": revoke, "sandboxes": sandboxes }),
+                ),
+                Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+            }
+        }
+        (Method::GET, ["v1", "approvals"]) => json(StatusCode::OK, &daemon.approvals().list()),
+        (Method::POST, ["v1", "approvals", id]) => {
+            let Ok(id) = id.parse::<u64>() else {
+                return error(StatusCode::BAD_REQUEST, format!("{id:?} is not an approval id"));
+            };
+            let answer: crate::approvals::Answer = match read_json(request).await {
+                Ok(answer) => answer,
+                Err(response) => return response,
+            };
+            match daemon.answer_approval(id, answer).await {
+                Ok(pending) => json(StatusCode::OK, &pending),
+                Err(e) => error(StatusCode::NOT_FOUND, format!("{e:#}")),
+            }
+        }
         (Method::POST, ["v1", "secrets", "reload"]) => match daemon.reload_secrets() {
             Ok(count) => json(StatusCode::OK, &serde_json::json!({ "secrets": count })),
             Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
@@ -252,6 +323,44 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {path}", request.method())),
     }
+}
+
+/// Body of `POST /v1/sandboxes/{name}/explain`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ExplainRequest {
+    #[serde(default = "get")]
+    pub method: String,
+    /// `https://host[:port]/path` (or `http://`).
+    pub url: String,
+    /// The destination address; default: an address the sandbox resolved
+    /// for the host, else the IP in the URL, else 192.0.2.1 (documentation
+    /// space, counted as public), which the answer says.
+    #[serde(default)]
+    pub ip: Option<std::net::IpAddr>,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub body_size: Option<u64>,
+}
+
+fn get() -> String {
+    "GET".into()
+}
+
+fn explain(sandbox: &crate::sandbox::Sandbox, request: &ExplainRequest) -> Result<crate::policy::Explanation, String> {
+    let policy = sandbox.policy.load();
+    let ip = request.ip.or_else(|| {
+        let url: hyper::Uri = request.url.parse().ok()?;
+        sandbox.names.address_of(url.host()?)
+    });
+    crate::policy::explain_url(&policy, &request.method, &request.url, ip, &request.headers, request.body_size)
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    request: Request<hyper::body::Incoming>,
+) -> Result<T, Response<Body>> {
+    let body = read_body(request).await.map_err(|why| error(StatusCode::BAD_REQUEST, why))?;
+    serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))
 }
 
 /// Request bodies are small JSON documents; anything larger is refused.

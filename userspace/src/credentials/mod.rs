@@ -183,7 +183,7 @@ pub fn bound_to(spec: &CredentialSpec, host: &str) -> bool {
                 && host[..host.len() - parent.len()].ends_with('.')
         }
         // Refused when the profile is checked.
-        HostPatternKind::Any | HostPatternKind::Glob(_) => false,
+        HostPatternKind::Any | HostPatternKind::Glob(_) | HostPatternKind::Alias(_) => false,
     })
 }
 

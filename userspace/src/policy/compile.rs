@@ -7,10 +7,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
-use ipnet::IpNet;
 
 use super::error::{Location, PolicyError, RuleRef};
-use super::model::{Action, HostPatternKind, IpPattern, PortRange, Profile, TlsMode, DEFAULT_DENY, MAX_NAME_LEN};
+use super::model::{
+    Action, HostPattern, HostPatternKind, IpPattern, PortRange, Profile, RuleSpec, Scheme, TlsMode, DEFAULT_DENY,
+    MAX_NAME_LEN,
+};
 
 /// One connection attempt as the proxy sees it.
 #[derive(Debug, Clone, Copy)]
@@ -29,12 +31,36 @@ pub struct RequestInfo<'a> {
     pub method: &'a str,
     /// Path without the query string.
     pub path: &'a str,
+    pub scheme: Scheme,
+    pub headers: Option<&'a hyper::HeaderMap>,
+    /// Body length when known before it is read (Content-Length, or an
+    /// empty body); `None` for a body streamed without a length.
+    pub body_len: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl<'a> RequestInfo<'a> {
+    /// A request with no headers and no body (tests, `policy explain`).
+    pub fn simple(method: &'a str, path: &'a str, scheme: Scheme) -> Self {
+        Self { method, path, scheme, headers: None, body_len: Some(0) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
+    /// Held until an operator answers.
+    Ask,
     Deny,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Ask => "ask",
+            Verdict::Deny => "deny",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -46,8 +72,13 @@ pub struct Decision {
     pub reason: Arc<str>,
     /// An allowed TLS connection is spliced, not intercepted.
     pub passthrough: bool,
-    /// Dry-run profile: this allow is a denial that was not enforced.
+    /// Dry-run profile: this allow is a denial (or a hold) that was not
+    /// enforced.
     pub would_deny: bool,
+    /// The capability bundle the deciding rule came from.
+    pub bundle: Option<Arc<str>>,
+    /// Largest request body the deciding rule lets through.
+    pub max_body: Option<u64>,
 }
 
 impl Decision {
@@ -62,6 +93,8 @@ impl Decision {
             reason: Arc::from(reason),
             passthrough: false,
             would_deny: false,
+            bundle: None,
+            max_body: None,
         }
     }
 }
@@ -85,6 +118,8 @@ struct Compiled {
     name: String,
     dry_run: bool,
     credentials: Vec<super::model::CredentialSpec>,
+    /// Bundles in force (taken by the profile and not revoked).
+    bundles: Vec<Arc<str>>,
     /// In file order; indexes below refer to positions here.
     rules: Vec<CompiledRule>,
     hosts: HostIndex,
@@ -95,11 +130,16 @@ struct CompiledRule {
     /// Ready-made for decisions so evaluation does not allocate.
     name: Arc<str>,
     reason: Arc<str>,
+    bundle: Option<Arc<str>>,
     ips: Option<IpSet>,
     ports: Option<RangeSet<u16>>,
     /// Upper case.
     methods: Option<Vec<Box<str>>>,
     paths: Option<GlobSet>,
+    schemes: Option<Vec<Scheme>>,
+    /// Header name and value matcher (`None`: any value).
+    headers: Option<Vec<(hyper::header::HeaderName, Option<globset::GlobMatcher>)>>,
+    max_body: Option<u64>,
     passthrough: bool,
 }
 
@@ -114,34 +154,71 @@ impl CompiledRule {
     /// requests will each be checked (`inspected`), and denies none: the
     /// requests themselves decide.
     fn matches_request(&self, request: Option<&RequestInfo<'_>>, inspected: bool) -> bool {
-        if self.methods.is_none() && self.paths.is_none() {
+        if !self.has_request_conditions() {
             return true;
         }
         let Some(request) = request else {
-            return inspected && self.action == Action::Allow;
+            return inspected && self.action != Action::Deny;
         };
         self.methods.as_ref().is_none_or(|methods| methods.iter().any(|m| m.eq_ignore_ascii_case(request.method)))
             && self.paths.as_ref().is_none_or(|paths| paths.is_match(request.path))
+            && self.schemes.as_ref().is_none_or(|schemes| schemes.contains(&request.scheme))
+            && self.headers.as_ref().is_none_or(|wanted| {
+                wanted.iter().all(|(name, value)| {
+                    request.headers.is_some_and(|headers| {
+                        headers
+                            .get_all(name)
+                            .iter()
+                            .any(|v| value.as_ref().is_none_or(|glob| v.to_str().is_ok_and(|text| glob.is_match(text))))
+                    })
+                })
+            })
+            && self.max_body.is_none_or(|max| request.body_len.is_none_or(|len| len <= max))
+    }
+
+    fn has_request_conditions(&self) -> bool {
+        self.methods.is_some()
+            || self.paths.is_some()
+            || self.schemes.is_some()
+            || self.headers.is_some()
+            || self.max_body.is_some()
     }
 
     fn decision(&self) -> Decision {
         Decision {
             verdict: match self.action {
                 Action::Allow => Verdict::Allow,
+                Action::Ask => Verdict::Ask,
                 Action::Deny => Verdict::Deny,
             },
             rule: Arc::clone(&self.name),
             reason: Arc::clone(&self.reason),
             passthrough: self.passthrough,
             would_deny: false,
+            bundle: self.bundle.clone(),
+            max_body: self.max_body,
         }
     }
+}
+
+/// A rule to compile: the profile's own, or one a bundle brings.
+struct Source<'a> {
+    spec: &'a RuleSpec,
+    name: String,
+    bundle: Option<Arc<str>>,
+    /// Position among the profile's own rules, for error locations.
+    own_index: Option<usize>,
 }
 
 impl Policy {
     /// Validates `profile` (as the parser does) and builds its matchers.
     pub fn compile(profile: &Profile) -> Result<Policy, PolicyError> {
-        Self::compile_located(profile, &format!("profile {:?}", profile.name), &|_| None)
+        Self::compile_located(profile, &format!("profile {:?}", profile.name), &|_| None, &Revoked::default())
+    }
+
+    /// `compile` without the rules of revoked bundles.
+    pub fn compile_revoked(profile: &Profile, revoked: &Revoked) -> Result<Policy, PolicyError> {
+        Self::compile_located(profile, &format!("profile {:?}", profile.name), &|_| None, revoked)
     }
 
     /// `compile` with errors that name the file the profile came from and
@@ -150,39 +227,77 @@ impl Policy {
         profile: &Profile,
         origin: &str,
         locate_rule: &dyn Fn(usize) -> Option<Location>,
+        revoked: &Revoked,
     ) -> Result<Policy, PolicyError> {
         profile.check().map_err(|problem| PolicyError::from_problem(origin, locate_rule, problem))?;
+        if !profile.include.is_empty() {
+            return Err(PolicyError::Profile {
+                origin: origin.to_owned(),
+                message: "`include` is resolved when a profile is loaded from its file; \
+                          hand the daemon the file (`--profile FILE`), not its text"
+                    .into(),
+            });
+        }
 
-        let mut rules = Vec::with_capacity(profile.rules.len());
+        let bundles: Vec<(Arc<str>, Profile)> = profile
+            .bundles
+            .iter()
+            .filter(|name| !revoked.contains(*name))
+            .map(|name| super::bundles::get(name).map(|bundle| (Arc::from(name.as_str()), bundle)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| PolicyError::Profile { origin: origin.to_owned(), message: e.to_string() })?;
+        let mut sources: Vec<Source<'_>> = profile
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| Source {
+                spec,
+                name: spec.effective_name(index),
+                bundle: None,
+                own_index: Some(index),
+            })
+            .collect();
+        for (bundle_name, bundle) in &bundles {
+            for (index, spec) in bundle.rules.iter().enumerate() {
+                sources.push(Source {
+                    spec,
+                    name: format!("{bundle_name}/{}", spec.effective_name(index)),
+                    bundle: Some(bundle_name.clone()),
+                    own_index: None,
+                });
+            }
+        }
+
+        let mut rules = Vec::with_capacity(sources.len());
         let mut hosts = HostIndexBuilder::new();
-        for (index, spec) in profile.rules.iter().enumerate() {
-            let name = spec.effective_name(index);
+        for (index, source) in sources.iter().enumerate() {
+            let spec = source.spec;
+            let name = source.name.clone();
+            let rule_error = |message: String| match source.own_index {
+                Some(own) => PolicyError::Rule {
+                    origin: origin.to_owned(),
+                    location: locate_rule(own),
+                    rule: RuleRef { index: own + 1, name: name.clone() },
+                    message,
+                },
+                None => PolicyError::Profile { origin: origin.to_owned(), message: format!("rule {name}: {message}") },
+            };
             let reason = match &spec.reason {
                 Some(reason) => reason.clone(),
                 None => match spec.action {
                     Action::Allow => format!("allowed by rule {name}"),
+                    Action::Ask => format!("rule {name} asks an operator"),
                     Action::Deny => format!("denied by rule {name}"),
                 },
             };
             match &spec.hosts {
                 None => hosts.unconditional.push(index),
                 Some(patterns) => {
-                    for pattern in patterns {
-                        hosts.add(pattern.kind(), index).map_err(|message| PolicyError::Rule {
-                            origin: origin.to_owned(),
-                            location: locate_rule(index),
-                            rule: RuleRef { index: index + 1, name: name.clone() },
-                            message,
-                        })?;
+                    for pattern in resolve_aliases(patterns, profile, &source.bundle).map_err(&rule_error)? {
+                        hosts.add(pattern.kind(), index).map_err(&rule_error)?;
                     }
                 }
             }
-            let rule_error = |message: String| PolicyError::Rule {
-                origin: origin.to_owned(),
-                location: locate_rule(index),
-                rule: RuleRef { index: index + 1, name: name.clone() },
-                message,
-            };
             let paths = match &spec.paths {
                 None => None,
                 Some(globs) => {
@@ -197,6 +312,28 @@ impl Policy {
                     Some(set.build().map_err(|e| rule_error(format!("path globs: {e}")))?)
                 }
             };
+            let headers = match &spec.headers {
+                None => None,
+                Some(wanted) => Some(
+                    wanted
+                        .iter()
+                        .map(|(name, value)| {
+                            let header = hyper::header::HeaderName::from_bytes(name.as_bytes())
+                                .map_err(|_| rule_error(format!("{name:?} is not an HTTP header name")))?;
+                            let matcher = match value.as_str() {
+                                "*" => None,
+                                glob => Some(
+                                    GlobBuilder::new(glob)
+                                        .build()
+                                        .map_err(|e| rule_error(format!("header value {glob:?}: {e}")))?
+                                        .compile_matcher(),
+                                ),
+                            };
+                            Ok((header, matcher))
+                        })
+                        .collect::<Result<Vec<_>, PolicyError>>()?,
+                ),
+            };
             rules.push(CompiledRule {
                 action: spec.action,
                 methods: spec
@@ -204,9 +341,13 @@ impl Policy {
                     .as_ref()
                     .map(|m| m.iter().map(|m| m.to_ascii_uppercase().into_boxed_str()).collect()),
                 paths,
+                schemes: spec.schemes.clone(),
+                headers,
+                max_body: spec.max_body.map(|size| size.0),
                 passthrough: spec.tls == Some(TlsMode::Passthrough),
                 name: Arc::from(name),
                 reason: Arc::from(reason),
+                bundle: source.bundle.clone(),
                 ips: spec.ips.as_deref().map(IpSet::new),
                 ports: spec
                     .ports
@@ -220,6 +361,7 @@ impl Policy {
                 name: profile.name.clone(),
                 dry_run: profile.mode == super::model::Mode::DryRun,
                 credentials: profile.credentials.clone(),
+                bundles: bundles.into_iter().map(|(name, _)| name).collect(),
                 rules,
                 hosts,
             }),
@@ -228,6 +370,11 @@ impl Policy {
 
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// Bundles whose rules are in force.
+    pub fn bundles(&self) -> &[Arc<str>] {
+        &self.inner.bundles
     }
 
     /// The profile's credential bindings.
@@ -255,7 +402,14 @@ impl Policy {
     }
 
     fn decide(&self, q: &ConnectQuery<'_>, request: Option<&RequestInfo<'_>>, inspected: bool) -> Decision {
-        self.dry_run(self.decide_enforced(q, request, inspected))
+        let decision = self.decide_enforced(q, request, inspected);
+        if decision.verdict == Verdict::Ask && request.is_none() && inspected {
+            // Each request of an inspected connection is asked about on its
+            // own; the connection itself goes ahead.
+            let reason = format!("each request is held for an operator (rule {})", decision.rule);
+            return self.dry_run(Decision { verdict: Verdict::Allow, reason: Arc::from(reason), ..decision });
+        }
+        self.dry_run(decision)
     }
 
     /// In a dry-run profile a denial lets the connection through, marked so
@@ -281,6 +435,7 @@ impl Policy {
 
         let inner = &*self.inner;
         let mut first_allow = None;
+        let mut first_ask = None;
         for index in inner.hosts.candidates(host.as_deref()) {
             let rule = &inner.rules[index];
             if !rule.matches_addr(ip, q.port) || !rule.matches_request(request, inspected) {
@@ -289,12 +444,15 @@ impl Policy {
             match rule.action {
                 // Candidates come in file order, so this is the first deny.
                 Action::Deny => return rule.decision(),
+                Action::Ask => {
+                    first_ask.get_or_insert(index);
+                }
                 Action::Allow => {
                     first_allow.get_or_insert(index);
                 }
             }
         }
-        match first_allow {
+        match first_ask.or(first_allow) {
             Some(index) => inner.rules[index].decision(),
             None => match request {
                 Some(request) => Decision::default_deny(format!(
@@ -309,6 +467,29 @@ impl Policy {
                 )),
             },
         }
+    }
+
+    /// Every rule that matches (for `policy explain`), in file order, with
+    /// its action and bundle; the decision itself comes from the evaluate
+    /// functions.
+    pub fn matching_rules(
+        &self,
+        q: &ConnectQuery<'_>,
+        request: Option<&RequestInfo<'_>>,
+    ) -> Vec<(Arc<str>, Action, Option<Arc<str>>)> {
+        let host = match q.host.map(classify_host) {
+            Some(QueryHost::Name(name)) => Some(name),
+            _ => None,
+        };
+        let ip = q.ip.to_canonical();
+        self.inner
+            .hosts
+            .candidates(host.as_deref())
+            .into_iter()
+            .map(|index| &self.inner.rules[index])
+            .filter(|rule| rule.matches_addr(ip, q.port) && rule.matches_request(request, request.is_none()))
+            .map(|rule| (rule.name.clone(), rule.action, rule.bundle.clone()))
+            .collect()
     }
 
     /// May the sandbox resolve this name through sluice's resolver? Allowed
@@ -333,22 +514,50 @@ impl Policy {
         for index in inner.hosts.candidates(host.as_deref()) {
             let rule = &inner.rules[index];
             match rule.action {
-                Action::Deny
-                    if rule.ips.is_none() && rule.ports.is_none() && rule.methods.is_none() && rule.paths.is_none() =>
-                {
+                Action::Deny if rule.ips.is_none() && rule.ports.is_none() && !rule.has_request_conditions() => {
                     return rule.decision();
                 }
                 Action::Deny => {}
-                Action::Allow => {
+                // A name an ask rule covers may be resolved: the connection
+                // or request is what an operator is asked about.
+                Action::Allow | Action::Ask => {
                     first_allow.get_or_insert(index);
                 }
             }
         }
         match first_allow {
-            Some(index) => inner.rules[index].decision(),
+            Some(index) => Decision { verdict: Verdict::Allow, ..inner.rules[index].decision() },
             None => Decision::default_deny(format!("no rule allows connections to {name}")),
         }
     }
+}
+
+/// Bundles taken away from every sandbox (`sluice policy revoke`).
+pub type Revoked = std::collections::BTreeSet<String>;
+
+/// A host list with `@alias` entries replaced by the profile's patterns.
+fn resolve_aliases<'p>(
+    patterns: &'p [HostPattern],
+    profile: &'p Profile,
+    bundle: &Option<Arc<str>>,
+) -> Result<Vec<&'p HostPattern>, String> {
+    let mut out = Vec::with_capacity(patterns.len());
+    for pattern in patterns {
+        match pattern.kind() {
+            HostPatternKind::Alias(alias) => match profile.aliases.get(alias) {
+                Some(hosts) => out.extend(hosts),
+                None => {
+                    let by = bundle.as_ref().map_or_else(String::new, |b| format!("bundle {b} "));
+                    return Err(format!(
+                        "{by}uses host alias @{alias}, which the profile does not define: \
+                         add `{alias} = [\"host\", ...]` to its [aliases] table"
+                    ));
+                }
+            },
+            _ => out.push(pattern),
+        }
+    }
+    Ok(out)
 }
 
 struct Destination<'a> {
@@ -447,6 +656,7 @@ impl HostIndexBuilder {
             HostPatternKind::Subdomains(suffix) => {
                 self.subdomains.entry(suffix.as_str().into()).or_default().push(rule);
             }
+            HostPatternKind::Alias(alias) => return Err(format!("host alias @{alias} was not resolved")),
             HostPatternKind::Glob(pattern) => {
                 let glob = GlobBuilder::new(&glob_form(pattern))
                     .literal_separator(true)
@@ -548,10 +758,9 @@ impl IpSet {
         let mut v4 = Vec::new();
         let mut v6 = Vec::new();
         for pattern in patterns {
-            match pattern.net() {
-                IpNet::V4(net) => v4.push((u32::from(net.network()), u32::from(net.broadcast()))),
-                IpNet::V6(net) => v6.push((u128::from(net.network()), u128::from(net.broadcast()))),
-            }
+            let ranges = pattern.ranges();
+            v4.extend(ranges.v4);
+            v6.extend(ranges.v6);
         }
         Self { v4: RangeSet::new(v4), v6: RangeSet::new(v6) }
     }

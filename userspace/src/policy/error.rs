@@ -67,6 +67,7 @@ impl PolicyError {
             ProfileProblem::EmptyProfileName => {
                 PolicyError::Profile { origin: origin.to_owned(), message: "profile name is empty".into() }
             }
+            ProfileProblem::Profile(message) => PolicyError::Profile { origin: origin.to_owned(), message },
             ProfileProblem::Rule { index, name, problem } => PolicyError::Rule {
                 origin: origin.to_owned(),
                 location: locate_rule(index),

@@ -29,27 +29,39 @@
 //! ports = [443, "8000-8100"]
 //! ```
 
+pub mod bundles;
 mod compile;
 mod error;
+mod explain;
 mod model;
 
 use std::path::Path;
 
 use serde::Deserialize;
 
-pub use compile::{ConnectQuery, Decision, Policy, RequestInfo, Verdict};
+pub use compile::{ConnectQuery, Decision, Policy, RequestInfo, Revoked, Verdict};
 pub use error::{Location, PolicyError, RuleRef};
+pub use explain::{explain_url, parse_verdict, Explanation, ASSUMED_IP};
 pub use model::{
-    Action, CredentialSpec, HostPattern, HostPatternKind, IpPattern, Mode, PortRange, Profile, RuleSpec, TlsMode,
-    DEFAULT_DENY,
+    Action, ByteSize, CredentialSpec, HostPattern, HostPatternKind, IpPattern, Mode, PortRange, Profile, RuleSpec,
+    Scheme, TlsMode, DEFAULT_DENY, PRIVATE_NETWORKS,
 };
 
 /// Text of the built-in default profile (`sluice policy default` prints it).
 pub const BUILTIN_DEFAULT_TOML: &str = include_str!("default.toml");
 
 /// Parses and validates a profile; `origin` (usually the file name) prefixes
-/// error messages. A profile returned here always compiles.
+/// error messages. A profile returned here always compiles. A profile with
+/// `include` must be read with [`load_profile`], which resolves it.
 pub fn parse_profile(text: &str, origin: &str) -> Result<Profile, PolicyError> {
+    let profile = parse_unresolved(text, origin)?;
+    // Compiling is cheap and is the only way to be sure every check ran.
+    Policy::compile_located(&profile, origin, &|index| locate_rule(text, index), &Revoked::default())?;
+    Ok(profile)
+}
+
+/// The TOML parse and the profile's own checks, with `include` left as it is.
+fn parse_unresolved(text: &str, origin: &str) -> Result<Profile, PolicyError> {
     let profile: Profile = toml::from_str(text).map_err(|err| {
         let offset = err.span().map(|span| span.start);
         PolicyError::Parse {
@@ -59,17 +71,101 @@ pub fn parse_profile(text: &str, origin: &str) -> Result<Profile, PolicyError> {
             message: err.message().trim_end().to_owned(),
         }
     })?;
-    // Only read on the error path: rule positions are for messages.
-    let locate =
-        |index: usize| RuleHeaders::read(text).rule.get(index).map(|rule| Location::of_offset(text, rule.span().start));
-    // Compiling is cheap and is the only way to be sure every check ran.
-    Policy::compile_located(&profile, origin, &locate)?;
+    profile.check().map_err(|problem| PolicyError::from_problem(origin, |index| locate_rule(text, index), problem))?;
     Ok(profile)
 }
 
+/// Where the rule at `index` starts; only read on the error path.
+fn locate_rule(text: &str, index: usize) -> Option<Location> {
+    RuleHeaders::read(text).rule.get(index).map(|rule| Location::of_offset(text, rule.span().start))
+}
+
+/// Reads a profile file, with the files it includes (relative to its
+/// directory, at most 8 deep, no cycles) merged in: their rules follow its
+/// own, and bundles, aliases and credentials are added. Rule names must stay
+/// unique across all of them.
 pub fn load_profile(path: &Path) -> Result<Profile, PolicyError> {
+    let mut chain = Vec::new();
+    let profile = load_resolved(path, &mut chain)?;
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    Policy::compile_located(&profile, &origin, &|index| locate_rule(&text, index), &Revoked::default())?;
+    Ok(profile)
+}
+
+const MAX_INCLUDE_DEPTH: usize = 8;
+
+fn load_resolved(path: &Path, chain: &mut Vec<std::path::PathBuf>) -> Result<Profile, PolicyError> {
     let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read { path: path.to_owned(), source })?;
-    parse_profile(&text, &path.display().to_string())
+    let origin = path.display().to_string();
+    let mut profile = parse_unresolved(&text, &origin)?;
+    if profile.include.is_empty() {
+        return Ok(profile);
+    }
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    if chain.contains(&canonical) || chain.len() >= MAX_INCLUDE_DEPTH {
+        let route: Vec<String> = chain.iter().map(|p| p.display().to_string()).collect();
+        return Err(PolicyError::Profile {
+            origin,
+            message: format!("includes go round in a cycle or deeper than {MAX_INCLUDE_DEPTH}: {}", route.join(" -> ")),
+        });
+    }
+    chain.push(canonical);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for include in std::mem::take(&mut profile.include) {
+        let included_path = dir.join(&include);
+        let included = load_resolved(&included_path, chain)?;
+        merge(&mut profile, included, &origin, &included_path.display().to_string())?;
+    }
+    chain.pop();
+    Ok(profile)
+}
+
+/// Adds `included` to `profile`, refusing anything that would make a
+/// decision ambiguous.
+fn merge(profile: &mut Profile, included: Profile, origin: &str, from: &str) -> Result<(), PolicyError> {
+    let fail = |message: String| PolicyError::Profile { origin: origin.to_owned(), message };
+    let own_names: std::collections::HashSet<String> =
+        profile.rules.iter().enumerate().map(|(i, r)| r.effective_name(i)).collect();
+    let offset = profile.rules.len();
+    for (index, mut rule) in included.rules.into_iter().enumerate() {
+        let name = rule.effective_name(index);
+        if own_names.contains(&name) {
+            return Err(fail(format!("rule {name:?} from {from} has the name of a rule already in the profile")));
+        }
+        // Unnamed rules would be renumbered; keep the name they had.
+        rule.name = Some(name);
+        profile.rules.push(rule);
+    }
+    debug_assert!(profile.rules.len() >= offset);
+    for bundle in included.bundles {
+        if !profile.bundles.contains(&bundle) {
+            profile.bundles.push(bundle);
+        }
+    }
+    for (alias, hosts) in included.aliases {
+        match profile.aliases.get(&alias) {
+            Some(existing) if *existing != hosts => {
+                return Err(fail(format!("alias @{alias} from {from} differs from the profile's own")));
+            }
+            _ => {
+                profile.aliases.insert(alias, hosts);
+            }
+        }
+    }
+    for credential in included.credentials {
+        if profile.credentials.iter().any(|c| c.secret == credential.secret) {
+            return Err(fail(format!("secret {:?} from {from} is already bound by the profile", credential.secret)));
+        }
+        profile.credentials.push(credential);
+    }
+    Ok(())
+}
+
+/// The JSON Schema of the profile format (TOML files map onto it one to
+/// one), for editors and for checking profiles in CI.
+pub fn json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Profile)).expect("a schema is JSON")
 }
 
 /// The profile `sluice run` uses without `--profile`: web ports to public
@@ -661,7 +757,7 @@ tls = "passthrough"
 
     fn request(p: &Policy, method: &str, path: &str) -> (Verdict, String) {
         let q = ConnectQuery { host: Some("api.test"), ip: ip("198.18.0.1"), port: 443 };
-        let d = p.evaluate_request(&q, &RequestInfo { method, path });
+        let d = p.evaluate_request(&q, &RequestInfo::simple(method, path, Scheme::Https));
         (d.verdict, d.rule.to_string())
     }
 
@@ -677,7 +773,7 @@ tls = "passthrough"
         let reason = p
             .evaluate_request(
                 &ConnectQuery { host: Some("api.test"), ip: ip("198.18.0.1"), port: 443 },
-                &RequestInfo { method: "DELETE", path: "/repos/x" },
+                &RequestInfo::simple("DELETE", "/repos/x", Scheme::Https),
             )
             .reason;
         assert_eq!(&*reason, "no rule allows DELETE /repos/x on api.test:443");
@@ -701,7 +797,7 @@ tls = "passthrough"
             ("methods = [\"GET /\"]", "not an HTTP method"),
             ("paths = [\"repos\"]", "must start with '/'"),
             ("methods = []", "`methods` is empty"),
-            ("tls = \"passthrough\"\npaths = [\"/x\"]", "cannot have `methods` or `paths`"),
+            ("tls = \"passthrough\"\npaths = [\"/x\"]", "cannot have `methods`, `paths`"),
         ] {
             let text = format!("name = \"x\"\n[[rule]]\naction = \"allow\"\n{body}\n");
             let error = parse_profile(&text, "bad.toml").and_then(|p| Policy::compile(&p).map(|_| p)).unwrap_err();
@@ -722,5 +818,187 @@ tls = "passthrough"
         let enforced = policy("name = \"x\"\n");
         let d = enforced.evaluate(&ConnectQuery { host: None, ip: ip("198.18.0.1"), port: 22 });
         assert!(!d.is_allowed() && !d.would_deny);
+    }
+
+    // --- ask, request conditions, bundles, includes -------------------------
+
+    fn req<'a>(
+        method: &'a str,
+        path: &'a str,
+        headers: Option<&'a hyper::HeaderMap>,
+        len: Option<u64>,
+    ) -> RequestInfo<'a> {
+        RequestInfo { method, path, scheme: Scheme::Https, headers, body_len: len }
+    }
+
+    fn decide(p: &Policy, host: &str, request: &RequestInfo<'_>) -> (Verdict, String) {
+        let d = p.evaluate_request(&ConnectQuery { host: Some(host), ip: ip("198.18.0.1"), port: 443 }, request);
+        (d.verdict, d.rule.to_string())
+    }
+
+    #[test]
+    fn deny_wins_over_ask_and_ask_over_allow() {
+        let p = policy(
+            r#"name = "p"
+[[rule]]
+name = "all"
+action = "allow"
+[[rule]]
+name = "ask-writes"
+action = "ask"
+methods = ["POST", "PUT"]
+[[rule]]
+name = "no-admin"
+action = "deny"
+paths = ["/admin/**"]
+"#,
+        );
+        assert_eq!(decide(&p, "a.test", &req("GET", "/", None, Some(0))), allow("all"));
+        assert_eq!(decide(&p, "a.test", &req("POST", "/x", None, Some(0))), (Verdict::Ask, "ask-writes".into()));
+        assert_eq!(decide(&p, "a.test", &req("POST", "/admin/x", None, Some(0))), deny("no-admin"));
+        // The connection goes ahead; its requests are asked about.
+        let q = ConnectQuery { host: Some("a.test"), ip: ip("198.18.0.1"), port: 443 };
+        assert_eq!(p.evaluate_inspected(&q).verdict, Verdict::Allow);
+        // An ask rule with no request conditions holds opaque connections.
+        let opaque = policy("name = \"p\"\n[[rule]]\nname = \"ssh\"\naction = \"ask\"\nports = [22]\n");
+        let d = opaque.evaluate(&ConnectQuery { host: None, ip: ip("198.18.0.1"), port: 22 });
+        assert_eq!((d.verdict, d.rule.as_ref()), (Verdict::Ask, "ssh"));
+        assert_eq!(opaque.may_resolve("x.test").verdict, Verdict::Allow, "asked-about names resolve");
+    }
+
+    #[test]
+    fn header_scheme_and_body_size_conditions() {
+        let p = policy(
+            r#"name = "p"
+[[rule]]
+name = "json-uploads"
+action = "allow"
+methods = ["POST"]
+schemes = ["https"]
+headers = { "Content-Type" = "application/json*", "x-agent" = "*" }
+max_body = "1KiB"
+"#,
+        );
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("content-type", "application/json; charset=utf-8".parse().unwrap());
+        headers.insert("x-agent", "a1".parse().unwrap());
+        assert_eq!(decide(&p, "a.test", &req("POST", "/", Some(&headers), Some(1024))), allow("json-uploads"));
+        assert_eq!(decide(&p, "a.test", &req("POST", "/", Some(&headers), Some(1025))).1, "default-deny");
+        let streamed = p.evaluate_request(
+            &ConnectQuery { host: Some("a.test"), ip: ip("198.18.0.1"), port: 443 },
+            &req("POST", "/", Some(&headers), None),
+        );
+        assert_eq!((streamed.verdict, streamed.max_body), (Verdict::Allow, Some(1024)), "the proxy enforces it");
+        let plain = RequestInfo { scheme: Scheme::Http, ..req("POST", "/", Some(&headers), Some(1)) };
+        assert_eq!(decide(&p, "a.test", &plain).1, "default-deny");
+        headers.insert("content-type", "text/plain".parse().unwrap());
+        assert_eq!(decide(&p, "a.test", &req("POST", "/", Some(&headers), Some(1))).1, "default-deny");
+        headers.insert("content-type", "application/json".parse().unwrap());
+        headers.remove("x-agent");
+        assert_eq!(decide(&p, "a.test", &req("POST", "/", Some(&headers), Some(1))).1, "default-deny");
+        assert_eq!(decide(&p, "a.test", &req("POST", "/", None, Some(1))).1, "default-deny");
+
+        for (body, expected) in [
+            ("action = \"deny\"\nmax_body = 10", "deny rule cannot have it"),
+            ("action = \"allow\"\nheaders = { \"bad header\" = \"*\" }", "not an HTTP header name"),
+            ("action = \"allow\"\nschemes = [\"gopher\"]", "unknown variant `gopher`"),
+            ("action = \"allow\"\nmax_body = \"1 parsec\"", "unknown unit"),
+            ("action = \"allow\"\ntls = \"passthrough\"\nheaders = { a = \"*\" }", "passthrough rule cannot"),
+        ] {
+            let err = parse_err(&format!("name = \"x\"\n[[rule]]\n{body}\n"));
+            assert!(err.contains(expected), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn bundles_name_their_decisions_need_their_aliases_and_can_be_revoked() {
+        let text = r#"name = "agent"
+bundles = ["vcs.github.readonly", "pkg.pypi"]
+[aliases]
+pypi = ["pypi.mirror.test", "*.files.mirror.test"]
+"#;
+        let p = policy(text);
+        let d = p.evaluate_request(
+            &ConnectQuery { host: Some("github.com"), ip: ip("198.18.0.1"), port: 443 },
+            &req("POST", "/sluice/sluice.git/git-upload-pack", None, Some(10)),
+        );
+        assert_eq!((d.verdict, d.rule.as_ref()), (Verdict::Allow, "vcs.github.readonly/fetch"));
+        assert_eq!(d.bundle.as_deref(), Some("vcs.github.readonly"));
+        assert_eq!(
+            decide(&p, "github.com", &req("POST", "/sluice/sluice.git/git-receive-pack", None, Some(1))).1,
+            "default-deny"
+        );
+        assert_eq!(decide(&p, "a.files.mirror.test", &req("GET", "/p.whl", None, Some(0))), allow("pkg.pypi/download"));
+        assert_eq!(p.bundles().len(), 2);
+
+        let mut revoked = Revoked::new();
+        revoked.insert("pkg.pypi".to_owned());
+        let cut = Policy::compile_revoked(&parse_profile(text, "t").unwrap(), &revoked).unwrap();
+        assert_eq!(decide(&cut, "a.files.mirror.test", &req("GET", "/p.whl", None, Some(0))).1, "default-deny");
+        assert_eq!(decide(&cut, "github.com", &req("GET", "/", None, Some(0))), allow("vcs.github.readonly/read"));
+
+        let missing = parse_err("name = \"x\"\nbundles = [\"pkg.npm\"]\n");
+        assert!(missing.contains("bundle pkg.npm uses host alias @npm") && missing.contains("[aliases]"), "{missing}");
+        let unknown = parse_err("name = \"x\"\nbundles = [\"pkg.cobol\"]\n");
+        assert!(unknown.contains("no such capability bundle"), "{unknown}");
+        let public = policy("name = \"x\"\nbundles = [\"net.read.public\"]\n");
+        assert_eq!(decide(&public, "a.test", &req("GET", "/", None, Some(0))), allow("net.read.public/read"));
+        let private = public.evaluate_request(
+            &ConnectQuery { host: Some("a.test"), ip: ip("10.0.0.1"), port: 443 },
+            &req("GET", "/", None, Some(0)),
+        );
+        assert_eq!(private.rule.as_ref(), "default-deny");
+    }
+
+    #[test]
+    fn includes_merge_files_and_refuse_cycles_and_clashes() {
+        let dir = std::env::temp_dir().join(format!("sluice-include-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("shared")).unwrap();
+        std::fs::write(
+            dir.join("shared/base.toml"),
+            "name = \"base\"\nbundles = [\"net.read.public\"]\n[[rule]]\nname = \"no-ssh\"\naction = \"deny\"\nports = [22]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("agent.toml"),
+            "name = \"agent\"\ninclude = [\"shared/base.toml\"]\n[[rule]]\nname = \"api\"\naction = \"allow\"\nhosts = [\"api.test\"]\n",
+        )
+        .unwrap();
+        let profile = load_profile(&dir.join("agent.toml")).unwrap();
+        assert_eq!(profile.name, "agent");
+        assert!(profile.include.is_empty());
+        assert_eq!(profile.bundles, ["net.read.public"]);
+        let p = Policy::compile(&profile).unwrap();
+        assert_eq!(eval(&p, Some("api.test"), "198.18.0.1", 22), deny("no-ssh"));
+        assert_eq!(eval(&p, Some("api.test"), "198.18.0.1", 8443), allow("api"));
+        // The merged profile travels as text (control API, state file).
+        assert_eq!(parse_profile(&toml::to_string(&profile).unwrap(), "merged").unwrap(), profile);
+
+        std::fs::write(dir.join("shared/base.toml"), "name = \"base\"\ninclude = [\"../agent.toml\"]\n").unwrap();
+        let cycle = load_profile(&dir.join("agent.toml")).unwrap_err().to_string();
+        assert!(cycle.contains("cycle"), "{cycle}");
+        std::fs::write(dir.join("shared/base.toml"), "name = \"base\"\n[[rule]]\nname = \"api\"\naction = \"deny\"\n")
+            .unwrap();
+        let clash = load_profile(&dir.join("agent.toml")).unwrap_err().to_string();
+        assert!(clash.contains("\"api\"") && clash.contains("base.toml"), "{clash}");
+        std::fs::write(dir.join("shared/base.toml"), "name = \"base\"\n[[rule]]\naction = \"maybe\"\n").unwrap();
+        let broken = load_profile(&dir.join("agent.toml")).unwrap_err().to_string();
+        assert!(broken.contains("base.toml:3:10"), "errors point into the included file: {broken}");
+        let text_only = parse_err("name = \"x\"\ninclude = [\"a.toml\"]\n");
+        assert!(text_only.contains("`include` is resolved when a profile is loaded from its file"), "{text_only}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_json_schema_describes_the_format() {
+        let schema = json_schema();
+        let text = schema.to_string();
+        for needle in ["\"rule\"", "\"bundles\"", "\"include\"", "\"max_body\"", "\"ask\"", "HostPattern"] {
+            assert!(text.contains(needle), "schema lacks {needle}");
+        }
+        // The copy in the repository is what editors and CI read.
+        let shipped: serde_json::Value =
+            serde_json::from_str(include_str!("../../../docs/profile.schema.json")).expect("docs/profile.schema.json");
+        assert_eq!(shipped, schema, "docs/profile.schema.json is stale: regenerate it with `sluice policy schema`");
     }
 }

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use schemars::JsonSchema;
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 /// Rule name the engine reports when nothing allowed a connection; a profile
@@ -16,7 +17,7 @@ use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 pub const DEFAULT_DENY: &str = "default-deny";
 
 /// A named set of rules. Deny by default; see the module docs for semantics.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
     pub name: String,
@@ -32,7 +33,23 @@ pub struct Profile {
     /// Written as `[[credential]]` tables: secrets the daemon holds and
     /// injects for this sandbox, bound to hosts.
     #[serde(default, rename = "credential", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<serde_json::Map<String, serde_json::Value>>")]
     pub credentials: Vec<CredentialSpec>,
+    /// Other profile files whose rules, bundles, aliases and credentials this
+    /// one adds to its own, relative to this file's directory. Resolved when
+    /// the profile is loaded from a file ([`super::load_profile`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<String>,
+    /// Capability bundles from sluice's library (`sluice policy bundles`
+    /// lists them), e.g. `net.read.public` or `vcs.github.readonly`.
+    /// Decisions made by a bundle's rules name the bundle.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bundles: Vec<String>,
+    /// Host aliases: `@name` in a host list stands for these patterns.
+    /// Bundles for package registries use them (`@pypi`, `@npm`, `@crates`),
+    /// so the hosts of the index or mirror in use are the profile's choice.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub aliases: std::collections::BTreeMap<String, Vec<HostPattern>>,
 }
 
 /// One `[[credential]]`: the sandbox gets a placeholder for `secret` (in
@@ -54,7 +71,7 @@ pub struct CredentialSpec {
 /// One `[[rule]]`. Every condition that is present must match; an absent
 /// condition matches everything, so a rule with no conditions matches every
 /// connection (legal: `action = "deny"` with no conditions blocks everything).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     /// Defaults to `rule-<n>` (1-based position in the file).
@@ -75,6 +92,20 @@ pub struct RuleSpec {
     /// segments (`/repos/**`). The query string is not part of the path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paths: Option<Vec<String>>,
+    /// `http` (plain) or `https` (intercepted TLS); checked per request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schemes: Option<Vec<Scheme>>,
+    /// Request headers that must be present, by name, with a value glob
+    /// (`"*"`: any value, `"application/json*"`, ...); values are compared
+    /// case-sensitively, names are not. Checked per request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<std::collections::BTreeMap<String, String>>,
+    /// Largest request body, in bytes (`1048576`) or with a unit (`"1MiB"`,
+    /// `"512KB"`), this allow or ask rule lets through. A body announced
+    /// larger does not match; a streamed body that grows past it is cut off
+    /// and the request fails with 413.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body: Option<ByteSize>,
     /// What an allowed TLS connection gets: `intercept` (default: terminated
     /// with the sandbox's CA, requests checked one by one) or `passthrough`
     /// (bytes spliced after the connect-level check; for pinned clients and
@@ -87,6 +118,16 @@ pub struct RuleSpec {
 }
 
 impl RuleSpec {
+    /// Conditions only a request can answer: the rule decides requests on
+    /// inspected connections, never opaque ones.
+    pub fn has_request_conditions(&self) -> bool {
+        self.methods.is_some()
+            || self.paths.is_some()
+            || self.schemes.is_some()
+            || self.headers.is_some()
+            || self.max_body.is_some()
+    }
+
     /// The name decisions and errors use for the rule at 0-based `index`.
     pub fn effective_name(&self, index: usize) -> String {
         match &self.name {
@@ -100,7 +141,7 @@ pub(crate) fn default_rule_name(index: usize) -> String {
     format!("rule-{}", index + 1)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     #[default]
@@ -115,17 +156,22 @@ impl Mode {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     Intercept,
     Passthrough,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// What a matching rule does. When several rules match, deny wins over ask,
+/// and ask wins over allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Allow,
+    /// Hold the request (or connection) until an operator answers
+    /// (`sluice approve` / `sluice deny`); no answer in time means deny.
+    Ask,
     Deny,
 }
 
@@ -133,8 +179,88 @@ impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Action::Allow => "allow",
+            Action::Ask => "ask",
             Action::Deny => "deny",
         })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// A size in bytes, written as an integer or a string with a unit
+/// (`B`, `KB`/`KiB`, `MB`/`MiB`, `GB`/`GiB`; KB = 1000, KiB = 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let text = raw.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let number: u64 = digits.parse().map_err(|_| format!("{raw:?} is not a size such as 1048576 or \"1MiB\""))?;
+        let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1000,
+            "kib" => 1 << 10,
+            "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            other => {
+                return Err(format!("size {raw:?} has unknown unit {other:?}; use B, KB, KiB, MB, MiB, GB or GiB"))
+            }
+        };
+        number.checked_mul(scale).map(ByteSize).ok_or_else(|| format!("size {raw:?} is too large"))
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+
+        impl de::Visitor<'_> for SizeVisitor {
+            type Value = ByteSize;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size in bytes or a string such as \"1MiB\"")
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v).map(ByteSize).map_err(|_| E::custom(format!("size {v} is negative")))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+
+        d.deserialize_any(SizeVisitor)
     }
 }
 
@@ -142,6 +268,7 @@ impl fmt::Display for Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ProfileProblem {
     EmptyProfileName,
+    Profile(String),
     Rule { index: usize, name: String, problem: String },
 }
 
@@ -153,6 +280,19 @@ impl Profile {
     pub(crate) fn check(&self) -> Result<(), ProfileProblem> {
         if self.name.trim().is_empty() {
             return Err(ProfileProblem::EmptyProfileName);
+        }
+        for (alias, hosts) in &self.aliases {
+            if !alias_name_ok(alias) {
+                return Err(ProfileProblem::Profile(format!(
+                    "alias name {alias:?} must be letters, digits, '-', '_' or '.'"
+                )));
+            }
+            if hosts.is_empty() {
+                return Err(ProfileProblem::Profile(format!("alias @{alias} names no hosts")));
+            }
+            if hosts.iter().any(|h| matches!(h.kind(), HostPatternKind::Alias(_))) {
+                return Err(ProfileProblem::Profile(format!("alias @{alias} refers to another alias")));
+            }
         }
         let mut seen = std::collections::HashMap::new();
         for (index, rule) in self.rules.iter().enumerate() {
@@ -178,6 +318,8 @@ impl Profile {
                 ("ports", rule.ports.as_ref().is_some_and(Vec::is_empty)),
                 ("methods", rule.methods.as_ref().is_some_and(Vec::is_empty)),
                 ("paths", rule.paths.as_ref().is_some_and(Vec::is_empty)),
+                ("schemes", rule.schemes.as_ref().is_some_and(Vec::is_empty)),
+                ("headers", rule.headers.as_ref().is_some_and(std::collections::BTreeMap::is_empty)),
             ] {
                 if empty {
                     return Err(fail(format!(
@@ -195,14 +337,34 @@ impl Profile {
                     return Err(fail(format!("path {path:?} must start with '/' and contain no spaces")));
                 }
             }
-            let has_request_conditions = rule.methods.is_some() || rule.paths.is_some();
+            for header in rule.headers.iter().flat_map(|h| h.keys()) {
+                if hyper::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    return Err(fail(format!("{header:?} is not an HTTP header name")));
+                }
+            }
+            if rule.max_body.is_some() && rule.action == Action::Deny {
+                return Err(fail(
+                    "`max_body` limits what an allow or ask rule lets through; a deny rule cannot have it".into(),
+                ));
+            }
+            for host in rule.hosts.iter().flatten() {
+                if let HostPatternKind::Alias(alias) = host.kind() {
+                    if !self.aliases.contains_key(alias) {
+                        return Err(fail(format!(
+                            "host alias @{alias} is not defined; add it to the profile's [aliases] table"
+                        )));
+                    }
+                }
+            }
             if rule.tls == Some(TlsMode::Passthrough) {
-                if rule.action == Action::Deny {
+                if rule.action != Action::Allow {
                     return Err(fail("`tls = \"passthrough\"` only makes sense on an allow rule".into()));
                 }
-                if has_request_conditions {
+                if rule.has_request_conditions() {
                     return Err(fail(
-                        "a passthrough rule cannot have `methods` or `paths`: its requests are never seen".into(),
+                        "a passthrough rule cannot have `methods`, `paths`, `schemes`, `headers` or `max_body`: \
+                         its requests are never seen"
+                            .into(),
                     ));
                 }
             }
@@ -226,9 +388,11 @@ impl Profile {
             if credential.hosts.is_empty() {
                 return Err(fail("`hosts` is empty: a credential must be bound to at least one host".into()));
             }
-            if credential.hosts.iter().any(|h| matches!(h.kind(), HostPatternKind::Glob(_) | HostPatternKind::Any)) {
+            if credential.hosts.iter().any(|h| {
+                matches!(h.kind(), HostPatternKind::Glob(_) | HostPatternKind::Any | HostPatternKind::Alias(_))
+            }) {
                 return Err(fail(
-                    "credential hosts must be exact names or `*.suffix`, never `*` or other globs".into(),
+                    "credential hosts must be exact names or `*.suffix`, never `*`, other globs or aliases".into(),
                 ));
             }
             if let Some(env) = &credential.env {
@@ -257,6 +421,8 @@ pub enum HostPatternKind {
     Subdomains(String),
     /// Other shapes with `*` or `?`, where a wildcard never crosses a dot.
     Glob(String),
+    /// `@name`: the patterns the profile's `[aliases]` table gives `name`.
+    Alias(String),
 }
 
 /// A validated host pattern. Written as a string in profiles.
@@ -282,6 +448,12 @@ impl FromStr for HostPattern {
             return Err(format!("host pattern {raw:?} contains whitespace"));
         }
         let lower = raw.to_ascii_lowercase();
+        if let Some(alias) = lower.strip_prefix('@') {
+            if !alias_name_ok(alias) {
+                return Err(format!("host alias {raw:?} must be '@' and letters, digits, '-', '_' or '.'"));
+            }
+            return Ok(Self { kind: HostPatternKind::Alias(alias.to_owned()) });
+        }
         let pattern = lower.strip_suffix('.').unwrap_or(&lower);
         if pattern == "*" {
             return Ok(Self { kind: HostPatternKind::Any });
@@ -319,8 +491,13 @@ impl fmt::Display for HostPattern {
             HostPatternKind::Any => f.write_str("*"),
             HostPatternKind::Exact(name) | HostPatternKind::Glob(name) => f.write_str(name),
             HostPatternKind::Subdomains(suffix) => write!(f, "*.{suffix}"),
+            HostPatternKind::Alias(name) => write!(f, "@{name}"),
         }
     }
+}
+
+pub(crate) fn alias_name_ok(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// DNS limit on a full name in text form (without the trailing dot).
@@ -332,22 +509,113 @@ pub(crate) const MAX_NAME_LEN: usize = 253;
 /// A validated IP network. Written as `"10.0.0.0/8"`, `"fd00::/8"` or a bare
 /// address (a /32 or /128). IPv4-mapped IPv6 networks (`::ffff:a.b.c.d/n`,
 /// n >= 96) are stored as the IPv4 network they mean, because destinations are
-/// canonicalised the same way before matching.
+/// canonicalised the same way before matching. Two words name address
+/// classes: `"private"` (loopback, unspecified, RFC 1918, carrier-grade NAT,
+/// link-local and the metadata service, unique-local, multicast and reserved
+/// space: [`PRIVATE_NETWORKS`]) and `"public"` (every other address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct IpPattern {
-    net: IpNet,
+    kind: IpKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum IpKind {
+    Net(IpNet),
+    Private,
+    Public,
+}
+
+/// What `"private"` means in an `ips` list: the address space a sandbox
+/// should never reach by accident. Benchmarking (198.18.0.0/15) and
+/// documentation ranges are not in it.
+pub const PRIVATE_NETWORKS: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+/// Inclusive ranges, IPv4 and IPv6, an `ips` pattern covers.
+pub(crate) struct IpRanges {
+    pub v4: Vec<(u32, u32)>,
+    pub v6: Vec<(u128, u128)>,
 }
 
 impl IpPattern {
-    pub fn net(&self) -> IpNet {
-        self.net
+    /// The network, for a pattern that is one.
+    pub fn net(&self) -> Option<IpNet> {
+        match self.kind {
+            IpKind::Net(net) => Some(net),
+            IpKind::Private | IpKind::Public => None,
+        }
     }
+
+    pub(crate) fn ranges(&self) -> IpRanges {
+        let mut ranges = IpRanges { v4: Vec::new(), v6: Vec::new() };
+        let mut add = |net: IpNet| match net {
+            IpNet::V4(net) => ranges.v4.push((u32::from(net.network()), u32::from(net.broadcast()))),
+            IpNet::V6(net) => ranges.v6.push((u128::from(net.network()), u128::from(net.broadcast()))),
+        };
+        match self.kind {
+            IpKind::Net(net) => add(net),
+            IpKind::Private | IpKind::Public => {
+                for net in PRIVATE_NETWORKS {
+                    add(net.parse().expect("valid built-in network"));
+                }
+            }
+        }
+        if self.kind == IpKind::Public {
+            ranges.v4 = complement(ranges.v4, u32::MAX);
+            ranges.v6 = complement(ranges.v6, u128::MAX);
+        }
+        ranges
+    }
+}
+
+/// The ranges of `0..=max` not covered by `ranges`.
+fn complement<T>(mut ranges: Vec<(T, T)>, max: T) -> Vec<(T, T)>
+where
+    T: Copy + Ord + From<u8> + std::ops::Add<Output = T> + std::ops::Sub<Output = T>,
+{
+    ranges.sort_unstable();
+    let one = T::from(1);
+    let mut out = Vec::new();
+    let mut next = Some(T::from(0));
+    for (lo, hi) in ranges {
+        if let Some(start) = next {
+            if lo > start {
+                out.push((start, lo - one));
+            }
+            if hi >= start {
+                next = (hi < max).then(|| hi + one);
+            }
+        }
+    }
+    if let Some(start) = next {
+        out.push((start, max));
+    }
+    out
 }
 
 impl FromStr for IpPattern {
     type Err = String;
 
     fn from_str(raw: &str) -> Result<Self, String> {
+        match raw {
+            "private" => return Ok(Self { kind: IpKind::Private }),
+            "public" => return Ok(Self { kind: IpKind::Public }),
+            _ => {}
+        }
         let net = if raw.contains('/') {
             let net: IpNet = raw.parse().map_err(|_| format!("{raw:?} is not an IP network in CIDR notation"))?;
             // A set host part is usually a typo for a different network; refusing
@@ -357,10 +625,12 @@ impl FromStr for IpPattern {
             }
             net
         } else {
-            let addr: IpAddr = raw.parse().map_err(|_| format!("{raw:?} is not an IP address or CIDR network"))?;
+            let addr: IpAddr = raw
+                .parse()
+                .map_err(|_| format!("{raw:?} is not an IP address, a CIDR network, \"private\" or \"public\""))?;
             IpNet::from(addr)
         };
-        Ok(Self { net: canonical_net(net) })
+        Ok(Self { kind: IpKind::Net(canonical_net(net)) })
     }
 }
 
@@ -377,23 +647,31 @@ fn canonical_net(net: IpNet) -> IpNet {
 impl fmt::Display for IpPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Single addresses print bare, as they are usually written.
-        match self.net {
-            IpNet::V4(n) if n.prefix_len() == 32 => n.addr().fmt(f),
-            IpNet::V6(n) if n.prefix_len() == 128 => n.addr().fmt(f),
-            net => net.fmt(f),
+        match self.kind {
+            IpKind::Private => f.write_str("private"),
+            IpKind::Public => f.write_str("public"),
+            IpKind::Net(IpNet::V4(n)) if n.prefix_len() == 32 => n.addr().fmt(f),
+            IpKind::Net(IpNet::V6(n)) if n.prefix_len() == 128 => n.addr().fmt(f),
+            IpKind::Net(net) => net.fmt(f),
         }
+    }
+}
+
+impl From<IpNet> for IpPattern {
+    fn from(net: IpNet) -> Self {
+        Self { kind: IpKind::Net(canonical_net(net.trunc())) }
     }
 }
 
 impl From<Ipv4Net> for IpPattern {
     fn from(net: Ipv4Net) -> Self {
-        Self { net: IpNet::V4(net.trunc()) }
+        Self { kind: IpKind::Net(IpNet::V4(net.trunc())) }
     }
 }
 
 impl From<Ipv6Net> for IpPattern {
     fn from(net: Ipv6Net) -> Self {
-        Self { net: canonical_net(IpNet::V6(net.trunc())) }
+        Self { kind: IpKind::Net(canonical_net(IpNet::V6(net.trunc()))) }
     }
 }
 
@@ -548,6 +826,71 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
+// ---------------------------------------------------------------------------
+// JSON Schema for the validated leaf types (`sluice policy schema`).
+
+impl JsonSchema for HostPattern {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HostPattern".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A host name (`example.com`), its subdomains at any depth (`*.example.com`), \
+                any name (`*`), a glob whose wildcards stay inside one label (`api-*.example.com`), or an \
+                alias from [aliases] (`@name`).",
+            "pattern": "^(@[A-Za-z0-9._-]+|[A-Za-z0-9._*?-]+\\.?)$"
+        })
+    }
+}
+
+impl JsonSchema for IpPattern {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "IpPattern".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "An IP address, a CIDR network (`10.0.0.0/8`, `fd00::/8`), or the address \
+                classes `private` and `public`."
+        })
+    }
+}
+
+impl JsonSchema for PortRange {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PortRange".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A port (443) or an inclusive range (\"8000-8100\").",
+            "oneOf": [
+                { "type": "integer", "minimum": 1, "maximum": 65535 },
+                { "type": "string", "pattern": "^[0-9]{1,5}(-[0-9]{1,5})?$" }
+            ]
+        })
+    }
+}
+
+impl JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A size in bytes (1048576) or with a unit (\"1MiB\", \"512KB\").",
+            "oneOf": [
+                { "type": "integer", "minimum": 0 },
+                { "type": "string", "pattern": "^[0-9]+ ?([KMG]i?B|B)?$" }
+            ]
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,6 +904,44 @@ mod tests {
         assert_eq!(kind("*.Example.com"), HostPatternKind::Subdomains("example.com".into()));
         assert_eq!(kind("api-*.example.com"), HostPatternKind::Glob("api-*.example.com".into()));
         assert_eq!(kind("*.*.example.com"), HostPatternKind::Glob("*.*.example.com".into()));
+        assert_eq!(kind("@PyPI"), HostPatternKind::Alias("pypi".into()));
+        assert!("@".parse::<HostPattern>().is_err());
+        assert!("@a b".parse::<HostPattern>().is_err());
+    }
+
+    #[test]
+    fn byte_sizes() {
+        let size = |s: &str| s.parse::<ByteSize>().map(|b| b.0);
+        assert_eq!(size("1048576"), Ok(1_048_576));
+        assert_eq!(size("1MiB"), Ok(1 << 20));
+        assert_eq!(size("2 KB"), Ok(2000));
+        assert_eq!(size("3gib"), Ok(3 << 30));
+        assert!(size("1 parsec").unwrap_err().contains("unknown unit"));
+        assert!(size("MiB").is_err());
+        assert!(size("99999999999999GiB").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn address_classes_split_the_address_space() {
+        let ranges = |s: &str| s.parse::<IpPattern>().unwrap().ranges();
+        let (private, public) = (ranges("private"), ranges("public"));
+        let covered = |r: &[(u32, u32)]| r.iter().map(|(lo, hi)| u64::from(hi - lo) + 1).sum::<u64>();
+        assert_eq!(covered(&private.v4) + covered(&public.v4), 1 << 32, "v4 classes must tile the space");
+        let inside = |r: &[(u32, u32)], a: &str| {
+            let a = u32::from(a.parse::<std::net::Ipv4Addr>().unwrap());
+            r.iter().any(|&(lo, hi)| (lo..=hi).contains(&a))
+        };
+        for a in ["10.1.2.3", "127.0.0.1", "169.254.169.254", "0.0.0.0", "255.255.255.255", "100.64.0.1"] {
+            assert!(inside(&private.v4, a) && !inside(&public.v4, a), "{a}");
+        }
+        for a in ["1.1.1.1", "198.18.0.1", "9.255.255.255", "11.0.0.0", "223.255.255.255"] {
+            assert!(inside(&public.v4, a) && !inside(&private.v4, a), "{a}");
+        }
+        assert!(public
+            .v6
+            .iter()
+            .any(|&(lo, hi)| (lo..=hi).contains(&u128::from("2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap()))));
+        assert_eq!("public".parse::<IpPattern>().unwrap().to_string(), "public");
     }
 
     #[test]
@@ -572,7 +953,7 @@ mod tests {
 
     #[test]
     fn ip_pattern_forms() {
-        let net = |s: &str| s.parse::<IpPattern>().unwrap().net().to_string();
+        let net = |s: &str| s.parse::<IpPattern>().unwrap().net().unwrap().to_string();
         assert_eq!(net("192.0.2.7"), "192.0.2.7/32");
         assert_eq!(net("10.0.0.0/8"), "10.0.0.0/8");
         assert_eq!(net("fd00::/8"), "fd00::/8");

@@ -29,13 +29,20 @@ use tokio::{
 use crate::{
     audit::{Decision, HostSource, Kind, Verdict},
     credentials::{swap, Leak, ScrubBody, Secret, PLACEHOLDER_PREFIX},
-    policy::{ConnectQuery, RequestInfo, Verdict as PolicyVerdict},
+    policy::{ConnectQuery, RequestInfo, Scheme, Verdict as PolicyVerdict},
     sandbox::Sandbox,
 };
 
 use super::ProxyContext;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What is sent upstream: the client's body, possibly cut off by a rule's
+/// `max_body` (an error of its own, so the upstream sees a failed request,
+/// never a short one).
+pub type UpstreamBody = BoxBody<Bytes, BoxError>;
 
 /// Largest request head a client may send (HTTP/1 buffer, h2 header list).
 const MAX_HEAD: usize = 64 * 1024;
@@ -50,8 +57,8 @@ pub struct Upstream {
 }
 
 enum Sender {
-    H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
+    H1(http1::SendRequest<UpstreamBody>),
+    H2(http2::SendRequest<UpstreamBody>),
 }
 
 impl Upstream {
@@ -134,7 +141,7 @@ pub struct Connection {
     /// answered with this instead.
     refusal: Option<Refusal>,
     sender: Mutex<Option<Sender>>,
-    h2_sender: std::sync::OnceLock<http2::SendRequest<Body>>,
+    h2_sender: std::sync::OnceLock<http2::SendRequest<UpstreamBody>>,
 }
 
 impl Connection {
@@ -220,17 +227,47 @@ impl Connection {
             ip: self.destination.ip(),
             port: self.destination.port(),
         };
-        let verdict =
-            self.sandbox.policy.load().evaluate_request(&query, &RequestInfo { method: &method, path: &path });
-        if verdict.verdict != PolicyVerdict::Allow {
-            return self.refuse(decision, StatusCode::FORBIDDEN, &verdict.rule, &verdict.reason);
-        }
+        let info = RequestInfo {
+            method: &method,
+            path: &path,
+            scheme: if self.sni.is_some() { Scheme::Https } else { Scheme::Http },
+            headers: Some(request.headers()),
+            body_len: hyper::body::Body::size_hint(request.body()).exact(),
+        };
+        let verdict = self.sandbox.policy.load().evaluate_request(&query, &info);
+        decision.bundle = verdict.bundle.as_deref().map(str::to_owned);
         decision.rule = verdict.rule.to_string();
         decision.reason = verdict.reason.to_string();
+        match verdict.verdict {
+            PolicyVerdict::Allow => {}
+            PolicyVerdict::Deny => {
+                return self.refuse(decision, StatusCode::FORBIDDEN, &verdict.rule, &verdict.reason);
+            }
+            PolicyVerdict::Ask => {
+                let pending = crate::approvals::Pending {
+                    id: 0,
+                    sandbox: self.sandbox.name().to_owned(),
+                    pid: self.pid,
+                    destination: self.destination,
+                    host: Some(host.clone()),
+                    method: Some(method.clone()),
+                    path: Some(path.clone()),
+                    rule: decision.rule.clone(),
+                    reason: decision.reason.clone(),
+                    since: String::new(),
+                    expires_in: 0,
+                };
+                if super::hold(&self.ctx, &mut decision, pending).await.is_err() {
+                    // Logged by `hold`; answer the client without a second record.
+                    return refusal_response(StatusCode::FORBIDDEN, &decision.rule, &decision.reason);
+                }
+            }
+        }
         decision.would_deny = verdict.would_deny;
 
         let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-        let mut upstream_request = self.upstream_request(request, &host, upgrade.is_some());
+        let limit = verdict.max_body.filter(|_| info_len_unknown(&request)).map(|max| BodyLimit::new(max));
+        let mut upstream_request = self.upstream_request(request, &host, upgrade.is_some(), limit.clone());
         let injected = match self.inject_credentials(&mut upstream_request, &host) {
             Ok(injected) => injected,
             Err((rule, reason)) => return self.refuse(decision, StatusCode::FORBIDDEN, rule, &reason),
@@ -238,6 +275,15 @@ impl Connection {
         decision.credentials = injected.iter().map(|(name, _, _)| name.clone()).collect();
         let response = match self.send(upstream_request).await {
             Ok(response) => response,
+            Err(_) if limit.as_ref().is_some_and(BodyLimit::exceeded) => {
+                let reason = format!(
+                    "the request body grew past {} bytes, the max_body of rule {}; the upstream got no complete request",
+                    verdict.max_body.unwrap_or_default(),
+                    verdict.rule
+                );
+                let rule = verdict.rule.to_string();
+                return self.refuse(decision, StatusCode::PAYLOAD_TOO_LARGE, &rule, &reason);
+            }
             Err(error) => {
                 return self.refuse(decision, StatusCode::BAD_GATEWAY, "upstream-failed", &error);
             }
@@ -282,7 +328,7 @@ impl Connection {
     #[allow(clippy::type_complexity)]
     fn inject_credentials(
         &self,
-        request: &mut Request<Body>,
+        request: &mut Request<UpstreamBody>,
         host: &str,
     ) -> Result<Vec<(String, Secret, String)>, (&'static str, String)> {
         let has_placeholder =
@@ -362,7 +408,13 @@ impl Connection {
         })
     }
 
-    fn upstream_request(&self, request: Request<Incoming>, host: &str, upgrade: bool) -> Request<Body> {
+    fn upstream_request(
+        &self,
+        request: Request<Incoming>,
+        host: &str,
+        upgrade: bool,
+        limit: Option<BodyLimit>,
+    ) -> Request<UpstreamBody> {
         let (mut parts, body) = request.into_parts();
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
         strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -387,14 +439,18 @@ impl Connection {
             parts.uri = path_and_query.parse().unwrap_or_default();
             parts.version = Version::HTTP_11;
         }
-        Request::from_parts(parts, body.boxed())
+        let body = match limit {
+            Some(limit) => limit.wrap(body),
+            None => body.map_err(BoxError::from).boxed(),
+        };
+        Request::from_parts(parts, body)
     }
 
     fn h2(&self) -> bool {
         self.upstream.h2
     }
 
-    async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, String> {
+    async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<Incoming>, String> {
         if let Some(h2) = self.h2_sender.get() {
             let mut h2 = h2.clone();
             return h2.send_request(request).await.map_err(|e| format!("the upstream failed the request: {e}"));
@@ -418,17 +474,91 @@ impl Connection {
         decision.verdict = Verdict::Deny;
         rule.clone_into(&mut decision.rule);
         reason.clone_into(&mut decision.reason);
-        let body = format!("sluice denied this request\nrule: {rule}\nreason: {reason}\n");
         self.ctx.log.record(decision);
-        Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-            .header(
-                HeaderName::from_static("x-sluice-rule"),
-                HeaderValue::from_str(&super::header_safe(rule)).unwrap_or(HeaderValue::from_static("sluice")),
-            )
-            .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
-            .expect("valid response")
+        refusal_response(status, rule, reason)
+    }
+}
+
+/// The answer a sandbox gets for a request sluice does not forward.
+fn refusal_response(status: StatusCode, rule: &str, reason: &str) -> Response<Body> {
+    let body = format!("sluice denied this request\nrule: {rule}\nreason: {reason}\n");
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(
+            HeaderName::from_static("x-sluice-rule"),
+            HeaderValue::from_str(&super::header_safe(rule)).unwrap_or(HeaderValue::from_static("sluice")),
+        )
+        .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
+        .expect("valid response")
+}
+
+fn info_len_unknown<B: hyper::body::Body>(request: &Request<B>) -> bool {
+    request.body().size_hint().exact().is_none()
+}
+
+/// A rule's `max_body` on a body streamed without a length: counts what
+/// passes and fails the body once it grows past the limit.
+#[derive(Clone)]
+struct BodyLimit {
+    max: u64,
+    exceeded: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {0} bytes")]
+struct TooLarge(u64);
+
+impl BodyLimit {
+    fn new(max: u64) -> Self {
+        Self { max, exceeded: Arc::default() }
+    }
+
+    fn exceeded(&self) -> bool {
+        self.exceeded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn wrap(self, body: Incoming) -> UpstreamBody {
+        Limited { inner: body, seen: 0, limit: self }.boxed()
+    }
+}
+
+struct Limited {
+    inner: Incoming,
+    seen: u64,
+    limit: BodyLimit,
+}
+
+impl hyper::body::Body for Limited {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = match std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => return std::task::Poll::Ready(Some(Err(error.into()))),
+            None => return std::task::Poll::Ready(None),
+        };
+        if let Some(data) = frame.data_ref() {
+            this.seen += data.len() as u64;
+            if this.seen > this.limit.max {
+                this.limit.exceeded.store(true, std::sync::atomic::Ordering::Relaxed);
+                return std::task::Poll::Ready(Some(Err(Box::new(TooLarge(this.limit.max)))));
+            }
+        }
+        std::task::Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -58,6 +58,8 @@ pub struct ProxyContext {
     pub upstream_roots: Arc<crate::tls::UpstreamRoots>,
     /// Secrets injected for sandboxes; swapped whole on reload.
     pub secrets: Arc<arc_swap::ArcSwap<crate::credentials::SecretStore>>,
+    /// Requests and connections held by `ask` rules.
+    pub approvals: Arc<crate::approvals::Approvals>,
 }
 
 impl ProxyContext {
@@ -79,6 +81,7 @@ impl ProxyContext {
             connect_timeout: Duration::from_secs(10),
             upstream_roots,
             secrets,
+            approvals: Arc::new(crate::approvals::Approvals::new(Duration::from_secs(60))),
         }
     }
 }
@@ -158,9 +161,35 @@ async fn handle(ctx: &Arc<ProxyContext>, attribution: &Attribution, mut client: 
     let query = ConnectQuery { host: host.as_deref(), ip: destination.ip(), port: destination.port() };
     let policy = sandbox.policy.load();
     let verdict = if inspected { policy.evaluate_inspected(&query) } else { policy.evaluate(&query) };
+    drop(policy);
     decision.rule = verdict.rule.to_string();
     decision.reason = verdict.reason.to_string();
-    if verdict.verdict != PolicyVerdict::Allow {
+    decision.bundle = verdict.bundle.as_deref().map(str::to_owned);
+    if verdict.verdict == PolicyVerdict::Ask {
+        // A connection whose requests are not seen: the connection itself
+        // is what the operator answers for.
+        let pending = crate::approvals::Pending {
+            id: 0,
+            sandbox: sandbox.name().to_owned(),
+            pid: flow.pid,
+            destination,
+            host: host.clone(),
+            method: None,
+            path: None,
+            rule: decision.rule.clone(),
+            reason: decision.reason.clone(),
+            since: String::new(),
+            expires_in: 0,
+        };
+        match hold(ctx, &mut decision, pending).await {
+            Ok(()) => {}
+            Err(()) => {
+                refuse(ctx, Refused { sandbox, pid: flow.pid, destination, client, prefix, classified, decision })
+                    .await;
+                return;
+            }
+        }
+    } else if verdict.verdict != PolicyVerdict::Allow {
         ctx.log.record(decision.clone());
         refuse(ctx, Refused { sandbox, pid, destination, client, prefix, classified, decision }).await;
         return;
@@ -181,6 +210,55 @@ async fn handle(ctx: &Arc<ProxyContext>, attribution: &Attribution, mut client: 
             intercept::intercept(ctx, sandbox, pid, destination, client, prefix, sni, alpn, None).await;
         }
         _ => splice_through(ctx, &sandbox, pid, destination, client, &prefix).await,
+    }
+}
+
+/// Waits for an operator's answer on a held connection or request, logging
+/// the hold and the outcome. `decision` comes back ready to log as an allow
+/// (Ok, not yet logged) or already logged as a denial (Err).
+pub(crate) async fn hold(
+    ctx: &ProxyContext,
+    decision: &mut Decision,
+    pending: crate::approvals::Pending,
+) -> Result<(), ()> {
+    use crate::approvals::Outcome;
+    let outcome = ctx
+        .approvals
+        .ask(pending, |held| {
+            let mut asked = decision.clone();
+            asked.verdict = Verdict::Ask;
+            asked.approval = Some(held.id);
+            asked.reason = format!(
+                "{}; held for an operator: `sluice approve {}` or `sluice deny {}` within {} s",
+                decision.reason,
+                held.id,
+                held.id,
+                ctx.approvals.timeout().as_secs()
+            );
+            ctx.log.record(asked);
+        })
+        .await;
+    match outcome {
+        Outcome::Approved { id } => {
+            decision.approval = Some(id);
+            decision.reason = format!("approved by an operator (approval {id}, rule {})", decision.rule);
+            Ok(())
+        }
+        Outcome::Denied { id } => {
+            decision.approval = Some(id);
+            decision.verdict = Verdict::Deny;
+            decision.reason = format!("denied by an operator (approval {id}, rule {})", decision.rule);
+            ctx.log.record(decision.clone());
+            Err(())
+        }
+        Outcome::TimedOut { id, after } => {
+            decision.approval = Some(id);
+            decision.verdict = Verdict::Deny;
+            decision.reason =
+                format!("no operator answered within {} s (approval {id}, rule {})", after.as_secs(), decision.rule);
+            ctx.log.record(decision.clone());
+            Err(())
+        }
     }
 }
 

@@ -31,15 +31,47 @@ use crate::{
 pub enum ProfileSource {
     /// The built-in default profile.
     Builtin,
-    /// Profile text handed over at registration (`sluice run --profile`).
+    /// Profile text handed over at registration or through the API.
     Inline { origin: String, text: String },
+    /// A profile file the daemon reads itself (`sluice run --profile FILE`),
+    /// and reads again when it changes or on SIGHUP. `text` is the last good
+    /// version (includes merged), used when the file is gone or broken.
+    File {
+        path: PathBuf,
+        #[serde(default)]
+        text: String,
+    },
 }
 
 impl ProfileSource {
-    pub fn describe(&self) -> &str {
+    pub fn describe(&self) -> std::borrow::Cow<'_, str> {
         match self {
-            Self::Builtin => "builtin:default",
-            Self::Inline { origin, .. } => origin,
+            Self::Builtin => "builtin:default".into(),
+            Self::Inline { origin, .. } => origin.as_str().into(),
+            Self::File { path, .. } => path.display().to_string().into(),
+        }
+    }
+
+    /// The profile this source holds now: the built-in one, the text, or
+    /// the file as it is now (includes resolved).
+    pub fn load(&self) -> Result<crate::policy::Profile, crate::policy::PolicyError> {
+        match self {
+            Self::Builtin => Ok(crate::policy::builtin_default()),
+            Self::Inline { origin, text } => crate::policy::parse_profile(text, origin),
+            Self::File { path, .. } => crate::policy::load_profile(path),
+        }
+    }
+
+    /// `load`, but a file that cannot be read or parsed falls back to the
+    /// last good text it had (a restarted daemon keeps enforcing what was
+    /// in force).
+    pub fn load_or_last_good(&self) -> Result<crate::policy::Profile, crate::policy::PolicyError> {
+        match (self.load(), self) {
+            (Err(error), Self::File { path, text }) if !text.is_empty() => {
+                tracing::error!(path = %path.display(), error = %error, "profile file unusable; keeping its last good version");
+                crate::policy::parse_profile(text, &format!("{} (last good)", path.display()))
+            }
+            (result, _) => result,
         }
     }
 }

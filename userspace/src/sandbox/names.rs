@@ -57,6 +57,17 @@ impl NameMemory {
         self.names_for_at(ip, Instant::now())
     }
 
+    /// An address the sandbox resolved `name` to and still remembers.
+    pub fn address_of(&self, name: &str) -> Option<IpAddr> {
+        let now = Instant::now();
+        let name = name.trim_end_matches('.');
+        let by_ip = self.by_ip.lock().expect("lock poisoned");
+        by_ip
+            .iter()
+            .find(|(_, names)| names.iter().any(|(known, until)| *until > now && known.eq_ignore_ascii_case(name)))
+            .map(|(ip, _)| *ip)
+    }
+
     /// Whether a name a client claims for `ip` agrees with what the sandbox
     /// resolved through sluice: it resolved nothing for `ip`, or this name.
     /// On disagreement, the names it did resolve.
