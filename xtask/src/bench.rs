@@ -628,6 +628,7 @@ pub fn client(args: &[String]) -> anyhow::Result<()> {
         Some("tls") => return tls::client(&args[1..]),
         Some("dns") => return net::dns_client(&args[1..]),
         Some("plot") => return report::replot(&args[1..]),
+        Some("markdown") => return report::markdown(&args[1..]),
         Some("bench") => return bench(args.get(1).is_some_and(|a| a == "--quick")),
         Some("upstream") => {
             let dir = std::env::temp_dir().join(format!("sluice-bench-upstream-{}", std::process::id()));

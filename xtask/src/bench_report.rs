@@ -479,3 +479,84 @@ pub fn replot(args: &[String]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `bench-client markdown RESULTS.json`: the README's table (medians; the
+/// last column compares sluice with direct and the peers).
+pub fn markdown(args: &[String]) -> anyhow::Result<()> {
+    let [file] = args else { anyhow::bail!("usage: bench-client markdown RESULTS.json") };
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file)?)?;
+    let big = results["parameters"]["http"]["big_body_mib"].as_u64().unwrap_or(64);
+    println!("| measure | {} | sluice vs direct / iptables / mitmproxy / squid |", CONFIGS.join(" | "));
+    println!("|---|{}---|", "---|".repeat(CONFIGS.len()));
+    let summary = results["summary"].as_array().cloned().unwrap_or_default();
+    for proto in super::PROTOCOLS {
+        for row in rows(proto, big) {
+            let Some(entry) = summary.iter().find(|e| e["protocol"] == proto && e["measure"] == row.key.as_str())
+            else {
+                continue;
+            };
+            let stat = |config: &str| {
+                let r = &entry["results"][config];
+                Some((r["median"].as_f64()?, r["min"].as_f64()?, r["max"].as_f64()?))
+            };
+            let cells: Vec<String> = CONFIGS.iter().map(|c| stat(c).map_or(String::new(), |s| num(s.0))).collect();
+            let mut compare = Vec::new();
+            if let (Some(d), Some(s)) = (stat("direct"), stat("sluice")) {
+                let delta = if row.higher_is_better {
+                    format!("{:.0} % of direct", 100.0 * s.0 / d.0)
+                } else {
+                    format!("{:+.1} {}", s.0 - d.0, row.unit)
+                };
+                compare.push(if tie(d, s) { format!("{delta} (tie)") } else { delta });
+            }
+            if let Some(s) = stat("sluice") {
+                for config in &CONFIGS[2..] {
+                    if let Some(other) = stat(config) {
+                        compare.push(format!("{config} {}", versus(&row, s, other)));
+                    }
+                }
+            }
+            println!(
+                "| {} {} ({}) | {} | {} |",
+                label(proto),
+                row.label,
+                row.unit,
+                cells.join(" | "),
+                compare.join(", ")
+            );
+        }
+    }
+    let memory = &results["memory"];
+    let idle: Vec<String> = CONFIGS
+        .iter()
+        .map(|c| memory[c]["idle_kb"].as_f64().map_or(String::new(), |kb| format!("{:.1}", kb / 1024.0)))
+        .collect();
+    println!("| proxy RSS idle after start (MiB) | {} | |", idle.join(" | "));
+    let per: Vec<String> = CONFIGS
+        .iter()
+        .map(|c| {
+            let held = &memory[c]["idle_connections"];
+            held["kb_per_connection"].as_f64().map_or(String::new(), |kb| format!("{kb:.1} ({} held)", held["opened"]))
+        })
+        .collect();
+    println!("| proxy RSS per idle HTTPS connection (KiB) | {} | |", per.join(" | "));
+    println!();
+    println!("Targets (reported, not asserted):");
+    println!();
+    for target in results["targets"].as_array().into_iter().flatten() {
+        let (what, shown) =
+            (target["target"].as_str().unwrap_or_default(), target["shown"].as_str().unwrap_or_default());
+        println!("- {what}: {shown}");
+    }
+    Ok(())
+}
+
+fn label(proto: &str) -> &'static str {
+    match proto {
+        "tcp" => "TCP",
+        "http" => "HTTP",
+        "h1" => "HTTPS h1",
+        "h2" => "HTTPS h2",
+        _ => "DNS",
+    }
+}

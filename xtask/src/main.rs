@@ -5,7 +5,8 @@
 //! - `test`: setup, then build everything and run every test.
 //! - `demo`: setup, build, and run a sandboxed command against a small
 //!   stand-in internet in a network namespace, under the built-in profile.
-//! - `bench`: overhead measurements (see bench.rs).
+//! - `bench`: sluice's overhead against direct connections, iptables
+//!   redirection, mitmproxy and Squid (see bench.rs).
 
 mod bench;
 mod demo;
@@ -35,7 +36,7 @@ enum Task {
     },
     /// Show sluice confining a command: allowed and denied traffic, with reasons.
     Demo,
-    /// Measure sluice's overhead against direct connections.
+    /// Measure sluice against direct connections, iptables redirection, mitmproxy and Squid.
     Bench {
         /// A shorter run.
         #[arg(long)]
