@@ -82,9 +82,13 @@ impl TestCa {
 pub struct SeenRequest {
     pub method: String,
     pub path: String,
+    /// The query string as received (empty when none).
+    pub query: String,
     pub version: String,
     pub host: String,
     pub body_len: usize,
+    /// The body as received (empty when the request was cut).
+    pub body: Vec<u8>,
     pub headers: Vec<(String, String)>,
 }
 
@@ -177,22 +181,24 @@ async fn respond(mut request: Request<hyper::body::Incoming>, seen: &Mutex<Vec<S
         .unwrap_or_default();
     let headers: Vec<(String, String)> =
         request.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())).collect();
-    let record = |body_len: usize| {
+    let record = |body: &[u8]| {
         seen.lock().unwrap().push(SeenRequest {
             method: method.clone(),
             path: path.clone(),
+            query: query.clone(),
             version: version.clone(),
             host: host.clone(),
-            body_len,
+            body_len: body.len(),
+            body: body.to_vec(),
             headers: headers.clone(),
         });
     };
     if path == "/ws" {
-        record(0);
+        record(&[]);
         return websocket(&mut request);
     }
     let body = request.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
-    record(body.len());
+    record(&body);
     match path.as_str() {
         "/big" => {
             let total: usize = query.strip_prefix("bytes=").and_then(|n| n.parse().ok()).unwrap_or(1 << 20);

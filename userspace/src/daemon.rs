@@ -119,6 +119,11 @@ impl DaemonConfig {
         runtime_dir(&self.instance)
     }
 
+    /// Names (never values) of secrets revoked through the control API.
+    pub fn revoked_secrets_file(&self) -> PathBuf {
+        self.runtime_dir().join("revoked-secrets.json")
+    }
+
     pub fn control_socket(&self) -> PathBuf {
         control_socket(&self.instance)
     }
@@ -144,6 +149,20 @@ impl DaemonConfig {
     }
 }
 
+/// The secret sources, and the revocations an earlier daemon recorded.
+fn load_secrets(
+    config: &DaemonConfig,
+) -> anyhow::Result<(crate::credentials::SecretStore, crate::credentials::SecretEdits)> {
+    let sources = crate::credentials::SecretStore::load(config.secrets_file.as_deref(), config.secrets_dir.as_deref())
+        .context("loading secrets")?;
+    Ok((sources, crate::credentials::SecretEdits::with_revoked(read_revoked(&config.revoked_secrets_file()))))
+}
+
+/// Names of revoked secrets, as JSON, in the runtime directory.
+fn read_revoked(path: &Path) -> Vec<String> {
+    std::fs::read(path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
+}
+
 pub fn runtime_dir(instance: &str) -> PathBuf {
     PathBuf::from("/run").join(instance)
 }
@@ -163,6 +182,9 @@ pub struct Daemon {
     /// the state file must agree.
     registering: tokio::sync::Mutex<()>,
     secrets: Arc<arc_swap::ArcSwap<crate::credentials::SecretStore>>,
+    /// What the secret sources hold and the control API's edits over them;
+    /// `secrets` is always the one applied to the other.
+    secret_sources: Mutex<(crate::credentials::SecretStore, crate::credentials::SecretEdits)>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     unknown_resolvers: Mutex<Vec<SandboxResolver>>,
     /// Loopback addresses the proxy and resolvers listen on.
@@ -245,9 +267,8 @@ impl Daemon {
         datapath.add_endpoint(target, target.dns_port, sluice_common::PROTO_UDP)?;
         datapath.add_endpoint(target, target.dns_port, PROTO_TCP)?;
 
-        let secrets =
-            crate::credentials::SecretStore::load(config.secrets_file.as_deref(), config.secrets_dir.as_deref())
-                .context("loading secrets")?;
+        let (sources, edits) = load_secrets(&config)?;
+        let secrets = edits.apply(&sources);
         let revoked: policy::Revoked = std::fs::read(config.revoked_file())
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
@@ -257,6 +278,7 @@ impl Daemon {
             approvals: Arc::new(crate::approvals::Approvals::new(config.approval_timeout)),
             profile_stamps: Mutex::new(std::collections::HashMap::new()),
             secrets: Arc::new(arc_swap::ArcSwap::from_pointee(secrets)),
+            secret_sources: Mutex::new((sources, edits)),
             config,
             datapath: datapath.clone(),
             registry: registry.clone(),
@@ -541,20 +563,70 @@ impl Daemon {
         }
     }
 
-    /// Re-reads the secrets (rotation, revocation). The next request uses
-    /// them, on new and kept-alive connections alike. On error the secrets
-    /// in force stay. Returns how many secrets are held.
+    /// Re-reads the secrets (rotation). The next request uses them, on new
+    /// and kept-alive connections alike; revocations and values set through
+    /// the API stay. On error the secrets in force stay. Returns how many
+    /// secrets are held.
     pub fn reload_secrets(&self) -> anyhow::Result<usize> {
-        let store = crate::credentials::SecretStore::load(
+        let loaded = crate::credentials::SecretStore::load(
             self.config.secrets_file.as_deref(),
             self.config.secrets_dir.as_deref(),
         )?;
+        let mut sources = self.secret_sources.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sources.0 = loaded;
+        let store = sources.1.apply(&sources.0);
         let count = store.len();
         self.secrets.store(Arc::new(store));
+        drop(sources);
         let decision =
             Decision::new(Kind::Lifecycle, Verdict::Info, "secrets-reloaded", format!("{count} secrets held"));
         self.log.record(decision);
         Ok(count)
+    }
+
+    /// Names of the secrets, where each came from, which are revoked.
+    pub fn secrets(&self) -> Vec<crate::credentials::SecretInfo> {
+        self.secrets.load().list()
+    }
+
+    /// Sets a secret's value (rotation through the API; lifts a revocation).
+    /// The next request uses it.
+    pub fn set_secret(&self, name: &str, value: crate::credentials::Secret) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)),
+            "secret name {name:?} must be letters, digits, '_', '-' or '.'"
+        );
+        anyhow::ensure!(!value.expose().is_empty(), "the value of secret {name:?} is empty");
+        self.edit_secrets(name, "secret-set", |edits| edits.set(name, value))
+    }
+
+    /// Revokes a secret now: no request gets it (kept-alive connections
+    /// included) and requests that need it are refused, until a new value
+    /// is set. Survives reloads and daemon restarts.
+    pub fn revoke_secret(&self, name: &str) -> anyhow::Result<()> {
+        self.edit_secrets(name, "secret-revoked", |edits| edits.revoke(name))
+    }
+
+    fn edit_secrets(
+        &self,
+        name: &str,
+        rule: &str,
+        edit: impl FnOnce(&mut crate::credentials::SecretEdits),
+    ) -> anyhow::Result<()> {
+        let mut sources = self.secret_sources.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        edit(&mut sources.1);
+        self.secrets.store(Arc::new(sources.1.apply(&sources.0)));
+        let revoked: Vec<&String> = sources.1.revoked().collect();
+        let path = self.config.revoked_secrets_file();
+        let saved = std::fs::create_dir_all(self.config.runtime_dir())
+            .and_then(|()| std::fs::write(&path, serde_json::to_vec(&revoked).unwrap_or_default()));
+        drop(sources);
+        let reason = match rule {
+            "secret-revoked" => format!("secret {name} revoked through the control API"),
+            _ => format!("secret {name} set through the control API"),
+        };
+        self.log.record(Decision::new(Kind::Lifecycle, Verdict::Info, rule, reason));
+        saved.with_context(|| format!("saving revoked secret names to {}", path.display()))
     }
 
     /// Edits a sandbox's profile in force (add or remove a rule) and puts

@@ -8,6 +8,7 @@ mod log;
 mod policy;
 mod run;
 mod sandbox;
+mod secrets;
 mod teardown;
 
 use std::path::PathBuf;
@@ -50,6 +51,9 @@ pub enum Command {
     Approve(approvals::AnswerArgs),
     /// Refuse a held request (`--always`: and the same ones after it).
     Deny(approvals::AnswerArgs),
+    /// Secrets the daemon injects: list, set (rotate), revoke, reload.
+    #[command(subcommand)]
+    Secrets(secrets::SecretsCommand),
     /// Remove every pin and attachment of an instance (sandboxes sluice made
     /// are killed and removed). Sandboxes are no longer enforced afterwards.
     Teardown(teardown::TeardownArgs),
@@ -108,6 +112,7 @@ pub fn main(cli: Cli) -> anyhow::Result<u8> {
             Command::Approvals(args) => approvals::list(&args).await.map(|()| 0),
             Command::Approve(args) => approvals::answer(&args, true).await.map(|()| 0),
             Command::Deny(args) => approvals::answer(&args, false).await.map(|()| 0),
+            Command::Secrets(command) => secrets::run(command).await.map(|()| 0),
             Command::Teardown(args) => teardown::run(&args).await.map(|()| 0),
         }
     })

@@ -92,6 +92,28 @@ impl ControlClient {
         self.call(Method::POST, "/v1/profiles/reload", None::<&()>).await
     }
 
+    /// Secret names, origins and revocations.
+    pub async fn secrets(&self) -> anyhow::Result<Vec<crate::credentials::SecretInfo>> {
+        self.call(Method::GET, "/v1/secrets", None::<&()>).await
+    }
+
+    /// Sets a secret's value in the daemon (rotation).
+    pub async fn set_secret(&self, name: &str, value: &str) -> anyhow::Result<()> {
+        let body = serde_json::json!({ "value": value });
+        self.call::<serde_json::Value>(Method::PUT, &format!("/v1/secrets/{name}"), Some(&body)).await.map(drop)
+    }
+
+    /// Revokes a secret.
+    pub async fn revoke_secret(&self, name: &str) -> anyhow::Result<()> {
+        self.call::<serde_json::Value>(Method::DELETE, &format!("/v1/secrets/{name}"), None::<&()>).await.map(drop)
+    }
+
+    /// Re-reads the daemon's secret sources; returns how many it holds.
+    pub async fn reload_secrets(&self) -> anyhow::Result<u64> {
+        let answer: serde_json::Value = self.call(Method::POST, "/v1/secrets/reload", None::<&()>).await?;
+        Ok(answer["secrets"].as_u64().unwrap_or(0))
+    }
+
     /// The sandbox's CA certificate, PEM.
     pub async fn ca(&self, name: &str) -> anyhow::Result<String> {
         let (status, body) = self.send(Method::GET, &format!("/v1/sandboxes/{name}/ca"), None::<&()>).await?;

@@ -18,6 +18,9 @@
 //! | GET    | /v1/approvals            | requests held by `ask` rules          |
 //! | POST   | /v1/approvals/{id}       | answer one ([`Answer`](crate::approvals::Answer)) |
 //! | POST   | /v1/secrets/reload       | re-read secrets (rotation); next request uses them |
+//! | GET    | /v1/secrets              | names, origins, revocations (never values) |
+//! | PUT    | /v1/secrets/{name}       | set a value (`{"value": …}`); next request uses it |
+//! | DELETE | /v1/secrets/{name}       | revoke now; requests needing it are refused |
 //! | GET    | /v1/events[?sandbox=N]   | follow decisions as JSON lines        |
 //!
 //! The socket is mode 0600 and every connection's peer is checked: it must
@@ -317,6 +320,7 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
             Ok(count) => json(StatusCode::OK, &serde_json::json!({ "secrets": count })),
             Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
         },
+        (method, ["v1", "secrets", ..]) => secrets(daemon, &method, &segments[2..], request).await,
         (Method::GET, ["v1", "events"]) => {
             let sandbox = query.split('&').find_map(|kv| kv.strip_prefix("sandbox=")).map(str::to_owned);
             events(daemon, sandbox)
@@ -361,6 +365,45 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 ) -> Result<T, Response<Body>> {
     let body = read_body(request).await.map_err(|why| error(StatusCode::BAD_REQUEST, why))?;
     serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))
+}
+
+/// `/v1/secrets/...` (other than reload): list, set, revoke. Values come in
+/// and never go out.
+async fn secrets(
+    daemon: &Daemon,
+    method: &Method,
+    rest: &[&str],
+    request: Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    #[derive(Deserialize)]
+    struct SetSecret {
+        value: String,
+    }
+    match (method, rest) {
+        (&Method::GET, []) => json(StatusCode::OK, &daemon.secrets()),
+        (&Method::PUT, [name]) => {
+            let mut body = match read_body(request).await {
+                Ok(body) => body.to_vec(),
+                Err(why) => return error(StatusCode::BAD_REQUEST, why),
+            };
+            // The parse error never quotes the body: it holds the value.
+            let parsed = serde_json::from_slice::<SetSecret>(&body)
+                .map_err(|_| "the body must be {\"value\": \"...\"}".to_owned());
+            zeroize::Zeroize::zeroize(&mut body);
+            let result = parsed
+                .map_err(anyhow::Error::msg)
+                .and_then(|set| daemon.set_secret(name, crate::credentials::Secret::new(set.value)));
+            match result {
+                Ok(()) => json(StatusCode::OK, &serde_json::json!({ "secret": name, "set": true })),
+                Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+            }
+        }
+        (&Method::DELETE, [name]) => match daemon.revoke_secret(name) {
+            Ok(()) => json(StatusCode::OK, &serde_json::json!({ "secret": name, "revoked": true })),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {method} /v1/secrets/{}", rest.join("/"))),
+    }
 }
 
 /// Request bodies are small JSON documents; anything larger is refused.

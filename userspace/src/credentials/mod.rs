@@ -7,16 +7,23 @@
 //! Secret values live in zeroed-on-drop memory, print as `<redacted>`, and
 //! never reach logs, decisions or error messages.
 
+pub mod binding;
+pub mod body;
+pub mod inject;
 pub mod scrub;
+pub mod sigv4;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     path::Path,
 };
 
 use zeroize::Zeroizing;
 
+pub use binding::{InjectSpec, Injection, PathScope, SigV4Spec};
+pub use body::SwapBody;
+pub use inject::{Applied, RequestCredentials, Target};
 pub use scrub::ScrubBody;
 
 use crate::policy::{CredentialSpec, HostPatternKind};
@@ -24,7 +31,7 @@ use crate::policy::{CredentialSpec, HostPatternKind};
 /// Every placeholder starts with this, so they can be found in requests.
 pub const PLACEHOLDER_PREFIX: &str = "SLUICE_PLACEHOLDER_";
 /// Random characters after the prefix (base32: 160 bits).
-const PLACEHOLDER_RANDOM: usize = 32;
+pub(crate) const PLACEHOLDER_RANDOM: usize = 32;
 /// Environment variables `SLUICE_SECRET_<NAME>` of the daemon are secrets.
 const ENV_PREFIX: &str = "SLUICE_SECRET_";
 
@@ -58,10 +65,41 @@ pub enum SecretError {
     Syntax { path: String, line: usize },
 }
 
-/// The daemon's secrets, by name. Replaced whole on reload.
+/// Where a secret's value came from (listed by the control API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Origin {
+    Env,
+    File,
+    Dir,
+    /// Set through the control API (lives in the daemon's memory only).
+    Api,
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    secret: Secret,
+    origin: Origin,
+}
+
+/// A secret as the control API lists it: never its value.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SecretInfo {
+    pub name: String,
+    /// Absent for a revoked secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// The daemon's secrets, by name. Replaced whole on reload and on every
+/// change through the control API.
 #[derive(Debug, Default, Clone)]
 pub struct SecretStore {
-    secrets: HashMap<String, Secret>,
+    secrets: HashMap<String, Held>,
+    /// Revoked through the control API: never used, whatever the sources hold.
+    revoked: BTreeSet<String>,
 }
 
 impl SecretStore {
@@ -70,9 +108,12 @@ impl SecretStore {
     /// with one file per secret (e.g. a mounted secret volume).
     pub fn load(file: Option<&Path>, dir: Option<&Path>) -> Result<Self, SecretError> {
         let mut secrets = HashMap::new();
+        let mut hold = |name: String, value: String, origin: Origin| {
+            secrets.insert(name, Held { secret: Secret::new(value), origin });
+        };
         for (key, value) in std::env::vars() {
             if let Some(name) = key.strip_prefix(ENV_PREFIX) {
-                secrets.insert(name.to_ascii_lowercase(), Secret::new(value));
+                hold(name.to_ascii_lowercase(), value, Origin::Env);
             }
         }
         if let Some(path) = file {
@@ -87,7 +128,7 @@ impl SecretStore {
                 let (name, value) = line.split_once('=').ok_or_else(syntax)?;
                 let value = value.trim();
                 let value = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')).ok_or_else(syntax)?;
-                secrets.insert(name.trim().to_owned(), Secret::new(value.to_owned()));
+                hold(name.trim().to_owned(), value.to_owned(), Origin::File);
             }
         }
         if let Some(dir) = dir {
@@ -100,14 +141,23 @@ impl SecretStore {
                     continue;
                 }
                 let value = Zeroizing::new(read(&path)?);
-                secrets.insert(name, Secret::new(value.trim_end_matches(['\n', '\r']).to_owned()));
+                hold(name, value.trim_end_matches(['\n', '\r']).to_owned(), Origin::Dir);
             }
         }
-        Ok(Self { secrets })
+        Ok(Self { secrets, revoked: BTreeSet::new() })
     }
 
+    /// The secret in force under `name` (none if revoked).
     pub fn get(&self, name: &str) -> Option<&Secret> {
-        self.secrets.get(name)
+        self.secrets.get(name).map(|held| &held.secret)
+    }
+
+    /// The secret in force, or why there is none.
+    pub fn lookup(&self, name: &str) -> Result<&Secret, Leak> {
+        if self.revoked.contains(name) {
+            return Err(Leak::Revoked { secret: name.to_owned() });
+        }
+        self.get(name).ok_or_else(|| Leak::Missing { secret: name.to_owned() })
     }
 
     pub fn len(&self) -> usize {
@@ -116,6 +166,61 @@ impl SecretStore {
 
     pub fn is_empty(&self) -> bool {
         self.secrets.is_empty()
+    }
+
+    /// Names, origins and revocations; never values.
+    pub fn list(&self) -> Vec<SecretInfo> {
+        let mut list: Vec<SecretInfo> = self
+            .secrets
+            .iter()
+            .map(|(name, held)| SecretInfo { name: name.clone(), origin: Some(held.origin), revoked: false })
+            .chain(self.revoked.iter().map(|name| SecretInfo { name: name.clone(), origin: None, revoked: true }))
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+}
+
+/// Changes made through the control API, laid over what the sources hold:
+/// values set there win, revoked names are never used. They outlive
+/// reloads; a new value for a revoked name lifts the revocation.
+#[derive(Debug, Default)]
+pub struct SecretEdits {
+    set: HashMap<String, Secret>,
+    revoked: BTreeSet<String>,
+}
+
+impl SecretEdits {
+    /// Edits that start with these revoked names (kept across restarts).
+    pub fn with_revoked(names: impl IntoIterator<Item = String>) -> Self {
+        Self { set: HashMap::new(), revoked: names.into_iter().collect() }
+    }
+
+    pub fn set(&mut self, name: &str, value: Secret) {
+        self.revoked.remove(name);
+        self.set.insert(name.to_owned(), value);
+    }
+
+    pub fn revoke(&mut self, name: &str) {
+        self.set.remove(name);
+        self.revoked.insert(name.to_owned());
+    }
+
+    pub fn revoked(&self) -> impl Iterator<Item = &String> {
+        self.revoked.iter()
+    }
+
+    /// `sources` with these edits applied.
+    pub fn apply(&self, sources: &SecretStore) -> SecretStore {
+        let mut store = sources.clone();
+        for (name, secret) in &self.set {
+            store.secrets.insert(name.clone(), Held { secret: secret.clone(), origin: Origin::Api });
+        }
+        for name in &self.revoked {
+            store.secrets.remove(name);
+        }
+        store.revoked.clone_from(&self.revoked);
+        store
     }
 }
 
@@ -162,16 +267,6 @@ pub fn environment(specs: &[CredentialSpec], placeholders: &BTreeMap<String, Str
     specs.iter().filter_map(|spec| Some((spec.env.clone()?, placeholders.get(&spec.secret)?.clone()))).collect()
 }
 
-/// Placeholders found in a piece of a request.
-pub fn find_placeholders(text: &str) -> impl Iterator<Item = &str> {
-    text.match_indices(PLACEHOLDER_PREFIX).filter_map(move |(start, _)| {
-        let end = start + PLACEHOLDER_PREFIX.len() + PLACEHOLDER_RANDOM;
-        text.get(start..end).filter(|token| {
-            token[PLACEHOLDER_PREFIX.len()..].bytes().all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
-        })
-    })
-}
-
 /// Whether `host` is one the credential is bound to.
 pub fn bound_to(spec: &CredentialSpec, host: &str) -> bool {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
@@ -192,11 +287,34 @@ pub fn bound_to(spec: &CredentialSpec, host: &str) -> bool {
 pub enum Leak {
     /// A placeholder of this sandbox, for a secret not bound to the host.
     Unbound { secret: String, host: String },
+    /// Bound to the host, but not for this method or path.
+    OutOfScope { secret: String, method: String, path: String },
     /// A placeholder that is not this sandbox's (another sandbox's, or
     /// retired).
     Foreign,
+    /// A secret for this request, but the connection is not TLS.
+    Cleartext { host: String },
     /// The secret is bound here but the daemon does not hold it.
     Missing { secret: String },
+    /// The secret was revoked through the control API.
+    Revoked { secret: String },
+    /// The request cannot carry the secret (not valid in a header or URL,
+    /// or a body too large to sign).
+    Unusable { secret: String, why: String },
+}
+
+impl Leak {
+    /// The rule name decisions and refusals carry.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Self::Unbound { .. } | Self::Foreign => "credential-exfiltration",
+            Self::OutOfScope { .. } => "credential-scope",
+            Self::Cleartext { .. } => "credential-cleartext",
+            Self::Missing { .. } => "credential-missing",
+            Self::Revoked { .. } => "credential-revoked",
+            Self::Unusable { .. } => "credential-invalid",
+        }
+    }
 }
 
 impl fmt::Display for Leak {
@@ -205,45 +323,25 @@ impl fmt::Display for Leak {
             Self::Unbound { secret, host } => {
                 write!(f, "the placeholder of secret {secret:?} was sent to {host}, which it is not bound to")
             }
+            Self::OutOfScope { secret, method, path } => write!(
+                f,
+                "secret {secret:?} is bound to this host but not for {method} {path} (see its `methods` and `paths`)"
+            ),
             Self::Foreign => f.write_str("a placeholder that does not belong to this sandbox was sent"),
+            Self::Cleartext { host } => {
+                write!(f, "a credential for {host} would travel without TLS; secrets are only injected over TLS")
+            }
             Self::Missing { secret } => {
                 write!(f, "secret {secret:?} is bound to this host but the daemon does not hold it")
             }
+            Self::Revoked { secret } => write!(
+                f,
+                "secret {secret:?} was revoked; requests needing it are refused until it is set again \
+                 (sluice secrets set {secret})"
+            ),
+            Self::Unusable { secret, why } => write!(f, "secret {secret:?} cannot be put in this request: {why}"),
         }
     }
-}
-
-/// Replaces this sandbox's placeholders in `text` with their secrets when
-/// bound to `host`. Returns the names of the secrets put in, or why the text
-/// may not leave. `text` is untouched on error.
-pub fn swap(
-    text: &str,
-    host: &str,
-    specs: &[CredentialSpec],
-    placeholders: &BTreeMap<String, String>,
-    secrets: &SecretStore,
-) -> Result<Option<(String, Vec<String>)>, Leak> {
-    let found: Vec<&str> = find_placeholders(text).collect();
-    if found.is_empty() {
-        return Ok(None);
-    }
-    let mut out = text.to_owned();
-    let mut used = Vec::new();
-    for token in found {
-        let Some((secret, _)) = placeholders.iter().find(|(_, placeholder)| placeholder.as_str() == token) else {
-            return Err(Leak::Foreign);
-        };
-        let bound = specs.iter().any(|spec| spec.secret == *secret && bound_to(spec, host));
-        if !bound {
-            return Err(Leak::Unbound { secret: secret.clone(), host: host.to_owned() });
-        }
-        let value = secrets.get(secret).ok_or_else(|| Leak::Missing { secret: secret.clone() })?;
-        out = out.replace(token, value.expose());
-        if !used.contains(secret) {
-            used.push(secret.clone());
-        }
-    }
-    Ok(Some((out, used)))
 }
 
 #[cfg(test)]
@@ -260,18 +358,12 @@ mod tests {
         .credentials
     }
 
-    fn store(value: &str) -> SecretStore {
-        SecretStore { secrets: HashMap::from([("gh".to_owned(), Secret::new(value.to_owned()))]) }
-    }
-
     #[test]
-    fn placeholders_are_unique_findable_and_carried_by_env() {
+    fn placeholders_are_unique_and_carried_by_env() {
         let (a, b) = (new_placeholder(), new_placeholder());
         assert_ne!(a, b);
-        assert_eq!(a.len(), PLACEHOLDER_PREFIX.len() + PLACEHOLDER_RANDOM);
-        let text = format!("Bearer {a}, and {b}x");
-        assert_eq!(find_placeholders(&text).collect::<Vec<_>>(), [a.as_str(), b.as_str()]);
-        assert_eq!(find_placeholders("SLUICE_PLACEHOLDER_short").count(), 0);
+        assert!(inject::is_placeholder(a.as_bytes()));
+        assert!(!inject::is_placeholder(b"SLUICE_PLACEHOLDER_short"));
         let placeholders = placeholders_for(&specs(), &BTreeMap::new());
         let kept = placeholders_for(&specs(), &placeholders);
         assert_eq!(placeholders, kept, "existing placeholders must be kept");
@@ -279,29 +371,23 @@ mod tests {
     }
 
     #[test]
-    fn swaps_only_on_bound_hosts() {
-        let specs = specs();
-        let placeholders = placeholders_for(&specs, &BTreeMap::new());
-        let header = format!("Bearer {}", placeholders["gh"]);
-        let (out, used) = swap(&header, "api.gh.test", &specs, &placeholders, &store("s3cr3t")).unwrap().unwrap();
-        assert_eq!(out, "Bearer s3cr3t");
-        assert_eq!(used, ["gh"]);
-        assert!(swap(&header, "a.uploads.test", &specs, &placeholders, &store("x")).unwrap().is_some());
-        for host in ["uploads.test", "evil.test", "api.gh.test.evil.test"] {
-            assert_eq!(
-                swap(&header, host, &specs, &placeholders, &store("x")),
-                Err(Leak::Unbound { secret: "gh".into(), host: host.into() }),
-                "{host}"
-            );
-        }
-        let foreign = format!("Bearer {}", new_placeholder());
-        assert_eq!(swap(&foreign, "api.gh.test", &specs, &placeholders, &store("x")), Err(Leak::Foreign));
-        assert_eq!(swap("no placeholder", "evil.test", &specs, &placeholders, &store("x")), Ok(None));
-        let empty = SecretStore::default();
-        assert_eq!(
-            swap(&header, "api.gh.test", &specs, &placeholders, &empty),
-            Err(Leak::Missing { secret: "gh".into() })
-        );
+    fn api_edits_outlive_reloads_and_revocation_wins_until_set_again() {
+        let mut sources = SecretStore::default();
+        sources.secrets.insert("gh".into(), Held { secret: Secret::new("from-file".into()), origin: Origin::File });
+        let mut edits = SecretEdits::default();
+        edits.set("llm", Secret::new("from-api".into()));
+        edits.revoke("gh");
+        let store = edits.apply(&sources);
+        assert_eq!(store.lookup("gh").unwrap_err(), Leak::Revoked { secret: "gh".into() });
+        assert_eq!(store.lookup("llm").unwrap().expose(), "from-api");
+        assert_eq!(store.lookup("none").unwrap_err(), Leak::Missing { secret: "none".into() });
+        let listed = store.list();
+        assert_eq!(listed.len(), 2);
+        assert!(listed[0].revoked && listed[0].name == "gh");
+        assert_eq!(listed[1].origin, Some(Origin::Api));
+        assert!(!serde_json::to_string(&listed).unwrap().contains("from-"));
+        edits.set("gh", Secret::new("rotated".into()));
+        assert_eq!(edits.apply(&sources).lookup("gh").unwrap().expose(), "rotated");
     }
 
     #[test]
@@ -309,7 +395,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let secret = Secret::new("hunter2".into());
         assert_eq!(format!("{secret:?}"), "<redacted>");
-        assert!(!format!("{:?}", store("hunter2")).contains("hunter2"));
+        let mut edits = SecretEdits::default();
+        edits.set("gh", secret);
+        assert!(!format!("{:?} {edits:?}", edits.apply(&SecretStore::default())).contains("hunter2"));
         let dir = std::env::temp_dir().join(format!("sluice-secrets-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("secrets");
@@ -317,7 +405,7 @@ mod tests {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(SecretStore::load(Some(&file), None), Err(SecretError::Permissions { .. })));
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        // SAFETY-free check: only meaningful as root, which owns the file.
+        // Only meaningful as root, which owns the file.
         if unsafe { libc::geteuid() } == 0 {
             assert_eq!(SecretStore::load(Some(&file), None).unwrap().get("gh").unwrap().expose(), "from-file");
         }

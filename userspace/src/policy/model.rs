@@ -66,6 +66,19 @@ pub struct CredentialSpec {
     /// Environment variable that carries the placeholder into the sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<String>,
+    /// Only requests with these methods get the secret (default any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// Only requests to these path globs get the secret (default any);
+    /// `*` stays within a segment, `**` crosses segments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<crate::credentials::PathScope>,
+    /// How sluice puts the secret in every request in scope, whether or not
+    /// the sandbox sent the placeholder (a header, basic auth, a query
+    /// parameter, or an AWS `SigV4` signature). Without it, only placeholders
+    /// the sandbox sends are swapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inject: Option<crate::credentials::InjectSpec>,
 }
 
 /// One `[[rule]]`. Every condition that is present must match; an absent
@@ -401,6 +414,17 @@ impl Profile {
                 if !valid {
                     return Err(fail(format!("{env:?} is not an environment variable name")));
                 }
+            }
+            if credential.methods.as_ref().is_some_and(Vec::is_empty) {
+                return Err(fail("`methods` is empty, so the secret could never be used; omit it for any".into()));
+            }
+            for method in credential.methods.iter().flatten() {
+                if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
+                    return Err(fail(format!("method {method:?} is not an HTTP method token")));
+                }
+            }
+            if let Some(inject) = &credential.inject {
+                inject.check().map_err(fail)?;
             }
         }
         Ok(())

@@ -28,7 +28,10 @@ use tokio::{
 
 use crate::{
     audit::{Decision, HostSource, Kind, Verdict},
-    credentials::{swap, Leak, ScrubBody, Secret, PLACEHOLDER_PREFIX},
+    credentials::{
+        body::{BoxError, Outcome, Swapper},
+        sigv4, Applied, Leak, RequestCredentials, ScrubBody, SwapBody, Target,
+    },
     policy::{ConnectQuery, RequestInfo, Scheme, Verdict as PolicyVerdict},
     sandbox::Sandbox,
 };
@@ -36,16 +39,18 @@ use crate::{
 use super::ProxyContext;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 /// What is sent upstream: the client's body, possibly cut off by a rule's
-/// `max_body` (an error of its own, so the upstream sees a failed request,
-/// never a short one).
+/// `max_body` or before a placeholder that may not go there (an error of
+/// its own, so the upstream sees a failed request, never a short one).
 pub type UpstreamBody = BoxBody<Bytes, BoxError>;
 
 /// Largest request head a client may send (HTTP/1 buffer, h2 header list).
 const MAX_HEAD: usize = 64 * 1024;
+/// Request bodies of a known length up to this, from a sandbox that holds
+/// placeholders, are read whole before they go upstream, so a placeholder
+/// in them that may not go there is refused before the upstream sees
+/// anything. Other bodies stream (and are cut before a placeholder).
+const READ_WHOLE_BODY: u64 = 64 * 1024;
 
 /// How to open (or reopen) the upstream connection.
 pub struct Upstream {
@@ -267,13 +272,25 @@ impl Connection {
 
         let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let limit = verdict.max_body.filter(|_| info_len_unknown(&request)).map(|max| BodyLimit::new(max));
-        let mut upstream_request = self.upstream_request(request, &host, upgrade.is_some(), limit.clone());
-        let injected = match self.inject_credentials(&mut upstream_request, &host) {
-            Ok(injected) => injected,
-            Err((rule, reason)) => return self.refuse(decision, StatusCode::FORBIDDEN, rule, &reason),
-        };
-        decision.credentials = injected.iter().map(|(name, _, _)| name.clone()).collect();
-        let response = match self.send(upstream_request).await {
+        let upstream_request = self.upstream_request(request, &host, upgrade.is_some(), limit.clone());
+        let (upstream_request, mut applied, streamed) =
+            match self.inject_credentials(upstream_request, &host, &method, &path, &decision).await {
+                Ok(injected) => injected,
+                Err((status, rule, reason)) => return self.refuse(decision, status, rule, &reason),
+            };
+        let sent = self.send(upstream_request).await;
+        // A streamed body cut for a placeholder that may not go there: the
+        // body already recorded the refusal.
+        let cut = streamed.as_ref().and_then(|outcome| {
+            let mut outcome = outcome.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            applied.merge(std::mem::take(&mut outcome.applied));
+            outcome.leak.clone()
+        });
+        if let Some(leak) = cut {
+            return refusal_response(StatusCode::FORBIDDEN, leak.rule(), &leak.to_string());
+        }
+        decision.credentials.clone_from(&applied.names);
+        let response = match sent {
             Ok(response) => response,
             Err(_) if limit.as_ref().is_some_and(BodyLimit::exceeded) => {
                 let reason = format!(
@@ -304,14 +321,11 @@ impl Connection {
             return Response::from_parts(parts, Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
         }
         strip_hop_by_hop(&mut parts.headers, false);
-        if injected.is_empty() {
+        if applied.scrub.is_empty() {
             return Response::from_parts(parts, body.boxed());
         }
         // The upstream got real secrets: none may come back to the sandbox.
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = injected
-            .into_iter()
-            .map(|(_, secret, placeholder)| (secret.expose().as_bytes().to_vec(), placeholder.into_bytes()))
-            .collect();
+        let pairs = applied.scrub;
         for value in parts.headers.values_mut() {
             let scrubbed = crate::credentials::scrub::scrub(value.as_bytes(), &pairs);
             if scrubbed != value.as_bytes() {
@@ -322,72 +336,116 @@ impl Connection {
         Response::from_parts(parts, ScrubBody::new(body, pairs).boxed())
     }
 
-    /// Swaps this sandbox's placeholders in the request's headers and query
-    /// for the secrets bound to `host`. Returns (name, secret, placeholder) of
-    /// each secret put in, or the rule and reason to refuse the request.
+    /// The request phase where credentials go in: placeholders in the head
+    /// and body are swapped for the secrets bound to this request, `inject`
+    /// bindings set their header or parameter, `SigV4` bindings sign. Returns
+    /// the request to send, what went in, and the outcome of a body that
+    /// streams; or the status, rule and reason to refuse it with.
     #[allow(clippy::type_complexity)]
-    fn inject_credentials(
+    async fn inject_credentials(
         &self,
-        request: &mut Request<UpstreamBody>,
+        request: Request<UpstreamBody>,
         host: &str,
-    ) -> Result<Vec<(String, Secret, String)>, (&'static str, String)> {
-        let has_placeholder =
-            request.headers().values().any(|v| memchr_str(v.as_bytes(), PLACEHOLDER_PREFIX.as_bytes()))
-                || request.uri().query().is_some_and(|q| q.contains(PLACEHOLDER_PREFIX));
-        if !has_placeholder {
-            return Ok(Vec::new());
-        }
-        if self.upstream.tls.is_none() {
-            return Err((
-                "credential-cleartext",
-                format!("a credential placeholder was sent to {host} without TLS; secrets are only injected over TLS"),
-            ));
-        }
+        method: &str,
+        path: &str,
+        decision: &Decision,
+    ) -> Result<
+        (Request<UpstreamBody>, Applied, Option<Arc<std::sync::Mutex<Outcome>>>),
+        (StatusCode, &'static str, String),
+    > {
+        let refused = |leak: Leak| (StatusCode::FORBIDDEN, leak.rule(), leak.to_string());
         let policy = self.sandbox.policy.load();
         let placeholders = self.sandbox.placeholders();
         let secrets = self.ctx.secrets.load();
-        let leak = |leak: Leak| match leak {
-            Leak::Missing { .. } => ("credential-missing", leak.to_string()),
-            _ => ("credential-exfiltration", leak.to_string()),
+        let credentials = RequestCredentials {
+            specs: policy.credentials(),
+            placeholders: &placeholders,
+            secrets: &secrets,
+            target: Target { host, method, path, tls: self.upstream.tls.is_some() },
         };
-        let mut used: Vec<String> = Vec::new();
-        for value in request.headers_mut().values_mut() {
-            if !memchr_str(value.as_bytes(), PLACEHOLDER_PREFIX.as_bytes()) {
-                continue;
+        let (mut parts, body) = request.into_parts();
+        let mut applied = Applied::default();
+        credentials.apply_to_head(&mut parts, &mut applied).map_err(refused)?;
+        let signer = credentials.sigv4().map_err(refused)?;
+        let declared = signer.as_ref().and_then(|_| sigv4::declared_payload(&Request::from_parts(parts.clone(), ())));
+        let content_length =
+            parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let read_whole = signer.is_some() && declared.is_none();
+        let mut whole = None;
+        let mut streamed = None;
+        let body: UpstreamBody = if hyper::body::Body::is_end_stream(&body) {
+            whole = Some(Bytes::new());
+            body
+        } else if read_whole || (!placeholders.is_empty() && content_length.is_some_and(|n| n <= READ_WHOLE_BODY)) {
+            let limit = if read_whole { sigv4::MAX_SIGNED_BODY } else { READ_WHOLE_BODY as usize };
+            let bytes = match read_body(body, limit).await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => {
+                    let name = signer.as_ref().map_or("", |(name, _, _)| name);
+                    return Err(refused(Leak::Unusable {
+                        secret: name.to_owned(),
+                        why: format!(
+                            "a body over {} MiB must declare its hash in x-amz-content-sha256 to be signed",
+                            sigv4::MAX_SIGNED_BODY >> 20
+                        ),
+                    }));
+                }
+                Err(error) => {
+                    return Err((
+                        StatusCode::BAD_REQUEST,
+                        "client-failed",
+                        format!("reading the request body: {error}"),
+                    ))
+                }
+            };
+            let mut swapper = Swapper::new(credentials.body_rules());
+            let bytes = swapper.feed(bytes, true).map_err(refused)?;
+            applied.merge(swapper.applied);
+            if content_length.is_some() || !self.h2() {
+                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             }
-            let text = value
-                .to_str()
-                .map_err(|_| ("credential-exfiltration", "a placeholder in a non-text header".to_owned()))?;
-            if let Some((swapped, names)) =
-                swap(text, host, policy.credentials(), &placeholders, &secrets).map_err(leak)?
-            {
-                *value = HeaderValue::from_str(&swapped)
-                    .map_err(|_| ("credential-invalid", "a secret is not valid in an HTTP header".to_owned()))?;
-                used.extend(names);
+            whole = Some(bytes.clone());
+            Full::new(bytes).map_err(|never| match never {}).boxed()
+        } else {
+            let rules = credentials.body_rules();
+            if rules.may_swap() {
+                // Swapping changes the length: send it chunked (h1) or unsized (h2).
+                parts.headers.remove(header::CONTENT_LENGTH);
             }
-        }
-        if let Some(path_and_query) = request.uri().path_and_query().map(ToString::to_string) {
-            if let Some((swapped, names)) =
-                swap(&path_and_query, host, policy.credentials(), &placeholders, &secrets).map_err(leak)?
-            {
-                let mut parts = request.uri().clone().into_parts();
-                parts.path_and_query = Some(
-                    swapped.parse().map_err(|_| ("credential-invalid", "a secret is not valid in a URL".to_owned()))?,
-                );
-                *request.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
-                used.extend(names);
-            }
-        }
-        used.sort();
-        used.dedup();
-        Ok(used
-            .into_iter()
-            .filter_map(|name| {
-                let secret = secrets.get(&name)?.clone();
-                let placeholder = placeholders.get(&name)?.clone();
-                Some((name, secret, placeholder))
+            let (body, outcome) = SwapBody::new(body, rules);
+            let (log, mut record) = (self.ctx.log.clone(), decision.clone());
+            let outcome_for_log = outcome.clone();
+            streamed = Some(outcome);
+            body.on_leak(move || {
+                let leak = outcome_for_log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).leak.clone();
+                if let Some(leak) = leak {
+                    record.verdict = Verdict::Deny;
+                    leak.rule().clone_into(&mut record.rule);
+                    record.reason = format!("request body cut: {leak}");
+                    log.record(record);
+                }
             })
-            .collect())
+            .boxed()
+        };
+        let mut request = Request::from_parts(parts, body);
+        if let Some((name, spec, secret)) = signer {
+            let authority = request
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .or_else(|| request.uri().authority().map(ToString::to_string))
+                .unwrap_or_else(|| host.to_owned());
+            let payload = match (declared, &whole) {
+                (Some(hash), _) => sigv4::Payload::Declared(hash),
+                (None, Some(bytes)) => sigv4::Payload::Bytes(bytes),
+                (None, None) => sigv4::Payload::Declared("UNSIGNED-PAYLOAD".to_owned()),
+            };
+            sigv4::sign_request(&mut request, &authority, spec, secret, payload)
+                .map_err(|why| refused(Leak::Unusable { secret: name.to_owned(), why }))?;
+            applied.add_values(name, &sigv4::secret_parts(secret), placeholders.get(name));
+        }
+        Ok((request, applied, streamed))
     }
 
     /// TLS: the request's host must be the server name of the handshake
@@ -562,8 +620,18 @@ impl hyper::body::Body for Limited {
     }
 }
 
-fn memchr_str(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|window| window == needle)
+/// The whole body, or `None` if it is longer than `limit`.
+async fn read_body(mut body: UpstreamBody, limit: usize) -> Result<Option<Bytes>, BoxError> {
+    let mut whole = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if whole.len() + data.len() > limit {
+                return Ok(None);
+            }
+            whole.extend_from_slice(&data);
+        }
+    }
+    Ok(Some(whole.freeze()))
 }
 
 /// The host a request names: the h2 `:authority` / absolute-form authority,
