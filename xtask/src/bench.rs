@@ -73,6 +73,8 @@ pub struct Sizes {
     /// At most this long for each of the kept and new measures.
     pub cap_secs: f64,
     pub big_mib: u64,
+    /// DNS queries a round; sluice's resolvers allow a sandbox 200/s with a
+    /// burst of 400, and the client asks as fast as answers come.
     pub dns: usize,
     /// Idle connections to hold open through each proxy, and the most time
     /// opening them may take.
@@ -108,7 +110,7 @@ impl Sizes {
                 rps_secs: 1.5,
                 cap_secs: 2.0,
                 big_mib: 64,
-                dns: 1000,
+                dns: 300,
                 idle: 10_000,
                 idle_cap_secs: 30.0,
             }

@@ -56,6 +56,7 @@ pub struct Net {
 
 impl Net {
     pub fn new() -> anyhow::Result<Self> {
+        remove_stale();
         let id = std::process::id() % 100_000;
         let net = Self { netns: format!("sluice-bench-{id}"), host_if: format!("sbh{id}"), rule: None };
         let ns_if = format!("sbn{id}");
@@ -106,6 +107,31 @@ impl Drop for Net {
         }
         let _ = Command::new("ip").args(["link", "del", &self.host_if]).stderr(Stdio::null()).status();
         let _ = Command::new("ip").args(["netns", "del", &self.netns]).stderr(Stdio::null()).status();
+    }
+}
+
+/// Removes what an interrupted bench left behind: its namespace, veth and
+/// REDIRECT rule, found by name (`sluice-bench-<pid>`, `sbh<pid>`) when that
+/// process no longer runs.
+fn remove_stale() {
+    let Ok(list) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    let rules = Command::new("iptables").args(["-w", "-t", "nat", "-S", "PREROUTING"]).output();
+    let rules = rules.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    for line in String::from_utf8_lossy(&list.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else { continue };
+        let Some(id) = name.strip_prefix("sluice-bench-").and_then(|id| id.parse::<u32>().ok()) else { continue };
+        if Path::new(&format!("/proc/{id}")).exists() {
+            continue;
+        }
+        let host_if = format!("sbh{id}");
+        eprintln!("removing {name} and {host_if}, left by an interrupted bench");
+        for rule in rules.lines().filter(|rule| rule.split_whitespace().any(|word| word == host_if)) {
+            if let Some(spec) = rule.strip_prefix("-A ") {
+                let _ = Command::new("iptables").args(["-w", "-t", "nat", "-D"]).args(spec.split_whitespace()).status();
+            }
+        }
+        let _ = Command::new("ip").args(["link", "del", &host_if]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
     }
 }
 

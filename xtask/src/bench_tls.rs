@@ -89,7 +89,11 @@ pub fn start_upstream(dir: &Path, ip: std::net::IpAddr, big_bytes: u64) -> anyho
             let plain = tokio::net::TcpListener::from_std(plain).expect("listener");
             tokio::spawn(async move {
                 loop {
-                    let Ok((stream, _)) = plain.accept().await else { continue };
+                    let Ok((stream, _)) = plain.accept().await else {
+                        // Out of descriptors, say: wait instead of spinning.
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let service = hyper::service::service_fn(move |request| async move {
                         Ok::<_, Infallible>(respond(&request, big_bytes))
@@ -101,7 +105,10 @@ pub fn start_upstream(dir: &Path, ip: std::net::IpAddr, big_bytes: u64) -> anyho
             });
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let _ = stream.set_nodelay(true);
