@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod docker;
 pub mod web;
 
 use std::{
@@ -289,8 +290,8 @@ pub struct Daemon {
     upstream_dns: Option<SocketAddr>,
     upstream_ca: Option<PathBuf>,
     secrets: Option<PathBuf>,
-    /// More `sluice daemon` arguments.
-    extra_args: Vec<String>,
+    /// More `sluice daemon` arguments (e.g. container options).
+    pub extra_args: Vec<String>,
 }
 
 impl Daemon {
@@ -305,6 +306,21 @@ impl Daemon {
 
     /// ... and holds the secrets in `secrets` (`name = "value"` lines).
     pub fn start_full(upstream_dns: Option<SocketAddr>, upstream_ca: Option<&str>, secrets: Option<&str>) -> Self {
+        Self::start_configured(upstream_dns, upstream_ca, secrets, Vec::new())
+    }
+
+    /// A daemon started with more `sluice daemon` arguments.
+    pub fn start_with_args(extra_args: &[String]) -> Self {
+        Self::start_configured(None, None, None, extra_args.to_vec())
+    }
+
+    /// ... with all of the above and more `sluice daemon` arguments.
+    pub fn start_configured(
+        upstream_dns: Option<SocketAddr>,
+        upstream_ca: Option<&str>,
+        secrets: Option<&str>,
+        extra_args: Vec<String>,
+    ) -> Self {
         let instance = next_instance();
         let dir = std::env::temp_dir().join(&instance);
         let _ = std::fs::remove_dir_all(&dir);
@@ -321,21 +337,7 @@ impl Daemon {
             file.write_all(text.as_bytes()).unwrap();
             path
         });
-        let mut daemon =
-            Self { instance, dir, child: None, upstream_dns, upstream_ca, secrets, extra_args: Vec::new() };
-        daemon.spawn();
-        daemon
-    }
-
-    /// A daemon started with more `sluice daemon` arguments.
-    pub fn start_with_args(extra_args: &[String]) -> Self {
-        let instance = next_instance();
-        let dir = std::env::temp_dir().join(&instance);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let extra_args = extra_args.to_vec();
-        let mut daemon =
-            Self { instance, dir, child: None, upstream_dns: None, upstream_ca: None, secrets: None, extra_args };
+        let mut daemon = Self { instance, dir, child: None, upstream_dns, upstream_ca, secrets, extra_args };
         daemon.spawn();
         daemon
     }
@@ -412,6 +414,7 @@ impl Daemon {
             name: name.to_owned(),
             cgroup: None,
             profile: ProfileSource::Inline { origin: format!("{name}.toml"), text: profile.to_owned() },
+            placement: sluice::sandbox::Placement::Host,
         };
         let status = block_on(self.client().register(&request)).unwrap_or_else(|e| panic!("register {name}: {e:#}"));
         Sandbox {

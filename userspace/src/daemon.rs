@@ -37,6 +37,8 @@ const LOOPBACK6: Ipv6Addr = Ipv6Addr::LOCALHOST;
 pub const DEFAULT_INSTANCE: &str = "sluice";
 pub const DEFAULT_PROXY_PORT: u16 = 15_001;
 pub const DEFAULT_DNS_PORT: u16 = 15_053;
+/// Name of the container parent below the enforced parent.
+pub const CONTAINERS_CGROUP: &str = "containers";
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -64,6 +66,16 @@ pub struct DaemonConfig {
     pub redirect_listeners: Vec<RedirectListener>,
     /// How long a request an `ask` rule holds waits for an operator.
     pub approval_timeout: Duration,
+    /// The address containers in network namespaces of their own reach
+    /// sluice on (their own 127.0.0.1 is not the host's). sluice puts it on
+    /// the host's loopback interface, where every bridge-networked container
+    /// routes through its gateway. None: no container sandboxes.
+    pub container_address: Option<Ipv4Addr>,
+    /// Docker Engine API socket to discover containers from.
+    pub docker_socket: Option<PathBuf>,
+    /// Profiles (`NAME.toml`) that a container's `sluice.profile=NAME`
+    /// label selects.
+    pub profiles_dir: Option<PathBuf>,
 }
 
 /// A proxy listener for connections an iptables/nftables REDIRECT rule sends
@@ -104,11 +116,26 @@ impl DaemonConfig {
             secrets_dir: None,
             redirect_listeners: Vec::new(),
             approval_timeout: Duration::from_secs(60),
+            container_address: None,
+            docker_socket: None,
+            profiles_dir: None,
         })
     }
 
     pub fn cgroup_parent(&self) -> PathBuf {
         self.cgroup_root.join(&self.instance)
+    }
+
+    /// The parent of container sandboxes (`docker run --cgroup-parent`),
+    /// below the enforced parent so the same programs cover it.
+    pub fn containers_parent(&self) -> PathBuf {
+        self.cgroup_parent().join(CONTAINERS_CGROUP)
+    }
+
+    /// `containers_parent` as container runtimes take it: a path from the
+    /// cgroup root (`/sluice/containers`).
+    pub fn containers_parent_relative(&self) -> PathBuf {
+        Path::new("/").join(&self.instance).join(CONTAINERS_CGROUP)
     }
 
     pub fn pin_dir(&self) -> PathBuf {
@@ -178,6 +205,8 @@ pub struct Daemon {
     log: Arc<DecisionLog>,
     upstream: Arc<Upstream>,
     target: Target,
+    /// Where container sandboxes are sent (the container address), if any.
+    container_target: Option<Target>,
     /// Registrations run one at a time: slot and port choice, map writes and
     /// the state file must agree.
     registering: tokio::sync::Mutex<()>,
@@ -236,8 +265,7 @@ impl Daemon {
             Some(datapath) => datapath.default_target().ip6 == ip_to_words(LOOPBACK6.into()),
             None => std::net::TcpListener::bind((LOOPBACK6, 0)).is_ok(),
         };
-        let listen_ips: Vec<IpAddr> =
-            if ipv6 { vec![LOOPBACK.into(), LOOPBACK6.into()] } else { vec![LOOPBACK.into()] };
+        let listen_ips = listen_addresses(&config, ipv6)?;
         let proxy_listeners = bind_same_port(&listen_ips, proxy_port, |addr| async move {
             let listener = TcpListener::bind(addr).await?;
             let port = listener.local_addr()?.port();
@@ -277,6 +305,7 @@ impl Daemon {
             revoked: Mutex::new(revoked),
             approvals: Arc::new(crate::approvals::Approvals::new(config.approval_timeout)),
             profile_stamps: Mutex::new(std::collections::HashMap::new()),
+            container_target: enforce_containers(&config, &datapath, target)?,
             secrets: Arc::new(arc_swap::ArcSwap::from_pointee(secrets)),
             secret_sources: Mutex::new((sources, edits)),
             config,
@@ -309,6 +338,7 @@ impl Daemon {
                 }
             });
         }
+        daemon.start_discovery()?;
         if daemon.config.serve_control {
             let socket = daemon.config.control_socket();
             let listener_daemon = daemon.clone();
@@ -330,6 +360,17 @@ impl Daemon {
             daemon.config.cgroup_parent().display()
         );
         Ok(daemon)
+    }
+
+    /// Follows the container runtimes the configuration names.
+    fn start_discovery(self: &Arc<Self>) -> anyhow::Result<()> {
+        if let Some(socket) = self.config.docker_socket.clone() {
+            if self.container_target.is_none() {
+                bail!("discovering Docker containers needs a container address (--container-address)");
+            }
+            self.spawn(crate::containers::docker::watch(self.clone(), socket));
+        }
+        Ok(())
     }
 
     /// Starts the proxy on its listeners: the kernel programs' and those for
@@ -417,10 +458,26 @@ impl Daemon {
     /// Registers a sandbox: compiles its profile, makes (or checks) its
     /// cgroup, starts its resolver and enrolls it in the kernel.
     pub async fn register(&self, request: RegisterRequest) -> anyhow::Result<SandboxStatus> {
+        self.register_with(request, None).await
+    }
+
+    /// [`Daemon::register`], for a sandbox that stands for a container its
+    /// runtime reported.
+    pub async fn register_with(
+        &self,
+        request: RegisterRequest,
+        container: Option<sandbox::ContainerInfo>,
+    ) -> anyhow::Result<SandboxStatus> {
         sandbox::validate_name(&request.name).map_err(anyhow::Error::msg)?;
         let (source, policy) = self.compile_source(request.profile)?;
         let _guard = self.registering.lock().await;
-        let parent = self.config.cgroup_parent();
+        let parent = match request.placement {
+            sandbox::Placement::Host => self.config.cgroup_parent(),
+            sandbox::Placement::Container if self.container_target.is_some() => self.config.containers_parent(),
+            sandbox::Placement::Container => {
+                bail!("this daemon has no container address; start it with --container-address to enforce containers")
+            }
+        };
         let (cgroup_path, owns_cgroup) = if let Some(path) = &request.cgroup {
             let absolute = self.config.cgroup_root.join(path.strip_prefix("/").unwrap_or(path));
             if !absolute.starts_with(&parent) || absolute == parent {
@@ -452,6 +509,8 @@ impl Daemon {
                 &std::collections::BTreeMap::new(),
             ),
             created: SystemTime::now(),
+            placement: request.placement,
+            container,
         };
         match self.install(record, policy).await {
             Ok(sandbox) => {
@@ -461,10 +520,11 @@ impl Daemon {
                     Verdict::Info,
                     "registered",
                     format!(
-                        "sandbox {} enforced on {} with profile {}",
+                        "sandbox {} enforced on {} with profile {}{}",
                         sandbox.name(),
                         sandbox.record.cgroup.display(),
-                        sandbox.record.profile.describe()
+                        sandbox.record.profile.describe(),
+                        sandbox.container().map(|c| format!(" for {}", c.describe())).unwrap_or_default()
                     ),
                 );
                 decision.sandbox = Some(sandbox.name().to_owned());
@@ -497,7 +557,13 @@ impl Daemon {
         };
         record.dns_port = resolvers[0].local_addr().port();
         let tls = self.sandbox_tls(&mut record)?;
-        let entry = SandboxEntry { target: Target { dns_port: record.dns_port, ..self.target }, slot, _pad: 0 };
+        let target = match record.placement {
+            sandbox::Placement::Host => self.target,
+            sandbox::Placement::Container => self
+                .container_target
+                .context("a container sandbox, and this daemon has no container address (--container-address)")?,
+        };
+        let entry = SandboxEntry { target: Target { dns_port: record.dns_port, ..target }, slot, _pad: 0 };
         let cgroup_id = record.cgroup_id;
         let sandbox = Arc::new(Sandbox::new(record, policy, resolvers, tls));
         self.registry.insert(sandbox.clone())?;
@@ -816,6 +882,11 @@ impl Daemon {
         if sandbox.record.owns_cgroup {
             cgroup::remove(&sandbox.record.cgroup)
                 .with_context(|| format!("removing cgroup {}", sandbox.record.cgroup.display()))?;
+            if let Ok(relative) = sandbox.record.cgroup.strip_prefix(&self.config.cgroup_root) {
+                // Container runtimes on hybrid hosts mirror the directory in
+                // the v1 hierarchies; remove what they left there.
+                cgroup::remove_v1_mirrors(relative);
+            }
         }
         self.persist();
         let mut decision = Decision::new(Kind::Lifecycle, Verdict::Info, "removed", format!("sandbox {name} removed"));
@@ -824,7 +895,7 @@ impl Daemon {
         Ok(true)
     }
 
-    fn persist(&self) {
+    pub(crate) fn persist(&self) {
         let path = self.config.state_file();
         let result = (|| -> std::io::Result<()> {
             std::fs::create_dir_all(self.config.runtime_dir())?;
@@ -916,12 +987,41 @@ pub fn teardown_instance(config: &DaemonConfig) -> anyhow::Result<usize> {
     let removed = datapath::teardown(&config.pin_dir())?;
     // State, control socket, CA certificates and keys: all of it is the
     // instance's own.
+    crate::containers::host_address::remove_recorded(&config.runtime_dir());
     let _ = std::fs::remove_dir_all(config.runtime_dir());
     let parent = config.cgroup_parent();
     if parent.exists() && cgroup::pids(&parent).is_empty() {
         let _ = cgroup::remove(&parent);
+        cgroup::remove_v1_mirrors(Path::new(&config.instance));
     }
     Ok(removed)
+}
+
+/// The addresses the proxy and resolvers listen on: loopback, and the
+/// container address (put on the loopback interface now) if there is one.
+fn listen_addresses(config: &DaemonConfig, ipv6: bool) -> anyhow::Result<Vec<IpAddr>> {
+    let mut ips: Vec<IpAddr> = if ipv6 { vec![LOOPBACK.into(), LOOPBACK6.into()] } else { vec![LOOPBACK.into()] };
+    if let Some(address) = config.container_address {
+        crate::containers::host_address::add(address, &config.runtime_dir())
+            .with_context(|| format!("putting the container address {address} on the loopback interface"))?;
+        ips.push(address.into());
+    }
+    Ok(ips)
+}
+
+/// With a container address: the container parent below the enforced
+/// parent, whose unregistered cgroups the kernel sends to that address.
+/// Returns where container sandboxes are sent.
+fn enforce_containers(config: &DaemonConfig, datapath: &Datapath, target: Target) -> anyhow::Result<Option<Target>> {
+    let Some(address) = config.container_address else { return Ok(None) };
+    let container_target =
+        Target { ip4: u32::from(address).to_be(), ip6: ip_to_words(IpAddr::V6(address.to_ipv6_mapped())), ..target };
+    let containers = config.containers_parent();
+    cgroup::create(&containers).with_context(|| format!("creating the container parent {}", containers.display()))?;
+    datapath
+        .add_parent(&containers, container_target)
+        .with_context(|| format!("pointing {} at the container address", containers.display()))?;
+    Ok(Some(container_target))
 }
 
 /// Binds one listener per address, all on the same port; with port 0 the

@@ -7,6 +7,7 @@
 pub mod approvals;
 pub mod audit;
 pub mod cli;
+pub mod containers;
 pub mod control;
 pub mod credentials;
 pub mod daemon;

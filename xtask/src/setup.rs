@@ -43,7 +43,8 @@ fn nightly_rust_src() -> anyhow::Result<()> {
 }
 
 /// Debian packages: LLVM for bpf-linker; iproute2, curl, python3 and dig for
-/// the tests' network namespaces and clients; iptables for the REDIRECT path.
+/// the tests' network namespaces and clients; iptables for the REDIRECT path;
+/// docker.io for container tests.
 fn apt_packages() -> anyhow::Result<()> {
     let wanted = [
         (format!("llvm-{LLVM}-dev"), format!("/usr/lib/llvm-{LLVM}/bin/llvm-config")),
@@ -51,6 +52,9 @@ fn apt_packages() -> anyhow::Result<()> {
         ("curl".to_owned(), "/usr/bin/curl".to_owned()),
         ("dnsutils".to_owned(), "/usr/bin/dig".to_owned()),
         ("python3".to_owned(), "/usr/bin/python3".to_owned()),
+        // Container tests: a Docker engine (with containerd and runc) the
+        // test harness starts itself.
+        ("docker.io".to_owned(), "/usr/sbin/dockerd".to_owned()),
         ("iptables".to_owned(), "/usr/sbin/iptables".to_owned()),
     ];
     let missing: Vec<&str> = wanted

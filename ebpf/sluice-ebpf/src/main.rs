@@ -65,19 +65,25 @@ static ENDPOINTS: HashMap<EndpointKey, u8> = HashMap::with_max_entries(2 * MAX_S
 static DEFAULT_TARGET: Array<Target> = Array::with_max_entries(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SANDBOX_SLOTS, 0);
-/// cgroup ids of the enforced parents, for the one program that is not
-/// attached to a cgroup (`sys_enter`).
+/// cgroup ids of the enforced parents, with where their unregistered
+/// cgroups are sent: the programs' own parent, and parents below it whose
+/// sandboxes live in other network namespaces (containers) and so cannot
+/// reach sluice on loopback. Also read by `sys_enter`, the one program that
+/// is not attached to a cgroup.
 #[map]
-static ENFORCED_PARENTS: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
+static ENFORCED_PARENTS: HashMap<u64, Target> = HashMap::with_max_entries(64, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 /// The sandbox a process belongs to: the shallowest registered ancestor of
 /// its cgroup, so processes in child cgroups made inside a sandbox keep its
-/// identity. Unregistered cgroups under an enforced parent get the default
-/// target and sandbox 0, which the proxy denies as "unknown sandbox".
+/// identity. Unregistered cgroups under an enforced parent get sandbox 0,
+/// which the proxy denies as "unknown sandbox", and the target of their
+/// deepest enforced parent (else the default target), so that a container
+/// is refused by sluice, on an address it can reach, not by its own loopback.
 #[inline(always)]
 fn sandbox_of(ancestor: impl Fn(i32) -> u64) -> (u64, SandboxEntry) {
+    let mut parent_target = None;
     for level in 1..=MAX_CGROUP_DEPTH {
         let id = ancestor(level);
         if id == 0 {
@@ -87,8 +93,11 @@ fn sandbox_of(ancestor: impl Fn(i32) -> u64) -> (u64, SandboxEntry) {
         if let Some(entry) = unsafe { SANDBOXES.get(id) } {
             return (id, *entry);
         }
+        if let Some(target) = unsafe { ENFORCED_PARENTS.get(id) } {
+            parent_target = Some(*target);
+        }
     }
-    let target = DEFAULT_TARGET.get(0).copied().unwrap_or_default();
+    let target = parent_target.or_else(|| DEFAULT_TARGET.get(0).copied()).unwrap_or_default();
     (0, SandboxEntry { target, slot: 0, _pad: 0 })
 }
 

@@ -41,6 +41,18 @@ pub struct DaemonArgs {
     /// before it is denied (e.g. 60s, 5m).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub approval_timeout: std::time::Duration,
+    /// Enforce containers: the IPv4 address they reach sluice on, put on
+    /// the host's loopback interface (a container's own 127.0.0.1 is not the
+    /// host's). Containers go under the cgroup parent /<instance>/containers.
+    #[arg(long, value_name = "IPV4")]
+    pub container_address: Option<std::net::Ipv4Addr>,
+    /// Discover Docker containers through this Engine API socket
+    /// (e.g. /run/docker.sock); needs --container-address.
+    #[arg(long, value_name = "SOCKET", requires = "container_address")]
+    pub docker: Option<PathBuf>,
+    /// Profiles a container's `sluice.profile=NAME` label selects (NAME.toml).
+    #[arg(long, value_name = "DIR")]
+    pub profiles_dir: Option<PathBuf>,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
@@ -53,6 +65,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     config.secrets_dir = args.secrets_dir;
     config.redirect_listeners = args.redirect_listeners;
     config.approval_timeout = args.approval_timeout;
+    config.container_address = args.container_address;
+    config.docker_socket = args.docker;
+    config.profiles_dir = args.profiles_dir;
     if let Some(path) = args.decision_log {
         config.decision_log = Some(path);
     }

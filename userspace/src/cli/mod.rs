@@ -4,6 +4,7 @@ mod approvals;
 mod ca;
 mod daemon;
 mod debug;
+mod docker;
 mod log;
 mod policy;
 mod run;
@@ -30,6 +31,9 @@ pub enum Command {
     Daemon(daemon::DaemonArgs),
     /// Run a command in a new sandbox, under a profile, and show what it did.
     Run(run::RunArgs),
+    /// Docker containers as sandboxes (`sluice docker run`).
+    #[command(subcommand)]
+    Docker(docker::DockerCommand),
     /// Inspect sandboxes.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
@@ -104,6 +108,7 @@ pub fn main(cli: Cli) -> anyhow::Result<u8> {
         match cli.command {
             Command::Daemon(args) => daemon::run(args).await.map(|()| 0),
             Command::Run(args) => run::run(args).await,
+            Command::Docker(command) => docker::run(command).await,
             Command::Sandbox(command) => sandbox::run(command).await.map(|()| 0),
             Command::Ca(command) => ca::run(command).await.map(|()| 0),
             Command::Log(args) => log::run(args).await.map(|()| 0),

@@ -16,7 +16,7 @@ use crate::{
     control::{client::ControlClient, RegisterRequest},
     daemon::{self, Daemon, DaemonConfig},
     policy,
-    sandbox::ProfileSource,
+    sandbox::{Placement, ProfileSource},
 };
 
 #[derive(Debug, Args)]
@@ -49,18 +49,9 @@ pub struct RunArgs {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     daemon::preflight()?;
-    let profile = match &args.profile {
-        Some(path) => {
-            // Fail here, before anything is set up, with line and column.
-            policy::Policy::compile(&policy::load_profile(path)?)?;
-            // The daemon reads the file itself, and again when it changes.
-            let path = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
-            ProfileSource::File { path, text: String::new() }
-        }
-        None => ProfileSource::Builtin,
-    };
+    let profile = profile_source(args.profile.as_deref())?;
     let name = args.name.clone().unwrap_or_else(|| format!("run-{}", std::process::id()));
-    let request = RegisterRequest { name: name.clone(), cgroup: None, profile };
+    let request = RegisterRequest { name: name.clone(), cgroup: None, profile, placement: Placement::Host };
     let show = !args.quiet;
 
     if let Some(client) = ControlClient::connect(&args.instance.control_socket()).await {
@@ -127,6 +118,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     Ok(code)
 }
 
+/// The profile `--profile` names: a file (checked now, read by the daemon
+/// itself, and again when it changes), or the built-in one.
+pub(super) fn profile_source(path: Option<&std::path::Path>) -> anyhow::Result<ProfileSource> {
+    let Some(path) = path else { return Ok(ProfileSource::Builtin) };
+    // Fail here, before anything is set up, with line and column.
+    policy::Policy::compile(&policy::load_profile(path)?)?;
+    let path = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    Ok(ProfileSource::File { path, text: String::new() })
+}
+
 /// Prints decisions as they come and keeps a tally for the summary.
 #[derive(Clone, Default)]
 struct Tally(std::sync::Arc<std::sync::Mutex<(u32, u32)>>);
@@ -152,7 +153,7 @@ impl Tally {
 /// Variables through which common clients find their trusted roots. All
 /// point at the sandbox's bundle (system roots + its CA), so no client keeps
 /// a setting inherited from the host that would leave the CA out.
-const TRUST_VARIABLES: [&str; 14] = [
+pub(super) const TRUST_VARIABLES: [&str; 14] = [
     "SSL_CERT_FILE",
     "CURL_CA_BUNDLE",
     "REQUESTS_CA_BUNDLE",

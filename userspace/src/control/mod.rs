@@ -54,6 +54,10 @@ pub struct RegisterRequest {
     pub cgroup: Option<std::path::PathBuf>,
     #[serde(default = "builtin")]
     pub profile: ProfileSource,
+    /// `container` for a sandbox whose processes run in a network namespace
+    /// of their own (made under the daemon's container parent).
+    #[serde(default)]
+    pub placement: crate::sandbox::Placement,
 }
 
 fn builtin() -> ProfileSource {

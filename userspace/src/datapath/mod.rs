@@ -94,6 +94,7 @@ pub struct Datapath {
     origin: Origin,
     lsm_enabled: bool,
     default_target: Target,
+    parents: Mutex<HashMap<MapData, u64, Target>>,
     sandboxes: Mutex<HashMap<MapData, u64, SandboxEntry>>,
     flows_by_addr: Mutex<HashMap<MapData, FlowKey, Flow>>,
     endpoints: Mutex<HashMap<MapData, EndpointKey, u8>>,
@@ -145,12 +146,10 @@ impl Datapath {
             let map = ebpf
                 .map_mut(names::ENFORCED_PARENTS)
                 .ok_or_else(|| DatapathError::Setup("map ENFORCED_PARENTS missing".into()))?;
-            let mut parents: HashMap<&mut MapData, u64, u8> =
+            let mut parents: HashMap<&mut MapData, u64, Target> =
                 HashMap::try_from(map).map_err(ebpf_err("map ENFORCED_PARENTS has an unexpected type"))?;
-            let parent_id = std::fs::metadata(cgroup_parent)
-                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-                .map_err(io_err(format!("reading cgroup {}", cgroup_parent.display())))?;
-            parents.insert(parent_id, 1, 0).map_err(ebpf_err("recording the enforced parent"))?;
+            let parent_id = cgroup_id(cgroup_parent)?;
+            parents.insert(parent_id, default_target, 0).map_err(ebpf_err("recording the enforced parent"))?;
         }
 
         let cgroup =
@@ -198,6 +197,7 @@ impl Datapath {
             origin,
             lsm_enabled,
             default_target,
+            parents: Mutex::new(convert(typed(names::ENFORCED_PARENTS)?, names::ENFORCED_PARENTS)?),
             sandboxes: Mutex::new(convert(typed(names::SANDBOXES)?, names::SANDBOXES)?),
             flows_by_addr: Mutex::new(convert(typed(names::FLOWS_BY_ADDR)?, names::FLOWS_BY_ADDR)?),
             endpoints: Mutex::new(convert(typed(names::ENDPOINTS)?, names::ENDPOINTS)?),
@@ -222,6 +222,22 @@ impl Datapath {
 
     pub fn default_target(&self) -> Target {
         self.default_target
+    }
+
+    /// Sends the unregistered cgroups under `cgroup` (a directory below the
+    /// attached parent, already covered by the programs) to `target` instead
+    /// of the default one: containers in their own network namespaces must
+    /// be refused on an address they can reach. Idempotent.
+    pub fn add_parent(&self, cgroup: &Path, target: Target) -> Result<(), DatapathError> {
+        let id = cgroup_id(cgroup)?;
+        self.parents
+            .lock()
+            .expect("lock poisoned")
+            .insert(id, target, 0)
+            .map_err(ebpf_err("adding a cgroup parent"))?;
+        self.add_endpoint(target, target.proxy_port, PROTO_TCP)?;
+        self.add_endpoint(target, target.dns_port, PROTO_UDP)?;
+        self.add_endpoint(target, target.dns_port, PROTO_TCP)
     }
 
     /// Enrolls a sandbox cgroup: from now on its processes (and those of its
@@ -306,6 +322,12 @@ impl Datapath {
     pub fn take_events(&self) -> Option<events::EventStream> {
         self.events.lock().expect("lock poisoned").take().map(events::EventStream::new)
     }
+}
+
+fn cgroup_id(cgroup: &Path) -> Result<u64, DatapathError> {
+    std::fs::metadata(cgroup)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .map_err(io_err(format!("reading cgroup {}", cgroup.display())))
 }
 
 fn canonical_ip(ip: IpAddr) -> IpAddr {

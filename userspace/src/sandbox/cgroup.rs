@@ -98,6 +98,32 @@ pub fn remove(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Removes `relative` (a path from the hierarchy root) and what is below it
+/// from every cgroup v1 hierarchy, where it exists and is empty. On hybrid
+/// hosts container runtimes make a container's cgroup parents in each v1
+/// hierarchy too and never remove them. Best effort: a directory still in
+/// use stays.
+pub fn remove_v1_mirrors(relative: &Path) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let relative = relative.strip_prefix("/").unwrap_or(relative);
+    if relative.as_os_str().is_empty() {
+        return;
+    }
+    for mount in v1_mounts(&mountinfo) {
+        let _ = remove(&mount.join(relative));
+    }
+}
+
+fn v1_mounts(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup").then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .collect()
+}
+
 /// The cgroup v2 path of a process relative to the hierarchy root, from
 /// `/proc/PID/cgroup` (`0::/docker/abc`).
 pub fn of_pid(pid: u32) -> io::Result<PathBuf> {
@@ -112,6 +138,14 @@ fn parse_proc_cgroup(text: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_v1_hierarchies() {
+        let info = "26 25 0:24 / /sys/fs/cgroup/unified rw shared:5 - cgroup2 cgroup2 rw\n\
+                    27 25 0:25 / /sys/fs/cgroup/cpu rw shared:6 - cgroup cgroup rw,cpu\n\
+                    28 25 0:26 / /sys/fs/cgroup/memory rw shared:7 - cgroup cgroup rw,memory\n";
+        assert_eq!(v1_mounts(info), vec![PathBuf::from("/sys/fs/cgroup/cpu"), PathBuf::from("/sys/fs/cgroup/memory")]);
+    }
 
     #[test]
     fn reads_the_v2_line_of_proc_cgroup() {

@@ -76,6 +76,40 @@ impl ProfileSource {
     }
 }
 
+/// Where a sandbox's processes live, which decides the address the kernel
+/// sends them to: loopback for the host's network namespace, the daemon's
+/// container address for containers in namespaces of their own.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    #[default]
+    Host,
+    Container,
+}
+
+/// The container a sandbox stands for, as its runtime describes it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContainerInfo {
+    /// `docker` or `containerd`.
+    pub runtime: String,
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// containerd namespace (empty for Docker).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+}
+
+impl ContainerInfo {
+    /// `docker 3f2a1b0c9d8e (agent, image busybox:1)`: for logs and audit.
+    pub fn describe(&self) -> String {
+        let short = self.id.get(..12).unwrap_or(&self.id);
+        format!("{} container {short} ({}, image {})", self.runtime, self.name, self.image)
+    }
+}
+
 /// What a restarted daemon needs to take a sandbox over again.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxRecord {
@@ -96,6 +130,11 @@ pub struct SandboxRecord {
     #[serde(default)]
     pub placeholders: std::collections::BTreeMap<String, String>,
     pub created: SystemTime,
+    #[serde(default)]
+    pub placement: Placement,
+    /// The container this sandbox enforces, once its runtime reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerInfo>,
 }
 
 /// A sandbox's TLS identity: its CA (the key never leaves the daemon) and
@@ -116,12 +155,14 @@ pub struct Sandbox {
     profile: Mutex<ProfileSource>,
     placeholders: arc_swap::ArcSwap<std::collections::BTreeMap<String, String>>,
     resolvers: Mutex<Vec<SandboxResolver>>,
+    container: Mutex<Option<ContainerInfo>>,
 }
 
 impl Sandbox {
     pub fn new(record: SandboxRecord, policy: Policy, resolvers: Vec<SandboxResolver>, tls: SandboxTls) -> Self {
         Self {
             profile: Mutex::new(record.profile.clone()),
+            container: Mutex::new(record.container.clone()),
             placeholders: arc_swap::ArcSwap::from_pointee(record.placeholders.clone()),
             record,
             policy: ArcSwap::from_pointee(policy),
@@ -140,8 +181,19 @@ impl Sandbox {
         SandboxRecord {
             profile: self.profile.lock().expect("lock poisoned").clone(),
             placeholders: (**self.placeholders.load()).clone(),
+            container: self.container(),
             ..self.record.clone()
         }
+    }
+
+    /// The container this sandbox enforces, if its runtime reported one.
+    pub fn container(&self) -> Option<ContainerInfo> {
+        self.container.lock().expect("lock poisoned").clone()
+    }
+
+    /// Ties the sandbox to a container its runtime reported.
+    pub fn set_container(&self, info: ContainerInfo) {
+        *self.container.lock().expect("lock poisoned") = Some(info);
     }
 
     /// This sandbox's placeholders (secret name -> placeholder).

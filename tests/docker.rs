@@ -1,0 +1,348 @@
+//! Docker containers as sandboxes, with a real Docker engine the harness
+//! starts, an image built locally, and upstreams in a test network
+//! namespace that containers can reach only through sluice (the engine
+//! forwards nothing). Needs root and Debian's docker.io.
+
+mod harness;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Output,
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use harness::{
+    dns::TestDns,
+    docker::{self, DockerEngine},
+    web::{TestCa, WebServer},
+    Daemon, EchoServer, TestNet, SLUICE,
+};
+use sluice::{
+    audit::{Decision, Kind, Verdict},
+    control::SandboxStatus,
+};
+
+const WEB_PROFILE: &str = r#"
+name = "web"
+[[rule]]
+name = "web"
+action = "allow"
+hosts = ["web.test"]
+ports = [443]
+"#;
+
+/// Allows a host nobody serves: everything these tests ask for is denied.
+const CLOSED_PROFILE: &str = r#"
+name = "closed"
+[[rule]]
+name = "elsewhere"
+action = "allow"
+hosts = ["elsewhere.test"]
+ports = [443]
+"#;
+
+/// A TLS upstream `web.test` and a canary `canary.test` in a test network,
+/// a DNS server for both, a Docker engine, and a daemon that enforces the
+/// engine's containers under its container parent.
+struct World {
+    net: TestNet,
+    web: WebServer,
+    canary: EchoServer,
+    _dns: TestDns,
+    engine: Arc<DockerEngine>,
+    daemon: Daemon,
+    profiles: PathBuf,
+}
+
+impl World {
+    fn new(discover: bool) -> Self {
+        let net = TestNet::new();
+        let ca = TestCa::new();
+        let web = WebServer::start(&net, SocketAddr::new(net.v4(2), 443), Some(ca.server_config(&["web.test"], false)));
+        let canary_ip = net.add_host(3);
+        let canary = EchoServer::start(net.tcp_listener(SocketAddr::new(canary_ip, 443)));
+        let zone =
+            HashMap::from([("web.test".to_owned(), vec![net.v4(2)]), ("canary.test".to_owned(), vec![canary_ip])]);
+        let dns = TestDns::start(net.udp_socket(SocketAddr::new(net.v4(2), 53)), zone);
+        let engine = docker::engine();
+        let profiles = std::env::temp_dir().join(format!("sluice-docker-profiles-{}-{}", std::process::id(), net.n));
+        std::fs::create_dir_all(&profiles).unwrap();
+        std::fs::write(profiles.join("web.toml"), WEB_PROFILE).unwrap();
+        std::fs::write(profiles.join("closed.toml"), CLOSED_PROFILE).unwrap();
+        let mut args = vec![
+            "--container-address".to_owned(),
+            docker::container_address().to_string(),
+            "--profiles-dir".to_owned(),
+            profiles.display().to_string(),
+        ];
+        if discover {
+            args.extend(["--docker".to_owned(), engine.socket.display().to_string()]);
+        }
+        let daemon = Daemon::start_configured(Some(dns.addr), Some(&ca.cert_pem), None, args);
+        Self { net, web, canary, _dns: dns, engine, daemon, profiles }
+    }
+
+    fn cgroup_parent(&self) -> String {
+        format!("--cgroup-parent=/{}/containers", self.daemon.instance)
+    }
+
+    /// `docker run -d` under the daemon's container parent, as compose
+    /// would with `cgroup_parent:`; returns the container id.
+    fn start_container(&self, labels: &[&str]) -> String {
+        let parent = self.cgroup_parent();
+        let mut args = vec!["run", "-d", &parent, "--network", &self.engine.network];
+        for label in labels {
+            args.extend(["--label", label]);
+        }
+        args.extend([self.engine.image.as_str(), "/bin/sleep", "300"]);
+        self.engine.run(&args)
+    }
+
+    /// `sluice docker run --profile web.toml -- --rm IMAGE CMD...`.
+    fn sluice_docker_run(&self, profile: &str, sandbox: &str, command: &[&str]) -> Output {
+        let mut run = std::process::Command::new(SLUICE);
+        run.args(["docker", "run", "--instance", &self.daemon.instance, "--sandbox", sandbox, "--profile"])
+            .arg(self.profiles.join(format!("{profile}.toml")))
+            .args(["--", "--rm", "--network", &self.engine.network, &self.engine.image])
+            .args(command)
+            .env("SLUICE_DOCKER", docker::DOCKER)
+            .env("DOCKER_HOST", format!("unix://{}", self.engine.socket.display()));
+        run.output().unwrap()
+    }
+
+    /// The sandbox the daemon registered for a container, waiting up to 10 s.
+    fn sandbox_of(&self, container: &str) -> SandboxStatus {
+        wait_for(&format!("a sandbox for container {container}"), || {
+            self.daemon.statuses().into_iter().find(|s| s.record.container.as_ref().is_some_and(|c| c.id == container))
+        })
+    }
+
+    fn exec_curl(&self, container: &str, url: &str) -> Output {
+        self.engine.output(&[
+            "exec",
+            container,
+            "/bin/curl",
+            "-fsS",
+            "--max-time",
+            "10",
+            "--cacert",
+            "/tmp/ca.pem",
+            url,
+        ])
+    }
+
+    /// Gives a running container its sandbox's trust bundle, as an operator
+    /// would for a container started without `sluice docker run`.
+    fn hand_over_ca(&self, container: &str, sandbox: &SandboxStatus) {
+        let bundle = sandbox.record.ca_bundle.display().to_string();
+        self.engine.run(&["cp", &bundle, &format!("{container}:/tmp/ca.pem")]);
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.profiles);
+    }
+}
+
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+fn has(decisions: &[Decision], sandbox: &str, kind: Kind, verdict: Verdict, rule: &str) -> bool {
+    decisions.iter().any(|d| {
+        d.sandbox.as_deref() == Some(sandbox)
+            && d.kind == kind
+            && d.verdict == verdict
+            && (rule.is_empty() || d.rule == rule)
+    })
+}
+
+#[test]
+fn sluice_docker_run_intercepts_allowed_https_and_denies_the_rest() {
+    if !docker::available() {
+        return;
+    }
+    let world = World::new(true);
+
+    let allowed =
+        world.sluice_docker_run("web", "dk-web", &["/bin/curl", "-fsS", "--max-time", "10", "https://web.test/echo"]);
+    assert!(allowed.status.success(), "{}", text(&allowed));
+    assert!(text(&allowed).contains("host=web.test"), "{}", text(&allowed));
+    // The container trusted nothing but its bundle (system roots and its
+    // sandbox CA), so the answer came through sluice's interception.
+    let requests = world.web.seen();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+
+    let by_name =
+        world.sluice_docker_run("web", "dk-canary", &["/bin/curl", "-fsS", "--max-time", "10", "https://canary.test/"]);
+    assert!(!by_name.status.success(), "{}", text(&by_name));
+    let canary_ip = world.net.v4(3).to_string();
+    let by_ip = world.sluice_docker_run(
+        "web",
+        "dk-canary-ip",
+        &["/bin/curl", "-fsSk", "--max-time", "10", &format!("https://{canary_ip}/")],
+    );
+    assert!(!by_ip.status.success(), "{}", text(&by_ip));
+    assert_eq!(world.canary.accepted(), 0, "the canary was reached");
+
+    let decisions = world.daemon.wait_decisions("each container's sandbox went with it", |d| {
+        ["dk-web", "dk-canary", "dk-canary-ip"]
+            .iter()
+            .all(|name| has(d, name, Kind::Lifecycle, Verdict::Info, "removed"))
+    });
+    assert!(has(&decisions, "dk-web", Kind::Request, Verdict::Allow, ""), "no allowed request for dk-web");
+    assert!(has(&decisions, "dk-web", Kind::Lifecycle, Verdict::Info, "container-bound"));
+    assert!(
+        has(&decisions, "dk-canary", Kind::Dns, Verdict::Deny, "")
+            || has(&decisions, "dk-canary", Kind::Connect, Verdict::Deny, "")
+    );
+    assert!(has(&decisions, "dk-canary-ip", Kind::Connect, Verdict::Deny, ""));
+    assert!(world.daemon.statuses().is_empty(), "sandboxes left behind");
+    let ca_dir = sluice::daemon::runtime_dir(&world.daemon.instance).join("ca");
+    let left: Vec<_> =
+        std::fs::read_dir(&ca_dir).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "CA files left behind: {left:?}");
+}
+
+#[test]
+fn labels_pick_profiles_and_docker_exec_is_enforced() {
+    if !docker::available() {
+        return;
+    }
+    let world = World::new(true);
+    let open = world.start_container(&["sluice.profile=web"]);
+    let closed = world.start_container(&["sluice.profile=closed", "team=research"]);
+    let open_sandbox = world.sandbox_of(&open);
+    let closed_sandbox = world.sandbox_of(&closed);
+    let info = closed_sandbox.record.container.clone().unwrap();
+    assert_eq!(info.image, world.engine.image);
+    assert_eq!(info.labels.get("team").map(String::as_str), Some("research"));
+    assert!(closed_sandbox.record.cgroup.ends_with(&closed), "{:?}", closed_sandbox.record.cgroup);
+    world.hand_over_ca(&open, &open_sandbox);
+    world.hand_over_ca(&closed, &closed_sandbox);
+
+    // The same URL, from processes started by `docker exec` in each.
+    let from_open = world.exec_curl(&open, "https://web.test/echo");
+    assert!(from_open.status.success(), "{}", text(&from_open));
+    assert!(text(&from_open).contains("host=web.test"));
+    let from_closed = world.exec_curl(&closed, "https://web.test/echo");
+    assert!(!from_closed.status.success(), "{}", text(&from_closed));
+    assert_eq!(world.web.seen().len(), 1, "only the open container's request may arrive");
+    let closed_name = closed_sandbox.record.name.clone();
+    world.daemon.wait_decisions("the closed container's denial", |d| {
+        has(d, &closed_name, Kind::Dns, Verdict::Deny, "") || has(d, &closed_name, Kind::Connect, Verdict::Deny, "")
+    });
+
+    world.engine.run(&["rm", "-f", &open, &closed]);
+    let decisions = world.daemon.wait_decisions("both sandboxes removed", |d| {
+        [&open_sandbox.record.name, &closed_name]
+            .iter()
+            .all(|name| has(d, name, Kind::Lifecycle, Verdict::Info, "removed"))
+    });
+    assert!(has(&decisions, &closed_name, Kind::Lifecycle, Verdict::Info, "container-stopped"));
+    assert!(world.daemon.statuses().is_empty());
+}
+
+#[test]
+fn containers_are_cut_off_while_sluice_is_down_and_rediscovered_after() {
+    if !docker::available() {
+        return;
+    }
+    let mut world = World::new(true);
+    let before = world.start_container(&["sluice.profile=web"]);
+    let registered = world.sandbox_of(&before);
+
+    world.daemon.kill();
+    // Started while no daemon runs: the pinned programs still redirect it,
+    // to a proxy nobody serves.
+    let parent = world.cgroup_parent();
+    let web_ip = world.net.v4(2).to_string();
+    let canary_ip = world.net.v4(3).to_string();
+    let script = format!(
+        "curl -fsSk --max-time 5 https://{web_ip}/down; echo rc=$?; \
+         curl -fsSk --max-time 5 https://{canary_ip}/; echo rc=$?; \
+         curl -fsSk --max-time 5 https://web.test/down; echo rc=$?"
+    );
+    let offline = world.engine.output(&[
+        "run",
+        "--rm",
+        &parent,
+        "--network",
+        &world.engine.network,
+        &world.engine.image,
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    let said = text(&offline);
+    assert_eq!(said.matches("rc=0").count(), 0, "something got through:\n{said}");
+    assert_eq!(said.matches("rc=").count(), 3, "{said}");
+    let during = world.start_container(&["sluice.profile=web"]);
+    let from_during = world.exec_curl(&during, "https://web.test/down");
+    assert!(!from_during.status.success(), "{}", text(&from_during));
+    assert!(world.web.seen().is_empty(), "the upstream was reached while sluice was down");
+    assert_eq!(world.canary.accepted(), 0);
+
+    world.daemon.restart();
+    // The container registered before is taken over as it was.
+    let again = world.sandbox_of(&before);
+    assert_eq!(again.record.cgroup_id, registered.record.cgroup_id);
+    assert_eq!(again.record.dns_port, registered.record.dns_port);
+    assert_eq!(again.record.name, registered.record.name);
+    // The one started meanwhile is found and registered.
+    let found = world.sandbox_of(&during);
+    world.hand_over_ca(&before, &again);
+    world.hand_over_ca(&during, &found);
+    for container in [&before, &during] {
+        let output = world.exec_curl(container, "https://web.test/echo");
+        assert!(output.status.success(), "{}", text(&output));
+    }
+    assert_eq!(world.web.seen().len(), 2);
+}
+
+#[test]
+fn a_container_sluice_has_not_registered_is_denied_as_unknown() {
+    if !docker::available() {
+        return;
+    }
+    // No discovery: containers under the parent are enforced, never known.
+    let world = World::new(false);
+    let parent = world.cgroup_parent();
+    let web_ip = world.net.v4(2).to_string();
+    let output = world.engine.output(&[
+        "run",
+        "--rm",
+        &parent,
+        "--network",
+        &world.engine.network,
+        &world.engine.image,
+        "/bin/curl",
+        "-fsSk",
+        "--max-time",
+        "5",
+        &format!("https://{web_ip}/unknown"),
+    ]);
+    assert!(!output.status.success(), "{}", text(&output));
+    assert!(world.web.seen().is_empty());
+    let destination: SocketAddr = format!("{web_ip}:443").parse().unwrap();
+    world.daemon.wait_decisions("an unknown-sandbox denial", |d| {
+        d.iter()
+            .any(|d| d.rule == "unknown-sandbox" && d.destination == Some(destination) && d.verdict == Verdict::Deny)
+    });
+}

@@ -1,0 +1,233 @@
+//! A Docker engine of the test run's own: `dockerd` started by the harness
+//! with its own socket, state directories and bridge network, an image
+//! built locally from the host's binaries (no registry), and everything
+//! removed again when the last test using it ends.
+//!
+//! Network rules: the engine makes no NAT and no forwarding (`--iptables=false`,
+//! `--ip-forward=false`, forwarding off on its bridge), so a container can
+//! reach nothing but the host's own addresses: the test hosts in network
+//! namespaces are reachable from a container only through sluice's proxy.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex, Weak},
+    thread,
+    time::{Duration, Instant},
+};
+
+pub const DOCKERD: &str = "/usr/sbin/dockerd";
+/// Debian's client, of the engine's own version (another `docker` may come
+/// first on PATH).
+pub const DOCKER: &str = "/usr/bin/docker";
+/// Host programs copied into the test image, with their libraries.
+const IMAGE_PROGRAMS: [&str; 4] = ["/usr/bin/curl", "/bin/dash", "/bin/sleep", "/bin/cat"];
+
+pub struct DockerEngine {
+    pub socket: PathBuf,
+    run_dir: PathBuf,
+    data_root: PathBuf,
+    child: Mutex<Option<Child>>,
+    /// The test network (a bridge with its own subnet 10.231.N.0/24).
+    pub network: String,
+    pub subnet: u32,
+    /// The test image: curl, sh, sleep, cat.
+    pub image: String,
+}
+
+/// Whether Docker tests can run here; prints why not.
+pub fn available() -> bool {
+    if !super::privileged() {
+        return false;
+    }
+    for binary in [DOCKERD, DOCKER, "/usr/sbin/runc"] {
+        if !Path::new(binary).exists() {
+            eprintln!("SKIPPED: needs {binary} (`cargo xtask setup` installs docker.io)");
+            return false;
+        }
+    }
+    true
+}
+
+/// The engine shared by the tests of this process, started on first use
+/// and stopped when the last test holding it drops it.
+pub fn engine() -> Arc<DockerEngine> {
+    static SHARED: Mutex<Weak<DockerEngine>> = Mutex::new(Weak::new());
+    let mut shared = SHARED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(engine) = shared.upgrade() {
+        return engine;
+    }
+    let engine = Arc::new(DockerEngine::start());
+    *shared = Arc::downgrade(&engine);
+    engine
+}
+
+impl DockerEngine {
+    fn start() -> Self {
+        let pid = std::process::id();
+        let run_dir = PathBuf::from(format!("/run/sluice-test-docker-{pid}"));
+        let data_root = PathBuf::from(format!("/var/lib/sluice-test-docker-{pid}"));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let socket = run_dir.join("docker.sock");
+        let log = std::fs::File::create(run_dir.join("dockerd.log")).unwrap();
+        let child = Command::new(DOCKERD)
+            .arg(format!("--host=unix://{}", socket.display()))
+            .arg(format!("--data-root={}", data_root.display()))
+            .arg(format!("--exec-root={}", run_dir.join("exec").display()))
+            .arg(format!("--pidfile={}", run_dir.join("dockerd.pid").display()))
+            .args(["--iptables=false", "--ip6tables=false", "--ip-forward=false", "--bridge=none"])
+            // A containerd of its own even if a system one is running.
+            .arg(format!("--containerd-namespace=sluice-test-{pid}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd");
+        let subnet = super::next_subnet();
+        let mut engine = Self {
+            socket,
+            run_dir,
+            data_root,
+            child: Mutex::new(Some(child)),
+            network: format!("sluice-test-{pid}"),
+            subnet,
+            image: format!("sluice-test/curl:{pid}"),
+        };
+        engine.wait_ready();
+        engine.build_image();
+        engine.create_network();
+        engine
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_mins(1);
+        loop {
+            if self
+                .docker()
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                return;
+            }
+            if let Some(status) = self.child.lock().unwrap().as_mut().unwrap().try_wait().unwrap() {
+                panic!("dockerd exited with {status}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "dockerd did not come up:\n{}", self.log());
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.run_dir.join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// The Docker client for this engine.
+    pub fn docker(&self) -> Command {
+        let mut command = Command::new(DOCKER);
+        command.env("DOCKER_HOST", format!("unix://{}", self.socket.display()));
+        command
+    }
+
+    /// Runs the client; panics with its output if it fails.
+    pub fn run(&self, args: &[&str]) -> String {
+        let output = self.docker().args(args).output().unwrap();
+        assert!(output.status.success(), "docker {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// Runs the client and returns what it did, success or not.
+    pub fn output(&self, args: &[&str]) -> Output {
+        self.docker().args(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// An image of the host's curl, dash (as /bin/sh), sleep and cat with
+    /// their libraries, imported from a tar: nothing comes from a registry.
+    fn build_image(&self) {
+        let root = self.run_dir.join("rootfs");
+        let _ = std::fs::remove_dir_all(&root);
+        for dir in ["bin", "etc", "tmp"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        for program in IMAGE_PROGRAMS {
+            let name = Path::new(program).file_name().unwrap();
+            std::fs::copy(program, root.join("bin").join(name)).unwrap();
+            let ldd = Command::new("ldd").arg(program).output().unwrap();
+            for library in String::from_utf8_lossy(&ldd.stdout).split_whitespace().filter(|w| w.starts_with('/')) {
+                let target = root.join(library.trim_start_matches('/'));
+                std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+                std::fs::copy(library, &target).unwrap_or_else(|e| panic!("copy {library}: {e}"));
+            }
+        }
+        std::os::unix::fs::symlink("dash", root.join("bin/sh")).unwrap();
+        std::fs::write(root.join("etc/nsswitch.conf"), "hosts: files dns\n").unwrap();
+        let mut tar =
+            Command::new("tar").arg("-C").arg(&root).args(["-c", "."]).stdout(Stdio::piped()).spawn().unwrap();
+        let import =
+            self.docker().args(["import", "-", &self.image]).stdin(tar.stdout.take().unwrap()).output().unwrap();
+        assert!(tar.wait().unwrap().success(), "tar of the image root failed");
+        assert!(import.status.success(), "docker import: {}", String::from_utf8_lossy(&import.stderr));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    fn create_network(&self) {
+        let bridge = self.bridge();
+        self.run(&[
+            "network",
+            "create",
+            "--subnet",
+            &format!("10.231.{}.0/24", self.subnet),
+            "-o",
+            &format!("com.docker.network.bridge.name={bridge}"),
+            "-o",
+            "com.docker.network.bridge.enable_ip_masquerade=false",
+            &self.network,
+        ]);
+        // Nothing a container sends leaves through the host: only the host's
+        // own addresses (sluice) are reachable.
+        std::fs::write(format!("/proc/sys/net/ipv4/conf/{bridge}/forwarding"), "0").unwrap();
+    }
+
+    fn bridge(&self) -> String {
+        format!("sldk{}", self.subnet)
+    }
+
+    /// Every container of this engine, running or not.
+    fn containers(&self) -> Vec<String> {
+        self.run(&["ps", "-aq"]).lines().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for DockerEngine {
+    fn drop(&mut self) {
+        let containers = self.containers();
+        if !containers.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(containers.iter().map(String::as_str));
+            let _ = self.output(&args);
+        }
+        let _ = self.output(&["network", "rm", &self.network]);
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.data_root);
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+/// An address for a daemon's `--container-address`, in a test subnet no
+/// other test of this run uses.
+pub fn container_address() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(10, 231, u8::try_from(super::next_subnet()).unwrap(), 1)
+}
