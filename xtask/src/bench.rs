@@ -24,6 +24,8 @@
 //! Everything runs from a release build (TLS in an unoptimized build would
 //! measure the build).
 
+#[path = "bench_docker.rs"]
+mod docker;
 #[path = "bench_mitm.rs"]
 mod mitm;
 #[path = "bench_net.rs"]
@@ -311,7 +313,23 @@ fn bench(quick: bool) -> anyhow::Result<()> {
     for plot in report::plots(&measured.samples, &out_dir)? {
         println!("plot: {}", plot.display());
     }
+    containers(&sluice, &out_dir, quick);
     Ok(())
+}
+
+/// The container rows (`bench_docker.rs`), written to containers.json; a
+/// failure there is reported and does not undo the rows above.
+fn containers(sluice: &std::path::Path, out_dir: &std::path::Path, quick: bool) {
+    match docker::run(sluice, quick) {
+        Ok(Some(json)) => {
+            let path = out_dir.join("containers.json");
+            if std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap_or_default() + "\n").is_ok() {
+                println!("container samples: {}", path.display());
+            }
+        }
+        Ok(None) => {}
+        Err(error) => println!("containers: not measured: {error:#}"),
+    }
 }
 
 /// Installs what the configurations need: iptables, mitmproxy (a venv
@@ -620,7 +638,8 @@ fn sink(mut stream: TcpStream) {
 
 /// The client side: `xtask bench-client all CONNECT ECHO SINK N RTTS MB`, or
 /// `bench-client tls ...` (see `bench_tls.rs`); `bench-client bench [--quick]`
-/// is the whole bench, started from a release build by [`run`].
+/// is the whole bench, started from a release build by [`run`];
+/// `bench-client containers [--quick]` only the container rows.
 ///
 /// For looking into one number by hand, `bench-client upstream` serves the
 /// HTTPS upstream (64 MiB `/big`) on CPU 0, prints `ADDR CA-FILE`, and stops
@@ -632,6 +651,11 @@ pub fn client(args: &[String]) -> anyhow::Result<()> {
         Some("plot") => return report::replot(&args[1..]),
         Some("markdown") => return report::markdown(&args[1..]),
         Some("bench") => return bench(args.get(1).is_some_and(|a| a == "--quick")),
+        // Only the container rows, with the release sluice already built.
+        Some("containers") => {
+            let sluice = target_dir().join("release/sluice");
+            return docker::run(&sluice, args.get(1).is_some_and(|a| a == "--quick")).map(drop);
+        }
         Some("upstream") => {
             let dir = std::env::temp_dir().join(format!("sluice-bench-upstream-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
