@@ -75,7 +75,7 @@ impl World {
         std::fs::write(profiles.join("closed.toml"), CLOSED_PROFILE).unwrap();
         let mut args = vec![
             "--container-address".to_owned(),
-            docker::container_address().to_string(),
+            docker::container_address(&net).to_string(),
             "--profiles-dir".to_owned(),
             profiles.display().to_string(),
         ];
@@ -345,4 +345,54 @@ fn a_container_sluice_has_not_registered_is_denied_as_unknown() {
         d.iter()
             .any(|d| d.rule == "unknown-sandbox" && d.destination == Some(destination) && d.verdict == Verdict::Deny)
     });
+}
+
+/// containerd has no discovery in sluice yet: a sandbox registered through
+/// the API (as `sluice docker run` does) gives `ctr run --cgroup` containers
+/// below its cgroup their identity from the first instruction. Host
+/// networking, so no CNI set-up is needed: the container reaches the
+/// container address as a host address.
+#[test]
+fn ctr_run_containers_are_enforced_under_a_registered_sandbox() {
+    if !docker::available() {
+        return;
+    }
+    if !std::path::Path::new(docker::CTR).exists() {
+        eprintln!("SKIPPED: needs {} (docker.io brings containerd)", docker::CTR);
+        return;
+    }
+    let world = World::new(false);
+    let containerd = docker::Containerd::start(&world.engine);
+    let request = sluice::control::RegisterRequest {
+        name: "ctr-web".to_owned(),
+        cgroup: None,
+        profile: sluice::sandbox::ProfileSource::File { path: world.profiles.join("web.toml"), text: String::new() },
+        placement: sluice::sandbox::Placement::Container,
+    };
+    let status = harness::block_on(world.daemon.client().register(&request)).expect("register");
+    let cgroup = format!("/{}/containers/ctr-web", world.daemon.instance);
+    let mount =
+        format!("type=bind,src={},dst=/etc/sluice/ca-bundle.pem,options=rbind:ro", status.record.ca_bundle.display());
+    let ctr_curl = |id: &str, url: &str| {
+        containerd
+            .ctr()
+            .args(["run", "--rm", "--net-host", "--cgroup", &format!("{cgroup}/{id}"), "--mount", &mount])
+            .args([&containerd.image, id, "/bin/curl", "-fsS", "--max-time", "10"])
+            .args(["--cacert", "/etc/sluice/ca-bundle.pem", url])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let allowed = ctr_curl("c1", "https://web.test/echo");
+    assert!(allowed.status.success(), "{}", text(&allowed));
+    assert!(text(&allowed).contains("host=web.test"), "{}", text(&allowed));
+    assert_eq!(world.web.seen().len(), 1);
+    let denied = ctr_curl("c2", "https://canary.test/");
+    assert!(!denied.status.success(), "{}", text(&denied));
+    assert_eq!(world.canary.accepted(), 0, "the canary was reached");
+    let decisions = world.daemon.wait_decisions("ctr-web's allow and deny", |d| {
+        has(d, "ctr-web", Kind::Request, Verdict::Allow, "")
+            && (has(d, "ctr-web", Kind::Dns, Verdict::Deny, "") || has(d, "ctr-web", Kind::Connect, Verdict::Deny, ""))
+    });
+    assert!(!decisions.iter().any(|d| d.rule == "unknown-sandbox"), "a ctr container was not attributed");
 }

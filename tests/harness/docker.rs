@@ -226,8 +226,95 @@ impl Drop for DockerEngine {
     }
 }
 
-/// An address for a daemon's `--container-address`, in a test subnet no
-/// other test of this run uses.
-pub fn container_address() -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::new(10, 231, u8::try_from(super::next_subnet()).unwrap(), 1)
+/// An address for a daemon's `--container-address`: the last one of a
+/// test network's subnet (10.231.N.254), which nothing else there uses, so
+/// each test's daemon has its own without using up another subnet.
+pub fn container_address(net: &super::TestNet) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(10, 231, u8::try_from(net.n).unwrap(), 254)
+}
+
+pub const CONTAINERD: &str = "/usr/bin/containerd";
+pub const CTR: &str = "/usr/bin/ctr";
+
+/// A containerd of the test's own (own socket, root and state), with the
+/// Docker engine's test image imported into a namespace of its own.
+pub struct Containerd {
+    dir: PathBuf,
+    root: PathBuf,
+    child: Option<Child>,
+    pub namespace: String,
+    pub image: String,
+}
+
+impl Containerd {
+    pub fn start(docker: &DockerEngine) -> Self {
+        let pid = std::process::id();
+        let dir = PathBuf::from(format!("/run/sluice-test-containerd-{pid}"));
+        let root = PathBuf::from(format!("/var/lib/sluice-test-containerd-{pid}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new(CONTAINERD)
+            .arg("--address")
+            .arg(dir.join("containerd.sock"))
+            .arg("--root")
+            .arg(&root)
+            .arg("--state")
+            .arg(dir.join("state"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("containerd.log")).unwrap())
+            .spawn()
+            .expect("start containerd");
+        let containerd = Self {
+            dir,
+            root,
+            child: Some(child),
+            namespace: format!("sluice-test-{pid}"),
+            image: format!("docker.io/{}", docker.image),
+        };
+        let deadline = Instant::now() + Duration::from_mins(1);
+        while !containerd.ctr().arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap().success() {
+            assert!(Instant::now() < deadline, "containerd did not come up");
+            thread::sleep(Duration::from_millis(100));
+        }
+        // The same image, from the Docker engine: no registry.
+        let mut save = docker.docker().args(["save", &docker.image]).stdout(Stdio::piped()).spawn().unwrap();
+        let import =
+            containerd.ctr().args(["image", "import", "-"]).stdin(save.stdout.take().unwrap()).output().unwrap();
+        assert!(save.wait().unwrap().success(), "docker save failed");
+        assert!(import.status.success(), "ctr image import: {}", String::from_utf8_lossy(&import.stderr));
+        containerd
+    }
+
+    /// `ctr` for this containerd and namespace.
+    pub fn ctr(&self) -> Command {
+        let mut command = Command::new(CTR);
+        command.arg("--address").arg(self.dir.join("containerd.sock")).args(["--namespace", &self.namespace]);
+        command
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Ok(output) = self.ctr().args(["containers", "list", "-q"]).output() {
+            for id in String::from_utf8_lossy(&output.stdout).lines() {
+                let _ = self.ctr().args(["task", "kill", "-s", "SIGKILL", id]).output();
+                let _ = self.ctr().args(["task", "delete", "-f", id]).output();
+                let _ = self.ctr().args(["containers", "delete", id]).output();
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+        // Snapshots are bind and overlay mounts under the root.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "grep -o ' {}[^ ]*' /proc/self/mounts | sort -r | xargs -r -n1 umount -l",
+                self.root.display()
+            ))
+            .status();
+        let _ = std::fs::remove_dir_all(&self.root);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
