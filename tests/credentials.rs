@@ -470,3 +470,129 @@ for step in ("first", "rotated", "revoked"):
     assert!(decisions.iter().any(|d| d.rule == "secret-set" && d.reason.contains("apikey")));
     world.assert_no_secret_on_disk(&[API_KEY, API_KEY_ROTATED, SECRET]);
 }
+
+const AWS_KEY_ID: &str = "AKIDSLUICETEST0001";
+const AWS_SECRET_KEY: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiSLUICEKEY";
+const AWS_TOKEN: &str = "FQoGZXIvYXdzEXAMPLEsessionTOKEN";
+
+const AWS_PROFILE: &str = r#"
+name = "aws"
+[[rule]]
+name = "aws"
+action = "allow"
+hosts = ["aws.test", "s3.test"]
+ports = [443]
+[[credential]]
+secret = "aws"
+hosts = ["aws.test"]
+env = "AWS_SECRET_ACCESS_KEY"
+inject = { sigv4 = { region = "us-east-1", service = "sts" } }
+[[credential]]
+secret = "aws"
+hosts = ["s3.test"]
+inject = { sigv4 = { region = "eu-west-1", service = "s3" } }
+"#;
+
+/// Starts the independent `SigV4` verifier (Python, hmac/hashlib) in `net`.
+struct Verifier {
+    child: std::process::Child,
+}
+
+impl Verifier {
+    fn start(net: &TestNet, ca: &TestCa, dir: &std::path::Path, addr: std::net::IpAddr) -> Self {
+        let (cert, key) = ca.leaf_pem(&["aws.test", "s3.test"]);
+        std::fs::write(dir.join("aws-cert.pem"), cert).unwrap();
+        std::fs::write(dir.join("aws-key.pem"), key).unwrap();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/sigv4_verifier.py");
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &net.name, "python3", script, &addr.to_string()])
+            .arg(dir.join("aws-cert.pem"))
+            .arg(dir.join("aws-key.pem"))
+            .args([AWS_KEY_ID, AWS_SECRET_KEY, AWS_TOKEN])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut ready).unwrap();
+        assert_eq!(ready.trim(), "ready", "the SigV4 verifier did not start");
+        Self { child }
+    }
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn sigv4_requests_are_signed_with_the_real_key_and_verified_independently() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new();
+    let ca = TestCa::new();
+    let aws_ip = net.add_host(7);
+    let zone = HashMap::from([("aws.test".to_owned(), vec![aws_ip]), ("s3.test".to_owned(), vec![aws_ip])]);
+    let dns = TestDns::start(net.udp_socket(SocketAddr::new(net.v4(2), 53)), zone);
+    let secrets = format!("aws = \"{AWS_KEY_ID}:{AWS_SECRET_KEY}:{AWS_TOKEN}\"\n");
+    let daemon = Daemon::start_full(Some(dns.addr), Some(&ca.cert_pem), Some(&secrets));
+    let _verifier = Verifier::start(&net, &ca, &daemon.dir, aws_ip);
+
+    // The verifier refuses a wrong signature (it is not a rubber stamp).
+    ca.write(&daemon.dir.join("test-ca.pem"));
+    let forged = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(daemon.dir.join("test-ca.pem"))
+        .args(["--resolve", &format!("aws.test:443:{aws_ip}"), "https://aws.test/?Action=GetCallerIdentity"])
+        .args(["-H", "x-amz-date: 20250101T000000Z", "-H", &format!("x-amz-security-token: {AWS_TOKEN}")])
+        .args(["-H", &format!("Authorization: AWS4-HMAC-SHA256 Credential={AWS_KEY_ID}/20250101/us-east-1/sts/aws4_request, SignedHeaders=host;x-amz-date;x-amz-security-token, Signature={}", "0".repeat(64))])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&forged.stdout), "refused: signature mismatch");
+
+    let sandbox = daemon.sandbox("aws", AWS_PROFILE).with_nameserver(&daemon.dir, net.v4(99));
+    let script = r#"
+import hashlib, http.client, os, ssl
+ctx = ssl.create_default_context()
+key = os.environ["AWS_SECRET_ACCESS_KEY"]
+print("placeholder=%s" % key.startswith("SLUICE_PLACEHOLDER_"))
+def call(host, method, path, body=None, headers={}):
+    c = http.client.HTTPSConnection(host, timeout=15, context=ctx)
+    c.request(method, path, body=body, headers=headers)
+    r = c.getresponse()
+    return "%d %s" % (r.status, r.read().decode())
+print("unsigned_get=" + call("aws.test", "GET", "/?Action=GetCallerIdentity&Version=2011-06-15"))
+print("unsigned_post=" + call("aws.test", "POST", "/", b"Action=GetCallerIdentity&Version=2011-06-15",
+      {"content-type": "application/x-www-form-urlencoded; charset=utf-8"}))
+print("placeholder_signed=" + call("aws.test", "GET", "/?Action=GetCallerIdentity", None, {
+    "x-amz-date": "20250101T000000Z", "x-amz-security-token": key,
+    "Authorization": "AWS4-HMAC-SHA256 Credential=" + key + "/20250101/us-east-1/sts/aws4_request, "
+                     "SignedHeaders=host;x-amz-date, Signature=" + "1" * 64}))
+body = b"hello from the sandbox"
+print("s3_put_hashed=" + call("s3.test", "PUT", "/bucket/key.txt", body,
+      {"x-amz-content-sha256": hashlib.sha256(body).hexdigest()}))
+print("s3_put_unsigned_payload=" + call("s3.test", "PUT", "/bucket/other.txt", body,
+      {"x-amz-content-sha256": "UNSIGNED-PAYLOAD"}))
+print("s3_get_list=" + call("s3.test", "GET", "/bucket?list-type=2&prefix=a%20b"))
+"#;
+    let out = harness::fields(&sandbox.python(script));
+    assert_eq!(out["placeholder"], "True");
+    let sts = format!("200 verified service=sts akid={AWS_KEY_ID}");
+    let s3 = format!("200 verified service=s3 akid={AWS_KEY_ID}");
+    assert_eq!(out["unsigned_get"], sts);
+    assert_eq!(out["unsigned_post"], sts);
+    assert_eq!(out["placeholder_signed"], sts);
+    assert_eq!(out["s3_put_hashed"], s3);
+    assert_eq!(out["s3_put_unsigned_payload"], s3);
+    assert_eq!(out["s3_get_list"], s3);
+
+    let decisions = daemon.decisions();
+    let signed = decisions.iter().filter(|d| d.kind == Kind::Request && d.credentials == ["aws"]).count();
+    assert_eq!(signed, 6, "every signed request names the secret");
+    for path in [daemon.decision_log(), daemon.dir.join("daemon.log")] {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(!text.contains(AWS_SECRET_KEY) && !text.contains(AWS_TOKEN), "a secret is in {}", path.display());
+    }
+}

@@ -408,8 +408,10 @@ impl Connection {
             Full::new(bytes).map_err(|never| match never {}).boxed()
         } else {
             let rules = credentials.body_rules();
-            if rules.may_swap() {
-                // Swapping changes the length: send it chunked (h1) or unsized (h2).
+            // Swapping changes the length: send it chunked (h1) or unsized
+            // (h2). Not when the client declared a payload hash for SigV4:
+            // that hash (and S3's need for a length) stands.
+            if rules.may_swap() && declared.is_none() {
                 parts.headers.remove(header::CONTENT_LENGTH);
             }
             let (body, outcome) = SwapBody::new(body, rules);
