@@ -241,27 +241,13 @@ fn bench(quick: bool) -> anyhow::Result<()> {
         );
         std::fs::write(&profile, &profile_text)?;
         let daemon = net::Daemon::start(&sluice, &dir, &upstream.ca_pem)?;
-        let mut memory = BTreeMap::new();
-        let sluice_idle = proc::rss_kb(&proc::tree(&[daemon.pid()]));
         let redirect_bundle = daemon.register(net::REDIRECT_SANDBOX, &profile_text)?;
         bench_net.redirect_tcp_to(daemon.redirect_port)?;
-
         let (mitm, squid) = start_peers(mitmdump.as_ref(), &dir, &upstream, &mut versions, &mut unavailable);
-        // Idle: after start, before any traffic.
-        std::thread::sleep(Duration::from_millis(500));
-        memory.insert("sluice", serde_json::json!({ "idle_kb": sluice_idle }));
-        let peers =
-            [("mitmproxy", mitm.as_ref().map(mitm::Mitm::pid)), ("squid", squid.as_ref().map(squid::Squid::pid))];
-        for (name, pid) in peers {
-            if let Some(pid) = pid {
-                memory.insert(name, serde_json::json!({ "idle_kb": proc::rss_kb(&proc::tree(&[pid])) }));
-            }
-        }
-
         let setup = Setup {
             client: client.clone(),
             sluice: sluice.clone(),
-            profile,
+            profile: profile.clone(),
             net: &bench_net,
             daemon: &daemon,
             redirect_bundle,
@@ -272,22 +258,44 @@ fn bench(quick: bool) -> anyhow::Result<()> {
         };
         let started = Instant::now();
         let load_before = loadavg();
-        // Before the rounds, so that memory freed after load does not hide
-        // what new connections cost.
-        step("idle connections: memory each proxy holds per connection");
+        let samples = rounds(&setup, servers, dns, &sizes, &mut unavailable);
+        let load = [load_before, loadavg()];
+        let seconds = started.elapsed().as_secs_f64();
+
+        // Memory from fresh processes: allocators keep what the rounds freed,
+        // which would hide what idle connections cost.
+        drop(setup);
+        drop((mitm, squid, daemon));
+        step("memory: sluice, mitmproxy and Squid restarted, idle, then holding idle HTTPS connections");
+        let daemon = net::Daemon::start(&sluice, &dir, &upstream.ca_pem)?;
+        let (mitm, squid) = start_peers(mitmdump.as_ref(), &dir, &upstream, &mut versions, &mut unavailable);
+        std::thread::sleep(Duration::from_millis(500));
+        let pids = [
+            ("sluice", Some(daemon.pid())),
+            ("mitmproxy", mitm.as_ref().map(mitm::Mitm::pid)),
+            ("squid", squid.as_ref().map(squid::Squid::pid)),
+        ];
+        let mut memory: BTreeMap<_, _> = pids
+            .into_iter()
+            .filter_map(|(name, pid)| {
+                Some((name, serde_json::json!({ "idle_kb": proc::rss_kb(&proc::tree(&[pid?])) })))
+            })
+            .collect();
+        let setup = Setup {
+            client: client.clone(),
+            sluice: sluice.clone(),
+            profile,
+            net: &bench_net,
+            daemon: &daemon,
+            redirect_bundle: PathBuf::new(),
+            upstream: &upstream,
+            mitm: mitm.as_ref(),
+            squid: squid.as_ref(),
+            runs: std::cell::Cell::new(0),
+        };
         for config in ["sluice", "mitmproxy", "squid"].into_iter().filter(|c| selected(c)) {
             if let Some(held) = idle_memory(&setup, config, &sizes)? {
                 memory.entry(config).or_insert_with(|| serde_json::json!({}))["idle_connections"] = held;
-            }
-        }
-        let mut samples = BTreeMap::new();
-        for round in 1..=sizes.rounds {
-            // A different configuration goes first each round.
-            let mut order: Vec<&'static str> = CONFIGS.into_iter().filter(|c| selected(c)).collect();
-            order.rotate_left((round - 1) % CONFIGS.len());
-            for config in order {
-                step(&format!("round {round}/{}: {config}", sizes.rounds));
-                measure_config(&setup, config, servers, dns, &sizes, &mut samples, &mut unavailable);
             }
         }
         Ok::<_, anyhow::Error>(Measured {
@@ -297,23 +305,27 @@ fn bench(quick: bool) -> anyhow::Result<()> {
             memory,
             versions: versions.clone(),
             unavailable: unavailable.clone(),
-            load: [load_before, loadavg()],
-            seconds: started.elapsed().as_secs_f64(),
+            load,
+            seconds,
         })
     })();
     // The guards (peers, daemon, namespace) have dropped by now.
     drop(bench_net);
     let _ = std::fs::remove_dir_all(&dir);
-    let measured = result?;
-    report::print(&measured);
-    print_minting(&sluice);
+    output(&result?, &sluice, &out_dir)
+}
+
+/// The table, leaf minting, the results file and the plots.
+fn output(measured: &Measured, sluice: &Path, out_dir: &Path) -> anyhow::Result<()> {
+    report::print(measured);
+    print_minting(sluice);
     let path = out_dir.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report::json(&measured)?)? + "\n")?;
+    std::fs::write(&path, serde_json::to_string_pretty(&report::json(measured)?)? + "\n")?;
     println!("results and every sample: {}", path.display());
-    for plot in report::plots(&measured.samples, &out_dir)? {
+    for plot in report::plots(&measured.samples, out_dir)? {
         println!("plot: {}", plot.display());
     }
-    containers(&sluice, &out_dir, quick);
+    containers(sluice, out_dir, measured.quick);
     Ok(())
 }
 
@@ -380,6 +392,26 @@ fn start_peers(
             .ok()
     };
     (mitm, squid)
+}
+
+/// Every round, each configuration in turn (a different one first each round).
+fn rounds(
+    setup: &Setup,
+    servers: [SocketAddr; 3],
+    dns: SocketAddr,
+    sizes: &Sizes,
+    unavailable: &mut Unavailable,
+) -> BTreeMap<(&'static str, &'static str), Vec<Sample>> {
+    let mut samples = BTreeMap::new();
+    for round in 1..=sizes.rounds {
+        let mut order: Vec<&'static str> = CONFIGS.into_iter().filter(|c| selected(c)).collect();
+        order.rotate_left((round - 1) % CONFIGS.len());
+        for config in order {
+            step(&format!("round {round}/{}: {config}", sizes.rounds));
+            measure_config(setup, config, servers, dns, sizes, &mut samples, unavailable);
+        }
+    }
+    samples
 }
 
 /// One round of one configuration: every protocol it can carry.
