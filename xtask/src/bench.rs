@@ -109,12 +109,12 @@ impl Sizes {
                 bulk_mb: 512,
                 kept: 10_000,
                 new: 500,
-                rps_secs: 1.5,
-                cap_secs: 2.0,
+                rps_secs: 1.2,
+                cap_secs: 1.5,
                 big_mib: 64,
                 dns: 300,
                 idle: 10_000,
-                idle_cap_secs: 30.0,
+                idle_cap_secs: 25.0,
             }
         }
     }
@@ -405,7 +405,8 @@ fn rounds(
     let mut samples = BTreeMap::new();
     for round in 1..=sizes.rounds {
         let mut order: Vec<&'static str> = CONFIGS.into_iter().filter(|c| selected(c)).collect();
-        order.rotate_left((round - 1) % CONFIGS.len());
+        let first = (round - 1) % order.len().max(1);
+        order.rotate_left(first);
         for config in order {
             step(&format!("round {round}/{}: {config}", sizes.rounds));
             measure_config(setup, config, servers, dns, sizes, &mut samples, unavailable);
