@@ -104,10 +104,15 @@ impl World {
 
     /// `sluice docker run --profile web.toml -- --rm IMAGE CMD...`.
     fn sluice_docker_run(&self, profile: &str, sandbox: &str, command: &[&str]) -> Output {
+        self.sluice_docker_run_on(&self.engine.network, profile, sandbox, command)
+    }
+
+    /// The same on another network (`host`, `none`).
+    fn sluice_docker_run_on(&self, network: &str, profile: &str, sandbox: &str, command: &[&str]) -> Output {
         let mut run = std::process::Command::new(SLUICE);
         run.args(["docker", "run", "--instance", &self.daemon.instance, "--sandbox", sandbox, "--profile"])
             .arg(self.profiles.join(format!("{profile}.toml")))
-            .args(["--", "--rm", "--network", &self.engine.network, &self.engine.image])
+            .args(["--", "--rm", "--network", network, &self.engine.image])
             .args(command)
             .env("SLUICE_DOCKER", docker::DOCKER)
             .env("DOCKER_HOST", format!("unix://{}", self.engine.socket.display()));
@@ -395,4 +400,34 @@ fn ctr_run_containers_are_enforced_under_a_registered_sandbox() {
             && (has(d, "ctr-web", Kind::Dns, Verdict::Deny, "") || has(d, "ctr-web", Kind::Connect, Verdict::Deny, ""))
     });
     assert!(!decisions.iter().any(|d| d.rule == "unknown-sandbox"), "a ctr container was not attributed");
+}
+
+/// `--network host`: the container shares the host's namespace, reaches the
+/// container address as a host address, and is enforced like the others.
+/// `--network none`: no route to sluice, so every connect fails at once.
+#[test]
+fn host_and_none_networked_containers_are_enforced() {
+    if !docker::available() {
+        return;
+    }
+    let world = World::new(true);
+    let curl = ["/bin/curl", "-fsS", "--max-time", "10"];
+    let allowed =
+        world.sluice_docker_run_on("host", "web", "dk-host", &[&curl[..], &["https://web.test/echo"]].concat());
+    assert!(allowed.status.success(), "{}", text(&allowed));
+    assert!(text(&allowed).contains("host=web.test"), "{}", text(&allowed));
+    let denied =
+        world.sluice_docker_run_on("host", "web", "dk-host-deny", &[&curl[..], &["https://canary.test/"]].concat());
+    assert!(!denied.status.success(), "{}", text(&denied));
+    let canary_ip = format!("https://{}/", world.net.v4(3));
+    let isolated = world.sluice_docker_run_on("none", "web", "dk-none", &[&curl[..], &["-k", &canary_ip]].concat());
+    assert!(!isolated.status.success(), "{}", text(&isolated));
+    assert_eq!(world.canary.accepted(), 0, "the canary was reached");
+    assert_eq!(world.web.seen().len(), 1, "{:?}", world.web.seen());
+    let decisions = world.daemon.wait_decisions("the host-networked container's decisions", |d| {
+        has(d, "dk-host", Kind::Request, Verdict::Allow, "")
+            && (has(d, "dk-host-deny", Kind::Dns, Verdict::Deny, "")
+                || has(d, "dk-host-deny", Kind::Connect, Verdict::Deny, ""))
+    });
+    assert!(!decisions.iter().any(|d| d.rule == "unknown-sandbox"), "a container was not attributed");
 }
