@@ -426,6 +426,30 @@ impl Daemon {
         }
     }
 
+    /// Registers a sandbox whose profile is a file the daemon reads (and
+    /// reads again when it changes), as `sluice run --profile FILE` does.
+    pub fn sandbox_from_file(&self, name: &str, profile: &Path) -> Sandbox {
+        let request = RegisterRequest {
+            name: name.to_owned(),
+            cgroup: None,
+            profile: ProfileSource::File { path: profile.to_owned(), text: String::new() },
+            placement: sluice::sandbox::Placement::Host,
+        };
+        let status = block_on(self.client().register(&request)).unwrap_or_else(|e| panic!("register {name}: {e:#}"));
+        Sandbox {
+            name: name.to_owned(),
+            cgroup: status.record.cgroup,
+            ca_bundle: status.record.ca_bundle,
+            resolv: None,
+            env: status.env.into_iter().collect(),
+        }
+    }
+
+    /// Runs `sluice ARGS --instance <this daemon's>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(SLUICE).args(args).args(["--instance", &self.instance]).output().expect("run sluice")
+    }
+
     pub fn statuses(&self) -> Vec<SandboxStatus> {
         block_on(self.client().sandboxes()).expect("list sandboxes")
     }
@@ -592,6 +616,11 @@ pub fn lines(output: &Output) -> Vec<String> {
 }
 
 /// `key=value` lines of a client's output.
+/// Runs `sluice ARGS` (no daemon needed).
+pub fn run_sluice(args: &[&str]) -> Output {
+    Command::new(SLUICE).args(args).output().expect("run sluice")
+}
+
 pub fn fields(output: &Output) -> HashMap<String, String> {
     lines(output).iter().filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))).collect()
 }

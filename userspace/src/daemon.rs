@@ -115,7 +115,7 @@ impl DaemonConfig {
             secrets_file: None,
             secrets_dir: None,
             redirect_listeners: Vec::new(),
-            approval_timeout: Duration::from_secs(60),
+            approval_timeout: Duration::from_mins(1),
             container_address: None,
             docker_socket: None,
             profiles_dir: None,
@@ -327,17 +327,7 @@ impl Daemon {
             daemon.spawn(forward_kernel_events(events, registry, log));
         }
         daemon.readopt().await;
-        {
-            let watcher = daemon.clone();
-            daemon.spawn(async move {
-                let mut tick = tokio::time::interval(PROFILE_POLL);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    watcher.reload_profiles(false).await;
-                }
-            });
-        }
+        daemon.watch_profile_files();
         daemon.start_discovery()?;
         if daemon.config.serve_control {
             let socket = daemon.config.control_socket();
@@ -741,6 +731,19 @@ impl Daemon {
         Ok(self.status(&sandbox))
     }
 
+    /// Checks profile files for changes every [`PROFILE_POLL`].
+    fn watch_profile_files(self: &Arc<Self>) {
+        let watcher = self.clone();
+        self.spawn(async move {
+            let mut tick = tokio::time::interval(PROFILE_POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                watcher.reload_profiles(false).await;
+            }
+        });
+    }
+
     /// Compiles a profile source with the bundles revoked now. A file is read
     /// (includes resolved) and the source returned carries that text as its
     /// last good version.
@@ -776,7 +779,8 @@ impl Daemon {
             let name = sandbox.name().to_owned();
             let stamp = file_stamp(&path);
             let previous = self.profile_stamps.lock().expect("lock poisoned").insert(name.clone(), stamp);
-            if !force && previous.is_none_or(|seen| seen == stamp) {
+            // Not seen before (just registered or adopted): compare its text.
+            if !force && previous.is_some_and(|seen| seen == stamp) {
                 continue;
             }
             let outcome = match self.compile_source(ProfileSource::File { path: path.clone(), text: String::new() }) {

@@ -31,7 +31,7 @@ pub enum PolicyCommand {
         instance: super::InstanceArgs,
     },
     /// Run policy unit tests: each `[[case]]` in CASES (method, url, expect,
-    /// optional rule, ip, headers, body_size) against FILE. Exit 1 if any fails.
+    /// optional rule, ip, headers, `body_size`) against FILE. Exit 1 if any fails.
     Test { file: PathBuf, cases: PathBuf },
     /// Re-evaluate recorded decisions against another profile and report
     /// what would change.
@@ -176,35 +176,9 @@ pub async fn run(command: &PolicyCommand) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        PolicyCommand::Revoke { bundle, instance } | PolicyCommand::Restore { bundle, instance } => {
-            let revoke = matches!(command, PolicyCommand::Revoke { .. });
-            let answer = instance.daemon().await?.revoke_bundle(bundle, revoke).await?;
-            let sandboxes: Vec<String> = answer["sandboxes"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
-                .unwrap_or_default();
-            let verb = if revoke { "revoked from" } else { "restored to" };
-            match sandboxes.is_empty() {
-                true => println!("bundle {bundle} {verb} every sandbox (none takes it now)"),
-                false => println!("bundle {bundle} {verb} every sandbox; in force now for: {}", sandboxes.join(", ")),
-            }
-            Ok(0)
-        }
-        PolicyCommand::Reload { instance } => {
-            let mut failed = false;
-            for outcome in instance.daemon().await?.reload_profiles().await? {
-                let sandbox = outcome["sandbox"].as_str().unwrap_or("?");
-                match outcome.get("error").and_then(|e| e.as_str()) {
-                    Some(error) => {
-                        failed = true;
-                        println!("{sandbox}: refused, the last good profile stays: {error}");
-                    }
-                    None if outcome["changed"].as_bool() == Some(true) => println!("{sandbox}: new profile in force"),
-                    None => println!("{sandbox}: unchanged"),
-                }
-            }
-            Ok(u8::from(failed))
-        }
+        PolicyCommand::Revoke { bundle, instance } => revoke(instance, bundle, true).await,
+        PolicyCommand::Restore { bundle, instance } => revoke(instance, bundle, false).await,
+        PolicyCommand::Reload { instance } => reload(instance).await,
         PolicyCommand::Allow { sandbox, host, ports, instance } => {
             add_host_rule(instance, sandbox, policy::Action::Allow, host, ports).await
         }
@@ -221,6 +195,37 @@ pub async fn run(command: &PolicyCommand) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+async fn revoke(instance: &super::InstanceArgs, bundle: &str, revoke: bool) -> anyhow::Result<u8> {
+    let answer = instance.daemon().await?.revoke_bundle(bundle, revoke).await?;
+    let sandboxes: Vec<String> = answer["sandboxes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    let verb = if revoke { "revoked from" } else { "restored to" };
+    if sandboxes.is_empty() {
+        println!("bundle {bundle} {verb} every sandbox (none takes it now)");
+    } else {
+        println!("bundle {bundle} {verb} every sandbox; in force now for: {}", sandboxes.join(", "));
+    }
+    Ok(0)
+}
+
+async fn reload(instance: &super::InstanceArgs) -> anyhow::Result<u8> {
+    let mut failed = false;
+    for outcome in instance.daemon().await?.reload_profiles().await? {
+        let sandbox = outcome["sandbox"].as_str().unwrap_or("?");
+        match outcome.get("error").and_then(|e| e.as_str()) {
+            Some(error) => {
+                failed = true;
+                println!("{sandbox}: refused, the last good profile stays: {error}");
+            }
+            None if outcome["changed"].as_bool() == Some(true) => println!("{sandbox}: new profile in force"),
+            None => println!("{sandbox}: unchanged"),
+        }
+    }
+    Ok(u8::from(failed))
 }
 
 async fn add_host_rule(
@@ -405,13 +410,14 @@ fn replay(
                 };
                 let url = format!("{scheme}://{authority}{}", record.path.as_deref().unwrap_or("/"));
                 let method = record.method.as_deref().unwrap_or("GET");
-                match policy::explain_url(&compiled, method, &url, Some(destination.ip()), &Default::default(), None) {
-                    Ok(explained) => (format!("{method} {url}"), explained.effective().to_owned(), explained.rule),
-                    Err(_) => {
-                        skipped += 1;
-                        continue;
-                    }
-                }
+                let no_headers = std::collections::BTreeMap::default();
+                let Ok(explained) =
+                    policy::explain_url(&compiled, method, &url, Some(destination.ip()), &no_headers, None)
+                else {
+                    skipped += 1;
+                    continue;
+                };
+                (format!("{method} {url}"), explained.effective().to_owned(), explained.rule)
             }
             // Inspected connections are replayed through their requests.
             Kind::Connect if matches!(record.protocol.as_deref(), Some("tls" | "http")) => continue,

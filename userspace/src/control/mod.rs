@@ -172,17 +172,17 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or("").to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let request = match route_policy(daemon, request, &segments).await {
+        Ok(response) => return response,
+        Err(request) => request,
+    };
     match (request.method().clone(), segments.as_slice()) {
         (Method::GET, ["v1", "health"]) => json(StatusCode::OK, &daemon.health()),
         (Method::GET, ["v1", "sandboxes"]) => json(StatusCode::OK, &daemon.statuses()),
         (Method::POST, ["v1", "sandboxes"]) => {
-            let body = match read_body(request).await {
-                Ok(body) => body,
-                Err(why) => return error(StatusCode::BAD_REQUEST, why),
-            };
-            let register: RegisterRequest = match serde_json::from_slice(&body) {
+            let register: RegisterRequest = match read_json(request).await {
                 Ok(register) => register,
-                Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
+                Err(response) => return response,
             };
             match daemon.register(register).await {
                 Ok(status) => json(StatusCode::CREATED, &status),
@@ -195,13 +195,9 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
         },
         (Method::PUT, ["v1", "sandboxes", name, "profile"]) => {
-            let body = match read_body(request).await {
-                Ok(body) => body,
-                Err(why) => return error(StatusCode::BAD_REQUEST, why),
-            };
-            let source: ProfileSource = match serde_json::from_slice(&body) {
+            let source: ProfileSource = match read_json(request).await {
                 Ok(source) => source,
-                Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
+                Err(response) => return response,
             };
             match daemon.set_profile(name, source).await {
                 Ok(status) => json(StatusCode::OK, &status),
@@ -256,10 +252,31 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
                 .expect("valid response"),
             None => error(StatusCode::NOT_FOUND, format!("no sandbox named {name:?}")),
         },
+        (Method::POST, ["v1", "secrets", "reload"]) => match daemon.reload_secrets() {
+            Ok(count) => json(StatusCode::OK, &serde_json::json!({ "secrets": count })),
+            Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        },
+        (method, ["v1", "secrets", ..]) => secrets(daemon, &method, &segments[2..], request).await,
+        (Method::GET, ["v1", "events"]) => {
+            let sandbox = query.split('&').find_map(|kv| kv.strip_prefix("sandbox=")).map(str::to_owned);
+            events(daemon, sandbox)
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {path}", request.method())),
+    }
+}
+
+/// Policy endpoints: explain, profile reload, bundles, approvals. Hands the
+/// request back when it is for another endpoint.
+async fn route_policy(
+    daemon: &Arc<Daemon>,
+    request: Request<hyper::body::Incoming>,
+    segments: &[&str],
+) -> Result<Response<Body>, Request<hyper::body::Incoming>> {
+    Ok(match (request.method().clone(), segments) {
         (Method::POST, ["v1", "sandboxes", name, "explain"]) => {
             let request: ExplainRequest = match read_json(request).await {
                 Ok(request) => request,
-                Err(response) => return response,
+                Err(response) => return Ok(response),
             };
             match daemon.registry().by_name(name) {
                 Some(sandbox) => match explain(&sandbox, &request) {
@@ -309,28 +326,19 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
         (Method::GET, ["v1", "approvals"]) => json(StatusCode::OK, &daemon.approvals().list()),
         (Method::POST, ["v1", "approvals", id]) => {
             let Ok(id) = id.parse::<u64>() else {
-                return error(StatusCode::BAD_REQUEST, format!("{id:?} is not an approval id"));
+                return Ok(error(StatusCode::BAD_REQUEST, format!("{id:?} is not an approval id")));
             };
             let answer: crate::approvals::Answer = match read_json(request).await {
                 Ok(answer) => answer,
-                Err(response) => return response,
+                Err(response) => return Ok(response),
             };
             match daemon.answer_approval(id, answer).await {
                 Ok(pending) => json(StatusCode::OK, &pending),
                 Err(e) => error(StatusCode::NOT_FOUND, format!("{e:#}")),
             }
         }
-        (Method::POST, ["v1", "secrets", "reload"]) => match daemon.reload_secrets() {
-            Ok(count) => json(StatusCode::OK, &serde_json::json!({ "secrets": count })),
-            Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
-        },
-        (method, ["v1", "secrets", ..]) => secrets(daemon, &method, &segments[2..], request).await,
-        (Method::GET, ["v1", "events"]) => {
-            let sandbox = query.split('&').find_map(|kv| kv.strip_prefix("sandbox=")).map(str::to_owned);
-            events(daemon, sandbox)
-        }
-        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {path}", request.method())),
-    }
+        _ => return Err(request),
+    })
 }
 
 /// Body of `POST /v1/sandboxes/{name}/explain`.

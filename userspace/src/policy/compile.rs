@@ -138,7 +138,7 @@ struct CompiledRule {
     paths: Option<GlobSet>,
     schemes: Option<Vec<Scheme>>,
     /// Header name and value matcher (`None`: any value).
-    headers: Option<Vec<(hyper::header::HeaderName, Option<globset::GlobMatcher>)>>,
+    headers: Option<HeaderMatchers>,
     max_body: Option<u64>,
     passthrough: bool,
 }
@@ -282,58 +282,21 @@ impl Policy {
                 },
                 None => PolicyError::Profile { origin: origin.to_owned(), message: format!("rule {name}: {message}") },
             };
-            let reason = match &spec.reason {
-                Some(reason) => reason.clone(),
-                None => match spec.action {
-                    Action::Allow => format!("allowed by rule {name}"),
-                    Action::Ask => format!("rule {name} asks an operator"),
-                    Action::Deny => format!("denied by rule {name}"),
-                },
-            };
+            let reason = spec.reason.clone().unwrap_or_else(|| match spec.action {
+                Action::Allow => format!("allowed by rule {name}"),
+                Action::Ask => format!("rule {name} asks an operator"),
+                Action::Deny => format!("denied by rule {name}"),
+            });
             match &spec.hosts {
                 None => hosts.unconditional.push(index),
                 Some(patterns) => {
-                    for pattern in resolve_aliases(patterns, profile, &source.bundle).map_err(&rule_error)? {
+                    for pattern in resolve_aliases(patterns, profile, source.bundle.as_ref()).map_err(&rule_error)? {
                         hosts.add(pattern.kind(), index).map_err(&rule_error)?;
                     }
                 }
             }
-            let paths = match &spec.paths {
-                None => None,
-                Some(globs) => {
-                    let mut set = GlobSetBuilder::new();
-                    for glob in globs {
-                        let glob = GlobBuilder::new(glob)
-                            .literal_separator(true)
-                            .build()
-                            .map_err(|e| rule_error(format!("path {glob:?} is not a valid glob: {e}")))?;
-                        set.add(glob);
-                    }
-                    Some(set.build().map_err(|e| rule_error(format!("path globs: {e}")))?)
-                }
-            };
-            let headers = match &spec.headers {
-                None => None,
-                Some(wanted) => Some(
-                    wanted
-                        .iter()
-                        .map(|(name, value)| {
-                            let header = hyper::header::HeaderName::from_bytes(name.as_bytes())
-                                .map_err(|_| rule_error(format!("{name:?} is not an HTTP header name")))?;
-                            let matcher = match value.as_str() {
-                                "*" => None,
-                                glob => Some(
-                                    GlobBuilder::new(glob)
-                                        .build()
-                                        .map_err(|e| rule_error(format!("header value {glob:?}: {e}")))?
-                                        .compile_matcher(),
-                                ),
-                            };
-                            Ok((header, matcher))
-                        })
-                        .collect::<Result<Vec<_>, PolicyError>>()?,
-                ),
-            };
+            let paths = spec.paths.as_deref().map(compile_paths).transpose().map_err(&rule_error)?;
+            let headers = spec.headers.as_ref().map(compile_headers).transpose().map_err(&rule_error)?;
             rules.push(CompiledRule {
                 action: spec.action,
                 methods: spec
@@ -452,7 +415,7 @@ impl Policy {
                 }
             }
         }
-        match first_ask.or(first_allow) {
+        match first_allow.or(first_ask) {
             Some(index) => inner.rules[index].decision(),
             None => match request {
                 Some(request) => Decision::default_deny(format!(
@@ -532,6 +495,42 @@ impl Policy {
     }
 }
 
+fn compile_paths(globs: &[String]) -> Result<GlobSet, String> {
+    let mut set = GlobSetBuilder::new();
+    for glob in globs {
+        set.add(
+            GlobBuilder::new(glob)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| format!("path {glob:?} is not a valid glob: {e}"))?,
+        );
+    }
+    set.build().map_err(|e| format!("path globs: {e}"))
+}
+
+type HeaderMatchers = Vec<(hyper::header::HeaderName, Option<globset::GlobMatcher>)>;
+
+/// `"*"` matches any value; anything else is a glob over the value.
+fn compile_headers(wanted: &std::collections::BTreeMap<String, String>) -> Result<HeaderMatchers, String> {
+    wanted
+        .iter()
+        .map(|(name, value)| {
+            let header = hyper::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("{name:?} is not an HTTP header name"))?;
+            let matcher = match value.as_str() {
+                "*" => None,
+                glob => Some(
+                    GlobBuilder::new(glob)
+                        .build()
+                        .map_err(|e| format!("header value {glob:?}: {e}"))?
+                        .compile_matcher(),
+                ),
+            };
+            Ok((header, matcher))
+        })
+        .collect()
+}
+
 /// Bundles taken away from every sandbox (`sluice policy revoke`).
 pub type Revoked = std::collections::BTreeSet<String>;
 
@@ -539,23 +538,22 @@ pub type Revoked = std::collections::BTreeSet<String>;
 fn resolve_aliases<'p>(
     patterns: &'p [HostPattern],
     profile: &'p Profile,
-    bundle: &Option<Arc<str>>,
+    bundle: Option<&Arc<str>>,
 ) -> Result<Vec<&'p HostPattern>, String> {
     let mut out = Vec::with_capacity(patterns.len());
     for pattern in patterns {
-        match pattern.kind() {
-            HostPatternKind::Alias(alias) => match profile.aliases.get(alias) {
-                Some(hosts) => out.extend(hosts),
-                None => {
-                    let by = bundle.as_ref().map_or_else(String::new, |b| format!("bundle {b} "));
-                    return Err(format!(
-                        "{by}uses host alias @{alias}, which the profile does not define: \
-                         add `{alias} = [\"host\", ...]` to its [aliases] table"
-                    ));
-                }
-            },
-            _ => out.push(pattern),
-        }
+        let HostPatternKind::Alias(alias) = pattern.kind() else {
+            out.push(pattern);
+            continue;
+        };
+        let Some(hosts) = profile.aliases.get(alias) else {
+            let by = bundle.map_or_else(String::new, |b| format!("bundle {b} "));
+            return Err(format!(
+                "{by}uses host alias @{alias}, which the profile does not define: \
+                 add `{alias} = [\"host\", ...]` to its [aliases] table"
+            ));
+        };
+        out.extend(hosts);
     }
     Ok(out)
 }

@@ -126,7 +126,10 @@ impl std::fmt::Display for Explanation {
             writeln!(f, "  matched: no rule (deny by default)")?;
         } else {
             writeln!(f, "  matched: {}", self.matched.join(", "))?;
-            writeln!(f, "           (deny wins over ask, ask over allow; the first of each kind names the decision)")?;
+            writeln!(
+                f,
+                "           (deny wins over allow, allow over ask; the first of each kind names the decision)"
+            )?;
         }
         Ok(())
     }

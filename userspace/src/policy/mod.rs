@@ -837,25 +837,26 @@ tls = "passthrough"
     }
 
     #[test]
-    fn deny_wins_over_ask_and_ask_over_allow() {
+    fn deny_wins_over_allow_and_allow_over_ask() {
         let p = policy(
             r#"name = "p"
 [[rule]]
-name = "all"
+name = "reads"
 action = "allow"
+methods = ["GET"]
 [[rule]]
-name = "ask-writes"
+name = "ask-the-rest"
 action = "ask"
-methods = ["POST", "PUT"]
 [[rule]]
 name = "no-admin"
 action = "deny"
 paths = ["/admin/**"]
 "#,
         );
-        assert_eq!(decide(&p, "a.test", &req("GET", "/", None, Some(0))), allow("all"));
-        assert_eq!(decide(&p, "a.test", &req("POST", "/x", None, Some(0))), (Verdict::Ask, "ask-writes".into()));
+        assert_eq!(decide(&p, "a.test", &req("GET", "/", None, Some(0))), allow("reads"));
+        assert_eq!(decide(&p, "a.test", &req("POST", "/x", None, Some(0))), (Verdict::Ask, "ask-the-rest".into()));
         assert_eq!(decide(&p, "a.test", &req("POST", "/admin/x", None, Some(0))), deny("no-admin"));
+        assert_eq!(decide(&p, "a.test", &req("GET", "/admin/x", None, Some(0))), deny("no-admin"));
         // The connection goes ahead; its requests are asked about.
         let q = ConnectQuery { host: Some("a.test"), ip: ip("198.18.0.1"), port: 443 };
         assert_eq!(p.evaluate_inspected(&q).verdict, Verdict::Allow);

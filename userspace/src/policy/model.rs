@@ -176,8 +176,9 @@ pub enum TlsMode {
     Passthrough,
 }
 
-/// What a matching rule does. When several rules match, deny wins over ask,
-/// and ask wins over allow.
+/// What a matching rule does. When several rules match, deny wins over
+/// allow, and allow over ask: `ask` is for what no rule allows outright, and
+/// an operator's "always" answer becomes an allow rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
@@ -309,78 +310,7 @@ impl Profile {
         }
         let mut seen = std::collections::HashMap::new();
         for (index, rule) in self.rules.iter().enumerate() {
-            let name = rule.effective_name(index);
-            let fail = |problem: String| ProfileProblem::Rule { index, name: name.clone(), problem };
-            if name.trim().is_empty() {
-                return Err(fail("rule name is empty".into()));
-            }
-            if name == DEFAULT_DENY {
-                return Err(fail(format!("`{DEFAULT_DENY}` is reserved for connections no rule allows")));
-            }
-            if let Some(first) = seen.insert(name.clone(), index) {
-                return Err(fail(format!(
-                    "rule name is already used by rule {}; decisions must name one rule",
-                    first + 1
-                )));
-            }
-            // An empty list would make the rule match nothing, which is never
-            // what was meant; "absent" is how to say "any".
-            for (field, empty) in [
-                ("hosts", rule.hosts.as_ref().is_some_and(Vec::is_empty)),
-                ("ips", rule.ips.as_ref().is_some_and(Vec::is_empty)),
-                ("ports", rule.ports.as_ref().is_some_and(Vec::is_empty)),
-                ("methods", rule.methods.as_ref().is_some_and(Vec::is_empty)),
-                ("paths", rule.paths.as_ref().is_some_and(Vec::is_empty)),
-                ("schemes", rule.schemes.as_ref().is_some_and(Vec::is_empty)),
-                ("headers", rule.headers.as_ref().is_some_and(std::collections::BTreeMap::is_empty)),
-            ] {
-                if empty {
-                    return Err(fail(format!(
-                        "`{field}` is empty, so the rule could never match; omit it to match any"
-                    )));
-                }
-            }
-            for method in rule.methods.iter().flatten() {
-                if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
-                    return Err(fail(format!("method {method:?} is not an HTTP method token")));
-                }
-            }
-            for path in rule.paths.iter().flatten() {
-                if !path.starts_with('/') || path.contains(char::is_whitespace) {
-                    return Err(fail(format!("path {path:?} must start with '/' and contain no spaces")));
-                }
-            }
-            for header in rule.headers.iter().flat_map(|h| h.keys()) {
-                if hyper::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
-                    return Err(fail(format!("{header:?} is not an HTTP header name")));
-                }
-            }
-            if rule.max_body.is_some() && rule.action == Action::Deny {
-                return Err(fail(
-                    "`max_body` limits what an allow or ask rule lets through; a deny rule cannot have it".into(),
-                ));
-            }
-            for host in rule.hosts.iter().flatten() {
-                if let HostPatternKind::Alias(alias) = host.kind() {
-                    if !self.aliases.contains_key(alias) {
-                        return Err(fail(format!(
-                            "host alias @{alias} is not defined; add it to the profile's [aliases] table"
-                        )));
-                    }
-                }
-            }
-            if rule.tls == Some(TlsMode::Passthrough) {
-                if rule.action != Action::Allow {
-                    return Err(fail("`tls = \"passthrough\"` only makes sense on an allow rule".into()));
-                }
-                if rule.has_request_conditions() {
-                    return Err(fail(
-                        "a passthrough rule cannot have `methods`, `paths`, `schemes`, `headers` or `max_body`: \
-                         its requests are never seen"
-                            .into(),
-                    ));
-                }
-            }
+            self.check_rule(index, rule, &mut seen)?;
         }
         for (index, credential) in self.credentials.iter().enumerate() {
             let fail = |problem: String| ProfileProblem::Rule {
@@ -425,6 +355,82 @@ impl Profile {
             }
             if let Some(inject) = &credential.inject {
                 inject.check().map_err(fail)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_rule(
+        &self,
+        index: usize,
+        rule: &RuleSpec,
+        seen: &mut std::collections::HashMap<String, usize>,
+    ) -> Result<(), ProfileProblem> {
+        let name = rule.effective_name(index);
+        let fail = |problem: String| ProfileProblem::Rule { index, name: name.clone(), problem };
+        if name.trim().is_empty() {
+            return Err(fail("rule name is empty".into()));
+        }
+        if name == DEFAULT_DENY {
+            return Err(fail(format!("`{DEFAULT_DENY}` is reserved for connections no rule allows")));
+        }
+        if let Some(first) = seen.insert(name.clone(), index) {
+            return Err(fail(format!("rule name is already used by rule {}; decisions must name one rule", first + 1)));
+        }
+        // An empty list would make the rule match nothing, which is never
+        // what was meant; "absent" is how to say "any".
+        for (field, empty) in [
+            ("hosts", rule.hosts.as_ref().is_some_and(Vec::is_empty)),
+            ("ips", rule.ips.as_ref().is_some_and(Vec::is_empty)),
+            ("ports", rule.ports.as_ref().is_some_and(Vec::is_empty)),
+            ("methods", rule.methods.as_ref().is_some_and(Vec::is_empty)),
+            ("paths", rule.paths.as_ref().is_some_and(Vec::is_empty)),
+            ("schemes", rule.schemes.as_ref().is_some_and(Vec::is_empty)),
+            ("headers", rule.headers.as_ref().is_some_and(std::collections::BTreeMap::is_empty)),
+        ] {
+            if empty {
+                return Err(fail(format!("`{field}` is empty, so the rule could never match; omit it to match any")));
+            }
+        }
+        for method in rule.methods.iter().flatten() {
+            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
+                return Err(fail(format!("method {method:?} is not an HTTP method token")));
+            }
+        }
+        for path in rule.paths.iter().flatten() {
+            if !path.starts_with('/') || path.contains(char::is_whitespace) {
+                return Err(fail(format!("path {path:?} must start with '/' and contain no spaces")));
+            }
+        }
+        for header in rule.headers.iter().flat_map(|h| h.keys()) {
+            if hyper::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                return Err(fail(format!("{header:?} is not an HTTP header name")));
+            }
+        }
+        if rule.max_body.is_some() && rule.action == Action::Deny {
+            return Err(fail(
+                "`max_body` limits what an allow or ask rule lets through; a deny rule cannot have it".into(),
+            ));
+        }
+        for host in rule.hosts.iter().flatten() {
+            if let HostPatternKind::Alias(alias) = host.kind() {
+                if !self.aliases.contains_key(alias) {
+                    return Err(fail(format!(
+                        "host alias @{alias} is not defined; add it to the profile's [aliases] table"
+                    )));
+                }
+            }
+        }
+        if rule.tls == Some(TlsMode::Passthrough) {
+            if rule.action != Action::Allow {
+                return Err(fail("`tls = \"passthrough\"` only makes sense on an allow rule".into()));
+            }
+            if rule.has_request_conditions() {
+                return Err(fail(
+                    "a passthrough rule cannot have `methods`, `paths`, `schemes`, `headers` or `max_body`: \
+                     its requests are never seen"
+                        .into(),
+                ));
             }
         }
         Ok(())

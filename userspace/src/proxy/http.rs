@@ -232,13 +232,9 @@ impl Connection {
             ip: self.destination.ip(),
             port: self.destination.port(),
         };
-        let info = RequestInfo {
-            method: &method,
-            path: &path,
-            scheme: if self.sni.is_some() { Scheme::Https } else { Scheme::Http },
-            headers: Some(request.headers()),
-            body_len: hyper::body::Body::size_hint(request.body()).exact(),
-        };
+        let scheme = if self.sni.is_some() { Scheme::Https } else { Scheme::Http };
+        let body_len = hyper::body::Body::size_hint(request.body()).exact();
+        let info = RequestInfo { method: &method, path: &path, scheme, headers: Some(request.headers()), body_len };
         let verdict = self.sandbox.policy.load().evaluate_request(&query, &info);
         decision.bundle = verdict.bundle.as_deref().map(str::to_owned);
         decision.rule = verdict.rule.to_string();
@@ -249,29 +245,15 @@ impl Connection {
                 return self.refuse(decision, StatusCode::FORBIDDEN, &verdict.rule, &verdict.reason);
             }
             PolicyVerdict::Ask => {
-                let pending = crate::approvals::Pending {
-                    id: 0,
-                    sandbox: self.sandbox.name().to_owned(),
-                    pid: self.pid,
-                    destination: self.destination,
-                    host: Some(host.clone()),
-                    method: Some(method.clone()),
-                    path: Some(path.clone()),
-                    rule: decision.rule.clone(),
-                    reason: decision.reason.clone(),
-                    since: String::new(),
-                    expires_in: 0,
-                };
-                if super::hold(&self.ctx, &mut decision, pending).await.is_err() {
-                    // Logged by `hold`; answer the client without a second record.
-                    return refusal_response(StatusCode::FORBIDDEN, &decision.rule, &decision.reason);
+                if let Err(refused) = self.hold(&mut decision).await {
+                    return refused;
                 }
             }
         }
         decision.would_deny = verdict.would_deny;
 
         let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-        let limit = verdict.max_body.filter(|_| info_len_unknown(&request)).map(|max| BodyLimit::new(max));
+        let limit = verdict.max_body.filter(|_| info_len_unknown(&request)).map(BodyLimit::new);
         let upstream_request = self.upstream_request(request, &host, upgrade.is_some(), limit.clone());
         let (upstream_request, mut applied, streamed) =
             match self.inject_credentials(upstream_request, &host, &method, &path, &decision).await {
@@ -334,6 +316,27 @@ impl Connection {
         }
         parts.headers.remove(header::CONTENT_LENGTH);
         Response::from_parts(parts, ScrubBody::new(body, pairs).boxed())
+    }
+
+    /// Holds the request `decision` describes for an operator's answer.
+    async fn hold(&self, decision: &mut Decision) -> Result<(), Response<Body>> {
+        let pending = crate::approvals::Pending {
+            id: 0,
+            sandbox: self.sandbox.name().to_owned(),
+            pid: self.pid,
+            destination: self.destination,
+            host: decision.host.clone(),
+            method: decision.method.clone(),
+            path: decision.path.clone(),
+            rule: decision.rule.clone(),
+            reason: decision.reason.clone(),
+            since: String::new(),
+            expires_in: 0,
+        };
+        // A refusal is logged by `hold`; the client gets it without a second record.
+        super::hold(&self.ctx, decision, pending)
+            .await
+            .map_err(|()| refusal_response(StatusCode::FORBIDDEN, &decision.rule, &decision.reason))
     }
 
     /// The request phase where credentials go in: placeholders in the head
@@ -579,12 +582,17 @@ impl BodyLimit {
     }
 
     fn wrap(self, body: Incoming) -> UpstreamBody {
-        Limited { inner: body, seen: 0, limit: self }.boxed()
+        Limited { inner: Some(body), seen: 0, limit: self }.boxed()
     }
 }
 
+/// How long the rest of a cut-off body is read and thrown away, so the
+/// client (still sending) gets the 413 instead of a reset connection.
+const DRAIN_CUT_BODY: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct Limited {
-    inner: Incoming,
+    /// Taken when the limit trips: the rest is drained, never forwarded.
+    inner: Option<Incoming>,
     seen: u64,
     limit: BodyLimit,
 }
@@ -598,7 +606,10 @@ impl hyper::body::Body for Limited {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let frame = match std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx)) {
+        let Some(inner) = this.inner.as_mut() else {
+            return std::task::Poll::Ready(Some(Err(Box::new(TooLarge(this.limit.max)))));
+        };
+        let frame = match std::task::ready!(std::pin::Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => frame,
             Some(Err(error)) => return std::task::Poll::Ready(Some(Err(error.into()))),
             None => return std::task::Poll::Ready(None),
@@ -607,6 +618,12 @@ impl hyper::body::Body for Limited {
             this.seen += data.len() as u64;
             if this.seen > this.limit.max {
                 this.limit.exceeded.store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Some(mut rest) = this.inner.take() {
+                    tokio::spawn(async move {
+                        let drain = async { while let Some(Ok(_)) = rest.frame().await {} };
+                        let _ = tokio::time::timeout(DRAIN_CUT_BODY, drain).await;
+                    });
+                }
                 return std::task::Poll::Ready(Some(Err(Box::new(TooLarge(this.limit.max)))));
             }
         }
@@ -614,11 +631,11 @@ impl hyper::body::Body for Limited {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(hyper::body::Body::is_end_stream)
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map(hyper::body::Body::size_hint).unwrap_or_default()
     }
 }
 

@@ -81,7 +81,7 @@ impl ProxyContext {
             connect_timeout: Duration::from_secs(10),
             upstream_roots,
             secrets,
-            approvals: Arc::new(crate::approvals::Approvals::new(Duration::from_secs(60))),
+            approvals: Arc::new(crate::approvals::Approvals::new(Duration::from_mins(1))),
         }
     }
 }
@@ -181,13 +181,9 @@ async fn handle(ctx: &Arc<ProxyContext>, attribution: &Attribution, mut client: 
             since: String::new(),
             expires_in: 0,
         };
-        match hold(ctx, &mut decision, pending).await {
-            Ok(()) => {}
-            Err(()) => {
-                refuse(ctx, Refused { sandbox, pid: flow.pid, destination, client, prefix, classified, decision })
-                    .await;
-                return;
-            }
+        if hold(ctx, &mut decision, pending).await.is_err() {
+            refuse(ctx, Refused { sandbox, pid: flow.pid, destination, client, prefix, classified, decision }).await;
+            return;
         }
     } else if verdict.verdict != PolicyVerdict::Allow {
         ctx.log.record(decision.clone());
