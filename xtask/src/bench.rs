@@ -319,6 +319,7 @@ fn bench(quick: bool) -> anyhow::Result<()> {
 fn output(measured: &Measured, sluice: &Path, out_dir: &Path) -> anyhow::Result<()> {
     report::print(measured);
     print_minting(sluice);
+    print_policy_evaluation(sluice);
     let path = out_dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report::json(measured)?)? + "\n")?;
     println!("results and every sample: {}", path.display());
@@ -555,6 +556,38 @@ fn print_minting(sluice: &std::path::Path) {
         value("mint_cached_p50_us"),
         value("mint_cached_p99_us"),
     );
+}
+
+/// Request decisions against profiles of 10, 1 000 and 10 000 rules,
+/// measured inside sluice (`sluice debug policy-bench`); target: under 2 µs
+/// at p99 with 10 000 rules.
+fn print_policy_evaluation(sluice: &std::path::Path) {
+    let output = Command::new(sluice).args(["debug", "policy-bench"]).output().ok();
+    let Some(output) = output.filter(|o| o.status.success()) else {
+        println!("policy evaluation: unavailable (sluice debug policy-bench failed)");
+        return;
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let value =
+        |key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.trim().parse::<f64>().ok()).unwrap_or(f64::NAN);
+    for rules in [10, 1_000, 10_000] {
+        let p99 = value(&format!("policy_{rules}_p99_ns "));
+        let target = if rules == 10_000 {
+            if p99 < 2000.0 {
+                "  (target < 2 µs: met)"
+            } else {
+                "  (target < 2 µs: MISSED)"
+            }
+        } else {
+            ""
+        };
+        println!(
+            "policy evaluation, {rules:>6} rules: p50 {:.2} µs, p99 {:.2} µs, p99.9 {:.2} µs{target}",
+            value(&format!("policy_{rules}_p50_ns ")) / 1000.0,
+            p99 / 1000.0,
+            value(&format!("policy_{rules}_p999_ns ")) / 1000.0,
+        );
+    }
 }
 
 /// A number with as many decimals as it needs.

@@ -288,7 +288,12 @@ impl Policy {
                 Action::Deny => format!("denied by rule {name}"),
             });
             match &spec.hosts {
-                None => hosts.unconditional.push(index),
+                None => match spec.ips.as_deref() {
+                    // Indexed by address, so that many IP rules are not each
+                    // checked on every decision.
+                    Some(ips) => hosts.by_address.add(index, &IpSet::new(ips)),
+                    None => hosts.unconditional.push(index),
+                },
                 Some(patterns) => {
                     for pattern in resolve_aliases(patterns, profile, source.bundle.as_ref()).map_err(&rule_error)? {
                         hosts.add(pattern.kind(), index).map_err(&rule_error)?;
@@ -399,7 +404,7 @@ impl Policy {
         let inner = &*self.inner;
         let mut first_allow = None;
         let mut first_ask = None;
-        for index in inner.hosts.candidates(host.as_deref()) {
+        for index in inner.hosts.candidates(host.as_deref(), Some(ip)) {
             let rule = &inner.rules[index];
             if !rule.matches_addr(ip, q.port) || !rule.matches_request(request, inspected) {
                 continue;
@@ -447,7 +452,7 @@ impl Policy {
         let ip = q.ip.to_canonical();
         self.inner
             .hosts
-            .candidates(host.as_deref())
+            .candidates(host.as_deref(), Some(ip))
             .into_iter()
             .map(|index| &self.inner.rules[index])
             .filter(|rule| rule.matches_addr(ip, q.port) && rule.matches_request(request, request.is_none()))
@@ -474,7 +479,7 @@ impl Policy {
         };
         let inner = &*self.inner;
         let mut first_allow = None;
-        for index in inner.hosts.candidates(host.as_deref()) {
+        for index in inner.hosts.candidates(host.as_deref(), None) {
             let rule = &inner.rules[index];
             match rule.action {
                 Action::Deny if rule.ips.is_none() && rule.ports.is_none() && !rule.has_request_conditions() => {
@@ -614,11 +619,65 @@ struct HostIndex {
     globs: GlobSet,
     /// Rule index of each glob in `globs`.
     glob_rules: Vec<usize>,
-    /// Rules with no host condition: they are candidates for every query.
+    /// Rules with no host condition and no address condition: they are
+    /// candidates for every query.
     unconditional: Vec<usize>,
+    /// Rules with no host condition but an `ips` one, by address.
+    by_address: AddressIndex,
+}
+
+/// Rules by the addresses their `ips` condition covers: each range is filed
+/// under the smallest of /24, /16 and /8 (IPv4) or /32 (IPv6) that holds it,
+/// so a lookup is a few hash probes whatever the number of rules.
+#[derive(Default)]
+struct AddressIndex {
+    v4: [HashMap<u32, Vec<usize>>; 3],
+    wide4: Vec<usize>,
+    v6: HashMap<u32, Vec<usize>>,
+    wide6: Vec<usize>,
+    all: Vec<usize>,
+}
+
+impl AddressIndex {
+    fn add(&mut self, rule: usize, set: &IpSet) {
+        self.all.push(rule);
+        for &(lo, hi) in &set.v4.ranges {
+            match [8, 16, 24].iter().position(|&shift| lo >> shift == hi >> shift) {
+                Some(level) => self.v4[level].entry(lo >> [8, 16, 24][level]).or_default().push(rule),
+                None => self.wide4.push(rule),
+            }
+        }
+        for &(lo, hi) in &set.v6.ranges {
+            if lo >> 96 == hi >> 96 {
+                self.v6.entry((lo >> 96) as u32).or_default().push(rule);
+            } else {
+                self.wide6.push(rule);
+            }
+        }
+    }
+
+    /// Rules whose ranges may hold `ip` (canonical); `None`: every rule.
+    fn candidates(&self, ip: Option<IpAddr>, out: &mut Vec<usize>) {
+        let empty = Vec::new();
+        match ip {
+            None => out.extend_from_slice(&self.all),
+            Some(IpAddr::V4(ip)) => {
+                let ip = u32::from(ip);
+                for (level, shift) in [8, 16, 24].into_iter().enumerate() {
+                    out.extend_from_slice(self.v4[level].get(&(ip >> shift)).unwrap_or(&empty));
+                }
+                out.extend_from_slice(&self.wide4);
+            }
+            Some(IpAddr::V6(ip)) => {
+                out.extend_from_slice(self.v6.get(&((u128::from(ip) >> 96) as u32)).unwrap_or(&empty));
+                out.extend_from_slice(&self.wide6);
+            }
+        }
+    }
 }
 
 struct HostIndexBuilder {
+    by_address: AddressIndex,
     exact: HashMap<Box<str>, Vec<usize>>,
     subdomains: HashMap<Box<str>, Vec<usize>>,
     any: Vec<usize>,
@@ -642,6 +701,7 @@ impl HostIndexBuilder {
             globs: GlobSetBuilder::new(),
             glob_rules: Vec::new(),
             unconditional: Vec::new(),
+            by_address: AddressIndex::default(),
         }
     }
 
@@ -677,6 +737,7 @@ impl HostIndexBuilder {
             globs,
             glob_rules: self.glob_rules,
             unconditional: self.unconditional,
+            by_address: self.by_address,
         })
     }
 }
@@ -684,12 +745,16 @@ impl HostIndexBuilder {
 impl HostIndex {
     /// Rules whose host condition matches `name` (or that have none), in file
     /// order, each once. `None` means the name is unknown: only rules without
-    /// a host condition apply.
-    fn candidates(&self, name: Option<&str>) -> Vec<usize> {
-        let Some(name) = name else {
-            return self.unconditional.clone();
-        };
+    /// a host condition apply. Rules with only an address condition are
+    /// those that may hold `ip` (all of them when `ip` is `None`).
+    fn candidates(&self, name: Option<&str>, ip: Option<IpAddr>) -> Vec<usize> {
         let mut found = self.unconditional.clone();
+        self.by_address.candidates(ip, &mut found);
+        let Some(name) = name else {
+            found.sort_unstable();
+            found.dedup();
+            return found;
+        };
         found.extend_from_slice(&self.any);
         if let Some(rules) = self.exact.get(name) {
             found.extend_from_slice(rules);
