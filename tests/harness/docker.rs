@@ -64,7 +64,10 @@ pub fn engine() -> Arc<DockerEngine> {
 
 impl DockerEngine {
     fn start() -> Self {
-        let pid = std::process::id();
+        // Unique per engine, not only per process: an engine being stopped
+        // (the last test dropped it) may overlap the next one starting.
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let pid = format!("{}-{}", std::process::id(), STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let run_dir = PathBuf::from(format!("/run/sluice-test-docker-{pid}"));
         let data_root = PathBuf::from(format!("/var/lib/sluice-test-docker-{pid}"));
         std::fs::create_dir_all(&run_dir).unwrap();

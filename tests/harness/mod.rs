@@ -410,29 +410,20 @@ impl Daemon {
 
     /// Registers a sandbox with a profile (TOML text) and returns its cgroup.
     pub fn sandbox(&self, name: &str, profile: &str) -> Sandbox {
-        let request = RegisterRequest {
-            name: name.to_owned(),
-            cgroup: None,
-            profile: ProfileSource::Inline { origin: format!("{name}.toml"), text: profile.to_owned() },
-            placement: sluice::sandbox::Placement::Host,
-        };
-        let status = block_on(self.client().register(&request)).unwrap_or_else(|e| panic!("register {name}: {e:#}"));
-        Sandbox {
-            name: name.to_owned(),
-            cgroup: status.record.cgroup,
-            ca_bundle: status.record.ca_bundle,
-            resolv: None,
-            env: status.env.into_iter().collect(),
-        }
+        self.register(name, ProfileSource::Inline { origin: format!("{name}.toml"), text: profile.to_owned() })
     }
 
     /// Registers a sandbox whose profile is a file the daemon reads (and
     /// reads again when it changes), as `sluice run --profile FILE` does.
     pub fn sandbox_from_file(&self, name: &str, profile: &Path) -> Sandbox {
+        self.register(name, ProfileSource::File { path: profile.to_owned(), text: String::new() })
+    }
+
+    fn register(&self, name: &str, profile: ProfileSource) -> Sandbox {
         let request = RegisterRequest {
             name: name.to_owned(),
             cgroup: None,
-            profile: ProfileSource::File { path: profile.to_owned(), text: String::new() },
+            profile,
             placement: sluice::sandbox::Placement::Host,
         };
         let status = block_on(self.client().register(&request)).unwrap_or_else(|e| panic!("register {name}: {e:#}"));

@@ -541,14 +541,10 @@ fn loadavg() -> String {
 /// Leaf minting for a new server name against a cached one, measured inside
 /// sluice (`sluice debug mint-bench`).
 fn print_minting(sluice: &std::path::Path) {
-    let output = Command::new(sluice).args(["debug", "mint-bench"]).output().ok();
-    let Some(output) = output.filter(|o| o.status.success()) else {
+    let Some(value) = debug_measure(sluice, "mint-bench") else {
         println!("leaf minting: unavailable (sluice debug mint-bench failed)");
         return;
     };
-    let text = String::from_utf8_lossy(&output.stdout);
-    let value =
-        |key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.trim().parse::<f64>().ok()).unwrap_or(f64::NAN);
     println!(
         "leaf minting: new name p50 {:.1} µs (p99 {:.1}); cached p50 {:.2} µs (p99 {:.2})",
         value("mint_cold_p50_us"),
@@ -562,14 +558,10 @@ fn print_minting(sluice: &std::path::Path) {
 /// measured inside sluice (`sluice debug policy-bench`); target: under 2 µs
 /// at p99 with 10 000 rules.
 fn print_policy_evaluation(sluice: &std::path::Path) {
-    let output = Command::new(sluice).args(["debug", "policy-bench"]).output().ok();
-    let Some(output) = output.filter(|o| o.status.success()) else {
+    let Some(value) = debug_measure(sluice, "policy-bench") else {
         println!("policy evaluation: unavailable (sluice debug policy-bench failed)");
         return;
     };
-    let text = String::from_utf8_lossy(&output.stdout);
-    let value =
-        |key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.trim().parse::<f64>().ok()).unwrap_or(f64::NAN);
     for rules in [10, 1_000, 10_000] {
         let p99 = value(&format!("policy_{rules}_p99_ns "));
         let target = if rules == 10_000 {
@@ -588,6 +580,19 @@ fn print_policy_evaluation(sluice: &std::path::Path) {
             value(&format!("policy_{rules}_p999_ns ")) / 1000.0,
         );
     }
+}
+
+/// Runs `sluice debug COMMAND` and returns a lookup of the `key value`
+/// lines it prints (NaN for a missing key), or `None` if it failed.
+fn debug_measure(sluice: &std::path::Path, command: &str) -> Option<impl Fn(&str) -> f64> {
+    let output = Command::new(sluice).args(["debug", command]).output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    Some(move |key: &str| {
+        text.lines().find_map(|l| l.strip_prefix(key)?.trim().parse::<f64>().ok()).unwrap_or(f64::NAN)
+    })
 }
 
 /// A number with as many decimals as it needs.
