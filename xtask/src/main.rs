@@ -57,7 +57,9 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             step("building and running every test");
             let mut cargo = cargo();
-            cargo.args(["test", "--workspace", "--release"]).args(&args);
+            // Every test binary runs even when one fails, so one failure
+            // does not hide another.
+            cargo.args(["test", "--workspace", "--release", "--no-fail-fast"]).args(&args);
             run_tests(&mut cargo)
         }
         Task::Demo => {
@@ -100,10 +102,16 @@ fn run_tests(command: &mut Command) -> anyhow::Result<()> {
     use std::io::BufRead as _;
     let mut child = command.stdout(std::process::Stdio::piped()).spawn().context("running cargo test")?;
     let (mut passed, mut failed) = (0u64, 0u64);
+    let (mut binaries, mut finished) = (0u64, 0u64);
     for line in std::io::BufReader::new(child.stdout.take().context("cargo test output")?).lines() {
         let line = line?;
         println!("{line}");
+        let trimmed = line.trim();
+        if trimmed.starts_with("running ") && (trimmed.ends_with(" tests") || trimmed.ends_with(" test")) {
+            binaries += 1;
+        }
         if let Some(rest) = line.strip_prefix("test result: ") {
+            finished += 1;
             let count = |word: &str| {
                 rest.split(';')
                     .find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse::<u64>().ok())
@@ -114,7 +122,12 @@ fn run_tests(command: &mut Command) -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("tests: {passed} passed, {failed} failed");
+    let crashed = binaries.saturating_sub(finished);
+    if crashed > 0 {
+        println!("tests: {passed} passed, {failed} failed, {crashed} test binaries ended without a result (crashed)");
+    } else {
+        println!("tests: {passed} passed, {failed} failed");
+    }
     if !status.success() {
         bail!("cargo test failed with {status}");
     }
