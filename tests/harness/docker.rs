@@ -224,8 +224,28 @@ impl Drop for DockerEngine {
                 thread::sleep(Duration::from_millis(50));
             }
         }
+        // dockerd leaves its network namespace bind-mounted under exec/.
+        unmount_below(&self.run_dir);
+        unmount_below(&self.data_root);
         let _ = std::fs::remove_dir_all(&self.data_root);
         let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+/// Detaches every mount at or below `dir`, deepest first.
+fn unmount_below(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut below: Vec<&str> = mounts
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .filter(|point| Path::new(point).starts_with(dir))
+        .collect();
+    below.sort_by_key(|point| std::cmp::Reverse(point.len()));
+    for point in below {
+        if let Ok(path) = std::ffi::CString::new(point) {
+            // SAFETY: a NUL-terminated path; MNT_DETACH only detaches.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
     }
 }
 
