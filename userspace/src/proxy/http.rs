@@ -320,21 +320,8 @@ impl Connection {
 
     /// Holds the request `decision` describes for an operator's answer.
     async fn hold(&self, decision: &mut Decision) -> Result<(), Response<Body>> {
-        let pending = crate::approvals::Pending {
-            id: 0,
-            sandbox: self.sandbox.name().to_owned(),
-            pid: self.pid,
-            destination: self.destination,
-            host: decision.host.clone(),
-            method: decision.method.clone(),
-            path: decision.path.clone(),
-            rule: decision.rule.clone(),
-            reason: decision.reason.clone(),
-            since: String::new(),
-            expires_in: 0,
-        };
         // A refusal is logged by `hold`; the client gets it without a second record.
-        super::hold(&self.ctx, decision, pending)
+        super::hold(&self.ctx, decision)
             .await
             .map_err(|()| refusal_response(StatusCode::FORBIDDEN, &decision.rule, &decision.reason))
     }

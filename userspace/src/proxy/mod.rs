@@ -168,20 +168,7 @@ async fn handle(ctx: &Arc<ProxyContext>, attribution: &Attribution, mut client: 
     if verdict.verdict == PolicyVerdict::Ask {
         // A connection whose requests are not seen: the connection itself
         // is what the operator answers for.
-        let pending = crate::approvals::Pending {
-            id: 0,
-            sandbox: sandbox.name().to_owned(),
-            pid: flow.pid,
-            destination,
-            host: host.clone(),
-            method: None,
-            path: None,
-            rule: decision.rule.clone(),
-            reason: decision.reason.clone(),
-            since: String::new(),
-            expires_in: 0,
-        };
-        if hold(ctx, &mut decision, pending).await.is_err() {
+        if hold(ctx, &mut decision).await.is_err() {
             refuse(ctx, Refused { sandbox, pid: flow.pid, destination, client, prefix, classified, decision }).await;
             return;
         }
@@ -212,12 +199,22 @@ async fn handle(ctx: &Arc<ProxyContext>, attribution: &Attribution, mut client: 
 /// Waits for an operator's answer on a held connection or request, logging
 /// the hold and the outcome. `decision` comes back ready to log as an allow
 /// (Ok, not yet logged) or already logged as a denial (Err).
-pub(crate) async fn hold(
-    ctx: &ProxyContext,
-    decision: &mut Decision,
-    pending: crate::approvals::Pending,
-) -> Result<(), ()> {
+pub(crate) async fn hold(ctx: &ProxyContext, decision: &mut Decision) -> Result<(), ()> {
     use crate::approvals::Outcome;
+    // What the operator is asked about is what the decision says.
+    let pending = crate::approvals::Pending {
+        id: 0,
+        sandbox: decision.sandbox.clone().unwrap_or_default(),
+        pid: decision.pid.unwrap_or_default(),
+        destination: decision.destination.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        host: decision.host.clone(),
+        method: decision.method.clone(),
+        path: decision.path.clone(),
+        rule: decision.rule.clone(),
+        reason: decision.reason.clone(),
+        since: String::new(),
+        expires_in: 0,
+    };
     let outcome = ctx
         .approvals
         .ask(pending, |held| {
