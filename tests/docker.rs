@@ -250,9 +250,31 @@ fn labels_pick_profiles_and_docker_exec_is_enforced() {
     assert!(!from_closed.status.success(), "{}", text(&from_closed));
     assert_eq!(world.web.seen().len(), 1, "only the open container's request may arrive");
     let closed_name = closed_sandbox.record.name.clone();
-    world.daemon.wait_decisions("the closed container's denial", |d| {
+    let decisions = world.daemon.wait_decisions("the closed container's denial", |d| {
         has(d, &closed_name, Kind::Dns, Verdict::Deny, "") || has(d, &closed_name, Kind::Connect, Verdict::Deny, "")
     });
+    // Each record of a container's sandbox names the container, labels included.
+    let denial = decisions
+        .iter()
+        .find(|d| d.sandbox.as_deref() == Some(closed_name.as_str()) && d.verdict == Verdict::Deny)
+        .unwrap();
+    let identity = denial.container.as_ref().expect("the denial names its container");
+    assert_eq!((identity.runtime.as_str(), identity.id.as_str()), ("docker", closed.as_str()));
+    assert_eq!(identity.image, world.engine.image);
+    assert_eq!(identity.labels.get("team").map(String::as_str), Some("research"));
+    let allowed = world.daemon.wait_decisions("the open container's request", |d| {
+        has(d, &open_sandbox.record.name, Kind::Request, Verdict::Allow, "")
+    });
+    let request = allowed
+        .iter()
+        .find(|d| d.sandbox.as_deref() == Some(open_sandbox.record.name.as_str()) && d.kind == Kind::Request)
+        .unwrap();
+    let identity = request.container.as_ref().expect("the request names its container");
+    assert_eq!(identity.labels.get("sluice.profile").map(String::as_str), Some("web"));
+    let filtered = world.daemon.cli(&["log", "--json", "--label", "team=research"]);
+    let filtered = String::from_utf8_lossy(&filtered.stdout);
+    assert!(filtered.lines().count() > 0 && filtered.contains(&closed_name), "{filtered}");
+    assert!(!filtered.contains(&format!("\"sandbox\":\"{}\"", open_sandbox.record.name)), "{filtered}");
 
     world.engine.run(&["rm", "-f", &open, &closed]);
     let decisions = world.daemon.wait_decisions("both sandboxes removed", |d| {

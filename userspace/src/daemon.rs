@@ -301,12 +301,14 @@ impl Daemon {
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
+        let secrets = Arc::new(arc_swap::ArcSwap::from_pointee(secrets));
+        log.identify_containers_with(container_identity(registry.clone(), secrets.clone()));
         let daemon = Arc::new(Self {
             revoked: Mutex::new(revoked),
             approvals: Arc::new(crate::approvals::Approvals::new(config.approval_timeout)),
             profile_stamps: Mutex::new(std::collections::HashMap::new()),
             container_target: enforce_containers(&config, &datapath, target)?,
-            secrets: Arc::new(arc_swap::ArcSwap::from_pointee(secrets)),
+            secrets,
             secret_sources: Mutex::new((sources, edits)),
             config,
             datapath: datapath.clone(),
@@ -983,6 +985,26 @@ impl Daemon {
         teardown_instance(&self.config)?;
         Ok(())
     }
+}
+
+/// The container identity decision records of a sandbox carry; a label
+/// whose value holds a secret's value is kept with its value withheld.
+fn container_identity(
+    registry: Arc<Registry>,
+    secrets: Arc<arc_swap::ArcSwap<crate::credentials::SecretStore>>,
+) -> Box<crate::audit::ContainerOf> {
+    Box::new(move |name| {
+        let mut info = registry.by_name(name)?.container()?;
+        let secrets = secrets.load();
+        if !secrets.is_empty() {
+            for value in info.labels.values_mut() {
+                if secrets.appears_in(value) {
+                    *value = "[withheld: holds a secret]".to_owned();
+                }
+            }
+        }
+        Some(info)
+    })
 }
 
 /// Removes an instance's pins (detaching its programs), its runtime state,

@@ -9,12 +9,14 @@ use std::{
     io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::SystemTime,
 };
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
+
+use crate::sandbox::ContainerInfo;
 
 /// What was decided about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +69,10 @@ pub struct Decision {
     /// Sandbox name; absent when the flow came from no registered sandbox.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<String>,
+    /// The container the sandbox stands for (runtime, id, name, image,
+    /// labels), filled in by [`DecisionLog::record`] from the sandbox name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -108,6 +114,7 @@ impl Decision {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             kind,
             sandbox: None,
+            container: None,
             pid: None,
             destination: None,
             host: None,
@@ -173,11 +180,16 @@ impl fmt::Display for Decision {
     }
 }
 
+/// The container a sandbox (by name) stands for, as it may appear in a
+/// record.
+pub type ContainerOf = dyn Fn(&str) -> Option<ContainerInfo> + Send + Sync;
+
 /// Appends decisions to a file off the hot path and broadcasts them.
 pub struct DecisionLog {
     file_tx: Option<mpsc::UnboundedSender<Arc<Decision>>>,
     live: broadcast::Sender<Arc<Decision>>,
     path: Option<PathBuf>,
+    containers: OnceLock<Box<ContainerOf>>,
 }
 
 impl DecisionLog {
@@ -186,7 +198,7 @@ impl DecisionLog {
     pub fn open(path: Option<&Path>) -> std::io::Result<Self> {
         let (live, _) = broadcast::channel(4096);
         let Some(path) = path else {
-            return Ok(Self { file_tx: None, live, path: None });
+            return Ok(Self { file_tx: None, live, path: None, containers: OnceLock::new() });
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -210,14 +222,25 @@ impl DecisionLog {
                 let _ = out.flush();
             }
         })?;
-        Ok(Self { file_tx: Some(tx), live, path: Some(path.to_owned()) })
+        Ok(Self { file_tx: Some(tx), live, path: Some(path.to_owned()), containers: OnceLock::new() })
     }
 
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }
 
-    pub fn record(&self, decision: Decision) {
+    /// Where records of container sandboxes get their container identity:
+    /// set once, by the daemon that owns the registry.
+    pub fn identify_containers_with(&self, containers: Box<ContainerOf>) {
+        let _ = self.containers.set(containers);
+    }
+
+    pub fn record(&self, mut decision: Decision) {
+        if decision.container.is_none() {
+            if let (Some(sandbox), Some(containers)) = (&decision.sandbox, self.containers.get()) {
+                decision.container = containers(sandbox);
+            }
+        }
         if decision.verdict == Verdict::Deny {
             tracing::info!(target: "sluice::decision", "{decision}");
         } else {
@@ -250,6 +273,32 @@ mod tests {
             d.to_string(),
             "DENY  connect pid=42 intranet.test (10.0.0.1:80) [http] rule=deny-internal-networks: internal networks"
         );
+    }
+
+    #[tokio::test]
+    async fn records_of_container_sandboxes_carry_the_container() {
+        let log = DecisionLog::open(None).unwrap();
+        log.identify_containers_with(Box::new(|sandbox| {
+            (sandbox == "agent").then(|| ContainerInfo {
+                runtime: "docker".into(),
+                id: "3f2a".into(),
+                name: "agent".into(),
+                image: "img:1".into(),
+                labels: [("team".to_owned(), "research".to_owned())].into(),
+                namespace: String::new(),
+            })
+        }));
+        let mut live = log.subscribe();
+        let mut d = Decision::new(Kind::Connect, Verdict::Deny, "r", "why");
+        d.sandbox = Some("agent".into());
+        log.record(d.clone());
+        d.sandbox = Some("host-process".into());
+        log.record(d);
+        let first = live.recv().await.unwrap();
+        let json: serde_json::Value = serde_json::to_value(&*first).unwrap();
+        assert_eq!(json["container"]["labels"]["team"], "research");
+        assert_eq!(json["container"]["image"], "img:1");
+        assert!(live.recv().await.unwrap().container.is_none());
     }
 
     #[tokio::test]

@@ -13,6 +13,10 @@ pub struct LogArgs {
     /// Only this sandbox.
     #[arg(long)]
     pub sandbox: Option<String>,
+    /// Only decisions about containers with this label (repeatable: all
+    /// must match); `KEY` alone matches any value.
+    #[arg(long = "label", value_name = "KEY[=VALUE]")]
+    pub labels: Vec<String>,
     /// Only denials.
     #[arg(long)]
     pub deny: bool,
@@ -29,6 +33,7 @@ pub async fn run(args: LogArgs) -> anyhow::Result<()> {
     let wanted = |d: &Decision| {
         args.sandbox.as_ref().is_none_or(|name| d.sandbox.as_ref() == Some(name))
             && (!args.deny || d.verdict == Verdict::Deny)
+            && args.labels.iter().all(|wanted| has_label(d, wanted))
     };
     let print = |d: &Decision| {
         if args.json {
@@ -60,4 +65,38 @@ pub async fn run(args: LogArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the decision is about a container labelled `KEY=VALUE` (or
+/// carrying `KEY` at all).
+fn has_label(decision: &Decision, wanted: &str) -> bool {
+    let Some(container) = &decision.container else { return false };
+    match wanted.split_once('=') {
+        Some((key, value)) => container.labels.get(key).is_some_and(|v| v == value),
+        None => container.labels.contains_key(wanted),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{audit::Kind, sandbox::ContainerInfo};
+
+    #[test]
+    fn label_filter_matches_key_and_value() {
+        let mut d = Decision::new(Kind::Connect, Verdict::Deny, "r", "why");
+        assert!(!has_label(&d, "team"));
+        d.container = Some(ContainerInfo {
+            runtime: "docker".into(),
+            id: "1".into(),
+            name: "a".into(),
+            image: "i".into(),
+            labels: [("team".to_owned(), "research".to_owned())].into(),
+            namespace: String::new(),
+        });
+        assert!(has_label(&d, "team"));
+        assert!(has_label(&d, "team=research"));
+        assert!(!has_label(&d, "team=ops"));
+        assert!(!has_label(&d, "owner"));
+    }
 }

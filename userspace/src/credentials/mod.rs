@@ -160,6 +160,11 @@ impl SecretStore {
         self.get(name).ok_or_else(|| Leak::Missing { secret: name.to_owned() })
     }
 
+    /// Whether the value of any secret (revoked ones too) occurs in `text`.
+    pub fn appears_in(&self, text: &str) -> bool {
+        self.secrets.values().any(|held| !held.secret.expose().is_empty() && text.contains(held.secret.expose()))
+    }
+
     pub fn len(&self) -> usize {
         self.secrets.len()
     }
