@@ -475,3 +475,83 @@ print("rule=" + [l for l in body.splitlines() if l.startswith("rule: ")][0][6:],
     assert_eq!(status.profile_name, "web-strict");
     assert_eq!(world.web.seen().len(), 1, "the second request reached the upstream");
 }
+
+#[test]
+fn a_profile_change_decides_the_next_stream_on_an_open_http2_connection() {
+    if !privileged() {
+        return;
+    }
+    let world = World::new();
+    let write = |name: &str, text: &str| {
+        let path = world.daemon.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let original = write("web.toml", PROFILE);
+    let stricter = write(
+        "stricter.toml",
+        &PROFILE
+            .replace("methods = [\"GET\", \"POST\"]", "methods = [\"POST\"]")
+            .replace("name = \"web\"", "name = \"web-strict\""),
+    );
+    let set = |file: &std::path::Path| {
+        let output = std::process::Command::new(harness::SLUICE)
+            .args(["policy", "set", "--sandbox", "web", "--instance", &world.daemon.instance])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+    };
+    // One HTTP/2 session; each line on stdin sends the next GET as a new
+    // stream on it. The session must stay the same one throughout.
+    let script = r"
+const http2 = require('http2');
+const readline = require('readline');
+const session = http2.connect('https://web.test');
+session.on('close', () => { console.log('session-closed'); process.exit(0); });
+session.on('error', (e) => { console.log('error=' + e.message); process.exit(1); });
+let n = 0;
+const get = () => {
+  const stream = session.request({ ':method': 'GET', ':path': '/echo' });
+  let status = 0, body = '';
+  stream.on('response', (h) => { status = h[':status']; });
+  stream.setEncoding('utf8');
+  stream.on('data', (d) => { body += d; });
+  stream.on('end', () => {
+    n += 1;
+    const rule = (body.split('\n').find((l) => l.startsWith('rule: ')) || 'rule: -').slice(6);
+    console.log(`req${n}=${status} alpn=${session.alpnProtocol} rule=${rule}`);
+  });
+};
+session.on('connect', get);
+readline.createInterface({ input: process.stdin }).on('line', (l) => (l === 'end' ? session.close() : get()));
+setTimeout(() => { console.log('error=timeout'); process.exit(1); }, 20000);
+";
+    let mut command = world.sandbox.command("node");
+    command.args(["-e", script]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut stdin = child.stdin.take().unwrap();
+    let mut next_line = || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        line.trim().to_owned()
+    };
+    assert_eq!(next_line(), "req1=200 alpn=h2 rule=-");
+    set(&stricter);
+    std::io::Write::write_all(&mut stdin, b"next\n").unwrap();
+    assert_eq!(next_line(), "req2=403 alpn=h2 rule=default-deny");
+    set(&original);
+    std::io::Write::write_all(&mut stdin, b"next\n").unwrap();
+    assert_eq!(next_line(), "req3=200 alpn=h2 rule=-");
+    std::io::Write::write_all(&mut stdin, b"end\n").unwrap();
+    assert_eq!(next_line(), "session-closed", "the session ended before the client closed it");
+    assert!(child.wait().unwrap().success());
+    assert_eq!(world.web.seen().len(), 2, "the denied stream reached the upstream");
+    // All three streams were decided on one client connection.
+    let decisions = world.daemon.decisions();
+    let connects = decisions.iter().filter(|d| d.kind == Kind::Connect && d.sandbox.as_deref() == Some("web")).count();
+    let requests: Vec<_> = decisions.iter().filter(|d| d.kind == Kind::Request).map(|d| d.verdict).collect();
+    assert_eq!(connects, 1, "{decisions:#?}");
+    assert_eq!(requests, [Verdict::Allow, Verdict::Deny, Verdict::Allow]);
+}

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use super::error::{Location, PolicyError, RuleRef};
+use super::host_glob::{GlobIndex, HostGlob};
 use super::model::{
     Action, HostPattern, HostPatternKind, IpPattern, PortRange, Profile, RuleSpec, Scheme, TlsMode, DEFAULT_DENY,
     MAX_NAME_LEN,
@@ -616,9 +617,7 @@ struct HostIndex {
     /// `*.example.com` is stored under `example.com`.
     subdomains: HashMap<Box<str>, Vec<usize>>,
     any: Vec<usize>,
-    globs: GlobSet,
-    /// Rule index of each glob in `globs`.
-    glob_rules: Vec<usize>,
+    globs: GlobIndex,
     /// Rules with no host condition and no address condition: they are
     /// candidates for every query.
     unconditional: Vec<usize>,
@@ -681,15 +680,8 @@ struct HostIndexBuilder {
     exact: HashMap<Box<str>, Vec<usize>>,
     subdomains: HashMap<Box<str>, Vec<usize>>,
     any: Vec<usize>,
-    globs: GlobSetBuilder,
-    glob_rules: Vec<usize>,
+    globs: Vec<(HostGlob, usize)>,
     unconditional: Vec<usize>,
-}
-
-/// Globs see names with dots turned into '/', so globset's
-/// `literal_separator` keeps `*` and `?` inside one label.
-fn glob_form(name: &str) -> String {
-    name.replace('.', "/")
 }
 
 impl HostIndexBuilder {
@@ -698,8 +690,7 @@ impl HostIndexBuilder {
             exact: HashMap::new(),
             subdomains: HashMap::new(),
             any: Vec::new(),
-            globs: GlobSetBuilder::new(),
-            glob_rules: Vec::new(),
+            globs: Vec::new(),
             unconditional: Vec::new(),
             by_address: AddressIndex::default(),
         }
@@ -715,27 +706,17 @@ impl HostIndexBuilder {
                 self.subdomains.entry(suffix.as_str().into()).or_default().push(rule);
             }
             HostPatternKind::Alias(alias) => return Err(format!("host alias @{alias} was not resolved")),
-            HostPatternKind::Glob(pattern) => {
-                let glob = GlobBuilder::new(&glob_form(pattern))
-                    .literal_separator(true)
-                    .backslash_escape(false)
-                    .build()
-                    .map_err(|err| format!("invalid host pattern {pattern:?}: {err}"))?;
-                self.globs.add(glob);
-                self.glob_rules.push(rule);
-            }
+            HostPatternKind::Glob(pattern) => self.globs.push((HostGlob::new(pattern), rule)),
         }
         Ok(())
     }
 
     fn build(self) -> Result<HostIndex, String> {
-        let globs = self.globs.build().map_err(|err| format!("cannot build host pattern set: {err}"))?;
         Ok(HostIndex {
             exact: self.exact,
             subdomains: self.subdomains,
             any: self.any,
-            globs,
-            glob_rules: self.glob_rules,
+            globs: GlobIndex::new(self.globs),
             unconditional: self.unconditional,
             by_address: self.by_address,
         })
@@ -768,10 +749,8 @@ impl HostIndex {
             }
             rest = parent;
         }
-        if !self.glob_rules.is_empty() {
-            for glob in self.globs.matches(glob_form(name)) {
-                found.push(self.glob_rules[glob]);
-            }
+        if !self.globs.is_empty() {
+            self.globs.matches(name, &mut found);
         }
         found.sort_unstable();
         found.dedup();

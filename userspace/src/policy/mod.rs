@@ -33,6 +33,7 @@ pub mod bundles;
 mod compile;
 mod error;
 mod explain;
+mod host_glob;
 mod model;
 
 use std::path::Path;
