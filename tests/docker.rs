@@ -60,6 +60,11 @@ struct World {
 
 impl World {
     fn new(discover: bool) -> Self {
+        Self::with(discover, &[])
+    }
+
+    /// A world whose daemon gets `extra` arguments too.
+    fn with(discover: bool, extra: &[&str]) -> Self {
         let net = TestNet::new();
         let ca = TestCa::new();
         let web = WebServer::start(&net, SocketAddr::new(net.v4(2), 443), Some(ca.server_config(&["web.test"], false)));
@@ -82,6 +87,7 @@ impl World {
         if discover {
             args.extend(["--docker".to_owned(), engine.socket.display().to_string()]);
         }
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         let daemon = Daemon::start_configured(Some(dns.addr), Some(&ca.cert_pem), None, args);
         Self { net, web, canary, _dns: dns, engine, daemon, profiles }
     }
@@ -124,6 +130,25 @@ impl World {
         wait_for(&format!("a sandbox for container {container}"), || {
             self.daemon.statuses().into_iter().find(|s| s.record.container.as_ref().is_some_and(|c| c.id == container))
         })
+    }
+
+    /// A container's address on the test network.
+    fn address_of(&self, container: &str) -> std::net::IpAddr {
+        let ip =
+            self.engine.run(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container]);
+        ip.parse().unwrap_or_else(|_| panic!("container {container} has no address: {ip:?}"))
+    }
+
+    /// The records about a container (`container` set), by rule, waiting up
+    /// to 10 s for one.
+    fn wait_container_record(&self, container: &str, rule: &str) -> Decision {
+        let decisions = self.daemon.wait_decisions(&format!("{rule} for container {container}"), |d| {
+            d.iter().any(|d| d.rule == rule && d.container.as_ref().is_some_and(|c| c.id == container))
+        });
+        decisions
+            .into_iter()
+            .find(|d| d.rule == rule && d.container.as_ref().is_some_and(|c| c.id == container))
+            .unwrap()
     }
 
     fn exec_curl(&self, container: &str, url: &str) -> Output {
@@ -452,4 +477,91 @@ fn host_and_none_networked_containers_are_enforced() {
                 || has(d, "dk-host-deny", Kind::Connect, Verdict::Deny, ""))
     });
     assert!(!decisions.iter().any(|d| d.rule == "unknown-sandbox"), "a container was not attributed");
+}
+
+/// `--enforce-label`: a labelled and an unlabelled container under the same
+/// parent. The labelled one is enforced as ever; the unlabelled one, once
+/// discovery has seen it, reaches a host-local server on the Docker bridge
+/// directly (the server sees the container's own address and the request
+/// as curl sent it), across a daemon restart too. Before discovery has seen
+/// a container, it reaches nothing.
+#[test]
+fn enforce_label_exempts_unlabelled_containers_once_discovered() {
+    if !docker::available() {
+        return;
+    }
+    let mut world = World::with(true, &["--enforce-label", "sluice.enforce=true"]);
+    // The bridge's host address: reachable from the test network's
+    // containers without any forwarding, so only sluice stands between.
+    let gateway = std::net::IpAddr::from([10, 231, u8::try_from(world.engine.subnet).unwrap(), 1]);
+    let direct = EchoServer::start(std::net::TcpListener::bind((gateway, 0)).unwrap());
+    let direct_url = format!("http://{}/direct", direct.addr);
+    let curl_direct = |container: &str| {
+        world.engine.output(&["exec", container, "/bin/curl", "-sS", "--max-time", "5", &direct_url]);
+    };
+
+    let enforced = world.start_container(&["sluice.enforce=true", "sluice.profile=web"]);
+    let exempt = world.start_container(&["team=free"]);
+    let sandbox = world.sandbox_of(&enforced);
+    world.hand_over_ca(&enforced, &sandbox);
+    let record = world.wait_container_record(&exempt, "container-exempt");
+    assert_eq!(record.kind, Kind::Lifecycle);
+    assert_eq!(record.container.as_ref().unwrap().labels.get("team").map(String::as_str), Some("free"));
+    assert!(
+        !world.daemon.statuses().iter().any(|s| s.record.container.as_ref().is_some_and(|c| c.id == exempt)),
+        "an exempted container got a sandbox"
+    );
+
+    // Labelled: allowed through interception, denied elsewhere, and the
+    // bridge server is just another destination its policy does not allow.
+    let allowed = world.exec_curl(&enforced, "https://web.test/echo");
+    assert!(allowed.status.success(), "{}", text(&allowed));
+    assert!(text(&allowed).contains("host=web.test"), "{}", text(&allowed));
+    let denied = world.exec_curl(&enforced, "https://canary.test/");
+    assert!(!denied.status.success(), "{}", text(&denied));
+    curl_direct(&enforced);
+    assert_eq!(world.canary.accepted(), 0, "the canary was reached");
+    assert_eq!(direct.accepted(), 0, "the enforced container reached the bridge server");
+
+    // Unlabelled: straight to the server, as itself, untouched.
+    let exempt_ip = world.address_of(&exempt);
+    curl_direct(&exempt);
+    let seen = wait_for("the exempted container's request", || {
+        let seen = direct.seen();
+        (seen.len() == 1).then_some(seen)
+    });
+    assert_eq!(seen[0].peer.ip(), exempt_ip, "the request did not come from the container itself");
+    assert!(
+        seen[0].received.starts_with(b"GET /direct HTTP/1.1\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&seen[0].received)
+    );
+
+    // Daemon down: the pinned exemption stays, and a container started
+    // meanwhile, which discovery has not seen, reaches nothing.
+    world.daemon.kill();
+    let late = world.start_container(&[]);
+    curl_direct(&late);
+    assert_eq!(direct.accepted(), 1, "an undiscovered container was let through");
+    curl_direct(&exempt);
+    wait_for("the exempted container's request while sluice is down", || (direct.seen().len() == 2).then_some(()));
+
+    // Back: the late one is found and exempted, the labelled one is still
+    // enforced.
+    world.daemon.restart();
+    world.wait_container_record(&late, "container-exempt");
+    let late_ip = world.address_of(&late);
+    curl_direct(&late);
+    wait_for("the late container's request", || direct.seen().iter().any(|s| s.peer.ip() == late_ip).then_some(()));
+    let denied = world.exec_curl(&enforced, "https://canary.test/");
+    assert!(!denied.status.success(), "{}", text(&denied));
+    assert_eq!(world.canary.accepted(), 0, "the canary was reached");
+
+    // Stopped: the exemption goes, and the log says so.
+    world.engine.run(&["rm", "-f", &exempt]);
+    let stopped = world.wait_container_record(&exempt, "container-stopped");
+    assert!(stopped.reason.contains("exemption"), "{}", stopped.reason);
+    let kept =
+        std::fs::read_to_string(sluice::daemon::runtime_dir(&world.daemon.instance).join("exempt.json")).unwrap();
+    assert!(!kept.contains(&exempt) && kept.contains(&late), "{kept}");
 }

@@ -76,6 +76,9 @@ pub struct DaemonConfig {
     /// Profiles (`NAME.toml`) that a container's `sluice.profile=NAME`
     /// label selects.
     pub profiles_dir: Option<PathBuf>,
+    /// Enforce only containers with this label; discovery exempts the
+    /// others. None: every container under the container parent.
+    pub enforce_label: Option<crate::containers::exempt::EnforceLabel>,
 }
 
 /// A proxy listener for connections an iptables/nftables REDIRECT rule sends
@@ -119,6 +122,7 @@ impl DaemonConfig {
             container_address: None,
             docker_socket: None,
             profiles_dir: None,
+            enforce_label: None,
         })
     }
 
@@ -153,6 +157,11 @@ impl DaemonConfig {
 
     pub fn control_socket(&self) -> PathBuf {
         control_socket(&self.instance)
+    }
+
+    /// Containers exempted by label (see `containers::exempt`).
+    fn exempt_file(&self) -> PathBuf {
+        self.runtime_dir().join("exempt.json")
     }
 
     fn state_file(&self) -> PathBuf {
@@ -222,6 +231,8 @@ pub struct Daemon {
     /// Bundles taken away from every sandbox.
     revoked: Mutex<policy::Revoked>,
     approvals: Arc<crate::approvals::Approvals>,
+    /// Containers not enforced (`--enforce-label`), mirrored in the kernel.
+    exemptions: crate::containers::exempt::Exemptions,
     /// Profile files as last seen (modification time, length), by sandbox.
     profile_stamps: Mutex<std::collections::HashMap<String, FileStamp>>,
 }
@@ -303,7 +314,13 @@ impl Daemon {
             .unwrap_or_default();
         let secrets = Arc::new(arc_swap::ArcSwap::from_pointee(secrets));
         log.identify_containers_with(container_identity(registry.clone(), secrets.clone()));
+        let exemptions = crate::containers::exempt::Exemptions::readopt(
+            config.exempt_file(),
+            &datapath,
+            config.enforce_label.is_some(),
+        );
         let daemon = Arc::new(Self {
+            exemptions,
             revoked: Mutex::new(revoked),
             approvals: Arc::new(crate::approvals::Approvals::new(config.approval_timeout)),
             profile_stamps: Mutex::new(std::collections::HashMap::new()),
@@ -408,6 +425,14 @@ impl Daemon {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    pub fn datapath(&self) -> &Arc<Datapath> {
+        &self.datapath
+    }
+
+    pub fn exemptions(&self) -> &crate::containers::exempt::Exemptions {
+        &self.exemptions
     }
 
     /// Whether a cgroup path (relative to the cgroup v2 root, as in

@@ -32,6 +32,7 @@ pub mod names {
     pub const EGRESS: &str = "sluice_egress";
     pub const SYS_ENTER: &str = "sluice_sys_enter";
     pub const ENFORCED_PARENTS: &str = "ENFORCED_PARENTS";
+    pub const EXEMPT: &str = "EXEMPT";
 }
 
 /// How many sandboxes can have counters at once; slot 0 counts flows of

@@ -17,6 +17,11 @@
 //! - `egress`: any packet that is not addressed to sluice is dropped, as the
 //!   last line for whatever slipped past the socket hooks.
 //!
+//! Every program finds out who the caller is in one walk of its cgroup
+//! ancestors ([`caller_of`]): a registered sandbox, an unregistered cgroup
+//! under an enforced parent (denied as unknown), or a container cgroup the
+//! daemon exempted (left alone by all of them).
+//!
 //! Decisions never depend on user space being alive: if the daemon is gone the
 //! rewritten connects hit a port nobody listens on and fail. Fail closed.
 #![no_std]
@@ -72,17 +77,37 @@ static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SANDB
 /// is not attached to a cgroup.
 #[map]
 static ENFORCED_PARENTS: HashMap<u64, Target> = HashMap::with_max_entries(64, 0);
+/// Container cgroups below an enforced parent that are not enforced: the
+/// daemon's discovery puts a container here when its runtime reports it
+/// without the daemon's enforce label (`--enforce-label`). Every program
+/// leaves the processes below such a cgroup alone. Only the daemon writes
+/// it; nothing a sandbox does reaches it.
+#[map]
+static EXEMPT: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SANDBOX_SLOTS, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-/// The sandbox a process belongs to: the shallowest registered ancestor of
-/// its cgroup, so processes in child cgroups made inside a sandbox keep its
-/// identity. Unregistered cgroups under an enforced parent get sandbox 0,
-/// which the proxy denies as "unknown sandbox", and the target of their
-/// deepest enforced parent (else the default target), so that a container
-/// is refused by sluice, on an address it can reach, not by its own loopback.
+/// Who a process is to the programs.
+enum Caller {
+    /// Below no enforced parent (only `sys_enter`, which is not attached to
+    /// a cgroup, sees such processes).
+    Outside,
+    /// Below a container cgroup the daemon exempted: left alone.
+    Exempt,
+    /// Enforced: its sandbox cgroup (0 for an unregistered one) and where
+    /// its traffic goes.
+    Sandbox(u64, SandboxEntry),
+}
+
+/// The one walk of a process's cgroup ancestors, from the root down. The
+/// shallowest registered or exempted ancestor decides, so processes in child
+/// cgroups made inside a sandbox keep its identity. Unregistered cgroups under
+/// an enforced parent get sandbox 0, which the proxy denies as "unknown
+/// sandbox", and the target of their deepest enforced parent, so that a
+/// container is refused by sluice, on an address it can reach, not by its
+/// own loopback.
 #[inline(always)]
-fn sandbox_of(ancestor: impl Fn(i32) -> u64) -> (u64, SandboxEntry) {
+fn caller_of(ancestor: impl Fn(i32) -> u64) -> Caller {
     let mut parent_target = None;
     for level in 1..=MAX_CGROUP_DEPTH {
         let id = ancestor(level);
@@ -91,18 +116,38 @@ fn sandbox_of(ancestor: impl Fn(i32) -> u64) -> (u64, SandboxEntry) {
         }
         // SAFETY: the value is copied out before the map can change it.
         if let Some(entry) = unsafe { SANDBOXES.get(id) } {
-            return (id, *entry);
+            return Caller::Sandbox(id, *entry);
+        }
+        if unsafe { EXEMPT.get(id) }.is_some() {
+            return Caller::Exempt;
         }
         if let Some(target) = unsafe { ENFORCED_PARENTS.get(id) } {
             parent_target = Some(*target);
         }
     }
-    let target = parent_target.or_else(|| DEFAULT_TARGET.get(0).copied()).unwrap_or_default();
-    (0, SandboxEntry { target, slot: 0, _pad: 0 })
+    match parent_target {
+        Some(target) => Caller::Sandbox(0, SandboxEntry { target, slot: 0, _pad: 0 }),
+        None => Caller::Outside,
+    }
+}
+
+/// The sandbox of a process a cgroup program runs for; None if it is
+/// exempted. The programs run only below their parent, so a walk that finds
+/// none (deeper than `MAX_CGROUP_DEPTH`) is still enforced, as unknown.
+#[inline(always)]
+fn sandbox_of(ancestor: impl Fn(i32) -> u64) -> Option<(u64, SandboxEntry)> {
+    match caller_of(ancestor) {
+        Caller::Sandbox(id, entry) => Some((id, entry)),
+        Caller::Exempt => None,
+        Caller::Outside => {
+            let target = DEFAULT_TARGET.get(0).copied().unwrap_or_default();
+            Some((0, SandboxEntry { target, slot: 0, _pad: 0 }))
+        }
+    }
 }
 
 #[inline(always)]
-fn current_sandbox() -> (u64, SandboxEntry) {
+fn current_sandbox() -> Option<(u64, SandboxEntry)> {
     // SAFETY: plain helper calls.
     sandbox_of(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
 }
@@ -209,8 +254,10 @@ fn redirect(ctx: &SockAddrContext, v6: bool, connected: bool) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let (sock_type, protocol) =
         unsafe { (read_volatile(addr_of_mut!((*sa).type_)), read_volatile(addr_of_mut!((*sa).protocol))) };
+    let Some((sandbox_cgroup, entry)) = current_sandbox() else {
+        return ALLOW;
+    };
     let (orig_ip, orig_port) = unsafe { user_dst(sa, v6) };
-    let (sandbox_cgroup, entry) = current_sandbox();
     let family = if v6 && !is_mapped(orig_ip) { FAMILY_V6 } else { FAMILY_V4 };
     let proto = match sock_type {
         SOCK_STREAM => PROTO_TCP,
@@ -294,7 +341,9 @@ fn restore(ctx: &SockAddrContext, v6: bool, only_from_resolver: bool) -> i32 {
         return ALLOW;
     };
     if only_from_resolver {
-        let (_, entry) = current_sandbox();
+        let Some((_, entry)) = current_sandbox() else {
+            return ALLOW;
+        };
         let (src_ip, src_port) = unsafe { user_dst(sa, v6) };
         if src_port != entry.target.dns_port || src_ip != target_ip(&entry.target, v6) {
             return ALLOW;
@@ -387,15 +436,24 @@ fn socket_allowed(family: i32, sock_type: i32, protocol: i32) -> bool {
     }
 }
 
+/// Refuses a socket the caller may not have, unless the caller is exempted.
 #[inline(always)]
 fn refuse_socket(family: i32, sock_type: i32, protocol: i32) -> i32 {
-    emit_socket_refusal(family, sock_type, protocol, REASON_SOCKET);
+    let Some(sandbox) = current_sandbox() else {
+        return ALLOW;
+    };
+    emit_socket_refusal(sandbox, family, sock_type, protocol, REASON_SOCKET);
     REFUSE
 }
 
 #[inline(always)]
-fn emit_socket_refusal(family: i32, sock_type: i32, protocol: i32, reason: u8) {
-    let (sandbox_cgroup, entry) = current_sandbox();
+fn emit_socket_refusal(
+    (sandbox_cgroup, entry): (u64, SandboxEntry),
+    family: i32,
+    sock_type: i32,
+    protocol: i32,
+    reason: u8,
+) {
     count(entry.slot, |c| c.refused += 1);
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     emit(
@@ -442,7 +500,8 @@ const SYS_SOCKET: i64 = 41;
 
 /// Backstop for kernels whose BPF LSM cannot be used: `socket(2)` of a
 /// family no sandbox may have (packet, vsock, ...) by a process under an
-/// enforced parent gets the process killed before it returns. `sluice run`
+/// enforced parent (and not in an exempted container) gets the process
+/// killed before it returns. `sluice run`
 /// refuses such sockets earlier with a seccomp filter (EPERM); this covers
 /// processes that entered a sandbox cgroup some other way. Runs for every
 /// syscall on the host, so it leaves at the first check for all but socket().
@@ -460,19 +519,12 @@ pub fn sluice_sys_enter(ctx: BtfTracePointContext) -> i32 {
     if matches!(family, AF_UNIX | AF_INET | AF_INET6 | AF_NETLINK) {
         return 0;
     }
-    for level in 1..=MAX_CGROUP_DEPTH {
-        // SAFETY: plain helper calls.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id == 0 {
-            break;
-        }
-        if unsafe { ENFORCED_PARENTS.get(id) }.is_some() {
-            let (_, entry) = current_sandbox();
-            count(entry.slot, |c| c.refused += 1);
-            emit_socket_refusal(family, sock_type & 0xf, 0, REASON_SOCKET_KILLED);
-            unsafe { bpf_send_signal(9) };
-            return 0;
-        }
+    // SAFETY: plain helper calls.
+    if let Caller::Sandbox(sandbox_cgroup, entry) =
+        caller_of(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+    {
+        emit_socket_refusal((sandbox_cgroup, entry), family, sock_type & 0xf, 0, REASON_SOCKET_KILLED);
+        unsafe { bpf_send_signal(9) };
     }
     0
 }
@@ -484,7 +536,10 @@ pub fn sluice_egress(ctx: SkBuffContext) -> i32 {
         Some(key) if unsafe { ENDPOINTS.get(key) }.is_some() => ALLOW,
         dst => {
             let skb = ctx.skb.skb;
-            let (sandbox_cgroup, entry) = sandbox_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) });
+            let Some((sandbox_cgroup, entry)) = sandbox_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) })
+            else {
+                return ALLOW;
+            };
             count(entry.slot, |c| c.dropped_packets += 1);
             let key = dst.unwrap_or_default();
             let cgroup = unsafe { bpf_skb_cgroup_id(skb) };

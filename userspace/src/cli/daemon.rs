@@ -53,6 +53,12 @@ pub struct DaemonArgs {
     /// Profiles a container's `sluice.profile=NAME` label selects (NAME.toml).
     #[arg(long, value_name = "DIR")]
     pub profiles_dir: Option<PathBuf>,
+    /// Enforce only containers labelled KEY=VALUE (e.g. sluice.enforce=true);
+    /// discovery exempts the others, whose traffic then goes direct. Until
+    /// discovery has seen a container it is denied. Default: every
+    /// container under the container parent.
+    #[arg(long, value_name = "KEY=VALUE", requires = "container_address")]
+    pub enforce_label: Option<crate::containers::exempt::EnforceLabel>,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
@@ -68,6 +74,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     config.container_address = args.container_address;
     config.docker_socket = args.docker;
     config.profiles_dir = args.profiles_dir;
+    config.enforce_label = args.enforce_label;
     if let Some(path) = args.decision_log {
         config.decision_log = Some(path);
     }

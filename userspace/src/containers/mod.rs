@@ -6,12 +6,17 @@
 //! container that is not registered yet is denied as an unknown sandbox.
 //! Discovery gives a container its identity (id, name, image, labels), its
 //! profile (`sluice.profile` label) and its CA, and tears the sandbox down
-//! when the container stops.
+//! when the container stops. With `--enforce-label` a container without
+//! the label is exempted instead ([`exempt`]).
 
 pub mod docker;
+pub mod exempt;
 pub mod host_address;
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
 
@@ -21,6 +26,7 @@ use crate::{
     daemon::Daemon,
     sandbox::{self, cgroup, ContainerInfo, Placement, ProfileSource},
 };
+use exempt::Exemption;
 
 /// Label naming the profile (a `NAME.toml` in the daemon's profiles
 /// directory; `default` or no label: the built-in profile).
@@ -89,6 +95,13 @@ async fn try_started(daemon: &Daemon, found: &Discovered) -> anyhow::Result<()> 
         }
         dir = dir.parent().context("cgroup path ended above the container parent")?;
     }
+    let cgroup_id = cgroup::id(&absolute)?;
+    if let Some(label) = config.enforce_label.as_ref().filter(|label| !label.matches(&found.info.labels)) {
+        return exempt(daemon, found, absolute, cgroup_id, &label.to_string());
+    }
+    if daemon.exemptions().remove(cgroup_id).is_some() {
+        daemon.datapath().unexempt(cgroup_id)?;
+    }
     let profile = profile_for(&found.info.labels, config.profiles_dir.as_deref())?;
     let request = RegisterRequest {
         name: sandbox_name(daemon, &found.info),
@@ -100,9 +113,44 @@ async fn try_started(daemon: &Daemon, found: &Discovered) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Leaves a container that lacks the enforce label alone: its cgroup goes
+/// into the kernel's exempt map (idempotent; the audit log says so once).
+fn exempt(daemon: &Daemon, found: &Discovered, cgroup: PathBuf, cgroup_id: u64, label: &str) -> anyhow::Result<()> {
+    if daemon.exemptions().contains(cgroup_id) {
+        return Ok(());
+    }
+    daemon.datapath().exempt(cgroup_id).context("exempting the container's cgroup")?;
+    daemon.exemptions().insert(Exemption { cgroup, cgroup_id, container: found.info.clone() });
+    let mut decision = Decision::new(
+        Kind::Lifecycle,
+        Verdict::Info,
+        "container-exempt",
+        format!("{} has no label {label}: not enforced, its traffic goes direct", found.info.describe()),
+    );
+    decision.container = Some(found.info.clone());
+    daemon.log().record(decision);
+    Ok(())
+}
+
 /// The container stopped or was removed: its sandbox goes (CA, placeholders,
-/// resolver, map entries), and the audit log says so.
+/// resolver, map entries), or its exemption, and the audit log says so.
 pub async fn stopped(daemon: &Daemon, runtime: &str, id: &str, why: &str) {
+    if let Some(exemption) = daemon.exemptions().of_container(runtime, id) {
+        if let Err(error) = daemon.datapath().unexempt(exemption.cgroup_id) {
+            tracing::error!(container = %exemption.container.describe(), %error, "could not remove an exemption");
+            return;
+        }
+        daemon.exemptions().remove(exemption.cgroup_id);
+        let mut decision = Decision::new(
+            Kind::Lifecycle,
+            Verdict::Info,
+            "container-stopped",
+            format!("{} {why}; its exemption is removed", exemption.container.describe()),
+        );
+        decision.container = Some(exemption.container);
+        daemon.log().record(decision);
+        return;
+    }
     let Some(sandbox) = daemon
         .registry()
         .list()
@@ -139,6 +187,12 @@ pub async fn reconcile(daemon: &Daemon, runtime: &str, running: Vec<Discovered>)
             if info.runtime == runtime && !ids.contains(&info.id) {
                 stopped(daemon, runtime, &info.id, "is no longer running").await;
             }
+        }
+    }
+    for exemption in daemon.exemptions().list() {
+        let info = &exemption.container;
+        if info.runtime == runtime && !ids.contains(&info.id) {
+            stopped(daemon, runtime, &info.id, "is no longer running").await;
         }
     }
 }

@@ -68,8 +68,9 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     names::GETPEERNAME4,
     names::GETPEERNAME6,
 ];
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 9] = [
     names::ENFORCED_PARENTS,
+    names::EXEMPT,
     names::SANDBOXES,
     names::FLOWS_BY_COOKIE,
     names::FLOWS_BY_ADDR,
@@ -95,6 +96,7 @@ pub struct Datapath {
     lsm_enabled: bool,
     default_target: Target,
     parents: Mutex<HashMap<MapData, u64, Target>>,
+    exempt: Mutex<HashMap<MapData, u64, u8>>,
     sandboxes: Mutex<HashMap<MapData, u64, SandboxEntry>>,
     flows_by_addr: Mutex<HashMap<MapData, FlowKey, Flow>>,
     endpoints: Mutex<HashMap<MapData, EndpointKey, u8>>,
@@ -198,6 +200,7 @@ impl Datapath {
             lsm_enabled,
             default_target,
             parents: Mutex::new(convert(typed(names::ENFORCED_PARENTS)?, names::ENFORCED_PARENTS)?),
+            exempt: Mutex::new(convert(typed(names::EXEMPT)?, names::EXEMPT)?),
             sandboxes: Mutex::new(convert(typed(names::SANDBOXES)?, names::SANDBOXES)?),
             flows_by_addr: Mutex::new(convert(typed(names::FLOWS_BY_ADDR)?, names::FLOWS_BY_ADDR)?),
             endpoints: Mutex::new(convert(typed(names::ENDPOINTS)?, names::ENDPOINTS)?),
@@ -238,6 +241,24 @@ impl Datapath {
         self.add_endpoint(target, target.proxy_port, PROTO_TCP)?;
         self.add_endpoint(target, target.dns_port, PROTO_UDP)?;
         self.add_endpoint(target, target.dns_port, PROTO_TCP)
+    }
+
+    /// Exempts a cgroup below an enforced parent (a container that is not to
+    /// be enforced): no program touches its processes or those of its child
+    /// cgroups any more. Idempotent.
+    pub fn exempt(&self, cgroup_id: u64) -> Result<(), DatapathError> {
+        self.exempt.lock().expect("lock poisoned").insert(cgroup_id, 1, 0).map_err(ebpf_err("exempting a cgroup"))
+    }
+
+    /// Enforces an exempted cgroup again.
+    pub fn unexempt(&self, cgroup_id: u64) -> Result<(), DatapathError> {
+        removed(self.exempt.lock().expect("lock poisoned").remove(&cgroup_id), "removing an exemption")
+    }
+
+    /// The exempted cgroups as the kernel sees them.
+    pub fn exempted(&self) -> Vec<u64> {
+        let map = self.exempt.lock().expect("lock poisoned");
+        map.keys().filter_map(Result::ok).collect()
     }
 
     /// Enrolls a sandbox cgroup: from now on its processes (and those of its
