@@ -291,3 +291,47 @@ fn a_dry_run_profile_lets_traffic_through_and_logs_what_it_would_deny() {
     let raw = sandbox.python("import socket\ntry:\n    socket.socket(socket.AF_INET, socket.SOCK_RAW, 1); print('raw=created')\nexcept PermissionError:\n    print('raw=EPERM')\n");
     assert_eq!(harness::fields(&raw)["raw"], "EPERM");
 }
+
+#[test]
+fn a_sandboxed_root_process_cannot_use_the_control_api() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(None);
+    let sandbox = daemon.sandbox("locked", "name = \"closed\"\n");
+    let socket = format!("/run/{}/control.sock", daemon.instance);
+    // Through the CLI, and with raw HTTP on the socket from a child cgroup
+    // the sandbox made for itself: both are root, both are refused.
+    let cli = sandbox
+        .command(SLUICE)
+        .args(["policy", "allow", "127.0.0.1", "--sandbox", "locked", "--instance", &daemon.instance])
+        .output()
+        .unwrap();
+    assert_eq!(cli.status.code(), Some(2), "{cli:?}");
+    assert!(String::from_utf8_lossy(&cli.stderr).contains("inside a sandbox"), "{cli:?}");
+    let nested = format!(
+        "mkdir -p {cg}/escape && echo $$ > {cg}/escape/cgroup.procs && \
+         curl -sS --max-time 5 --unix-socket {socket} -X POST -H 'content-type: application/json' \
+         -d '{{\"name\":\"escape\",\"action\":\"allow\",\"hosts\":[\"*\"]}}' http://sluice/v1/sandboxes/locked/rules",
+        cg = sandbox.cgroup.display()
+    );
+    let raw = sandbox.command("sh").args(["-c", &nested]).output().unwrap();
+    let answer = String::from_utf8_lossy(&raw.stdout);
+    assert!(answer.contains("inside a sandbox") && !answer.contains("\"escape\""), "{raw:?}");
+    let _ = std::fs::remove_dir(sandbox.cgroup.join("escape"));
+    // The profile in force is the one it started with; root outside may
+    // still change it.
+    let rules = |expected: &str| {
+        let shown = sluice().args(["policy", "show", "--sandbox", "locked", "--instance", &daemon.instance]).output();
+        let shown = shown.unwrap();
+        assert!(shown.status.success(), "{shown:?}");
+        String::from_utf8_lossy(&shown.stdout).contains(expected)
+    };
+    assert!(!rules("escape") && !rules("127.0.0.1"));
+    let outside = sluice()
+        .args(["policy", "allow", "127.0.0.1", "--sandbox", "locked", "--instance", &daemon.instance])
+        .output()
+        .unwrap();
+    assert!(outside.status.success(), "{outside:?}");
+    assert!(rules("127.0.0.1"));
+}

@@ -729,6 +729,24 @@ impl Daemon {
         self.set_profile(name, ProfileSource::Inline { origin, text }).await
     }
 
+    /// The profile a sandbox enforces, as text.
+    pub fn profile_view(&self, name: &str) -> Option<crate::control::ProfileView> {
+        let sandbox = self.registry.by_name(name)?;
+        let source = sandbox.current_record().profile;
+        let (file, text) = match &source {
+            ProfileSource::Builtin => (None, policy::BUILTIN_DEFAULT_TOML.to_owned()),
+            ProfileSource::Inline { text, .. } => (None, text.clone()),
+            ProfileSource::File { path, text } => (Some(path.clone()), text.clone()),
+        };
+        Some(crate::control::ProfileView {
+            sandbox: name.to_owned(),
+            profile_name: sandbox.policy.load().name().to_owned(),
+            origin: source.describe().into_owned(),
+            file,
+            text,
+        })
+    }
+
     /// Replaces a sandbox's profile at runtime. A broken profile is refused
     /// and the one in force stays.
     pub async fn set_profile(&self, name: &str, source: ProfileSource) -> anyhow::Result<SandboxStatus> {

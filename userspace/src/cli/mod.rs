@@ -77,16 +77,19 @@ impl InstanceArgs {
         crate::daemon::control_socket(&self.instance)
     }
 
-    /// A client for the running daemon, or an error that says how to start one.
+    /// A client for the running daemon, or an error that says how to start
+    /// one (nothing listens) or why it refused (e.g. a sandboxed caller).
     pub async fn daemon(&self) -> anyhow::Result<crate::control::client::ControlClient> {
         let socket = self.control_socket();
-        match crate::control::client::ControlClient::connect(&socket).await {
-            Some(client) => Ok(client),
-            None => anyhow::bail!(
+        let client = crate::control::client::ControlClient::new(&socket);
+        match client.health().await {
+            Ok(_) => Ok(client),
+            Err(error) if error.downcast_ref::<std::io::Error>().is_some() => anyhow::bail!(
                 "no sluice daemon is listening on {} (start one with `sluice daemon --instance {}`)",
                 socket.display(),
                 self.instance
             ),
+            Err(error) => Err(error.context(format!("the sluice daemon at {} refused", socket.display()))),
         }
     }
 }

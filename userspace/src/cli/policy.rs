@@ -101,6 +101,14 @@ pub enum PolicyCommand {
         #[command(flatten)]
         instance: super::InstanceArgs,
     },
+    /// Print the profile a running sandbox enforces (TOML, with its origin)
+    Show {
+        /// Sandbox name.
+        #[arg(long)]
+        sandbox: String,
+        #[command(flatten)]
+        instance: super::InstanceArgs,
+    },
     /// Put a profile in force for a running sandbox, atomically: its next
     /// request (on new and kept-alive connections) is decided by it.
     Set {
@@ -119,6 +127,15 @@ pub async fn run(command: &PolicyCommand) -> anyhow::Result<u8> {
             let profile = policy::load_profile(file)?;
             policy::Policy::compile(&profile)?;
             println!("{}: profile {:?} is valid ({} rules)", file.display(), profile.name, profile.rules.len());
+            Ok(0)
+        }
+        PolicyCommand::Show { sandbox, instance } => {
+            let view = instance.daemon().await?.profile(sandbox).await?;
+            println!("# sandbox {sandbox} enforces profile {:?} from {}", view.profile_name, view.origin);
+            print!("{}", view.text);
+            if !view.text.ends_with('\n') {
+                println!();
+            }
             Ok(0)
         }
         PolicyCommand::Set { sandbox, file, instance } => {

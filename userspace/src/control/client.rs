@@ -41,6 +41,11 @@ impl ControlClient {
         self.call(Method::POST, "/v1/sandboxes", Some(request)).await
     }
 
+    /// The profile a sandbox enforces.
+    pub async fn profile(&self, name: &str) -> anyhow::Result<super::ProfileView> {
+        self.call(Method::GET, &format!("/v1/sandboxes/{name}/profile"), None::<&()>).await
+    }
+
     /// Replaces a sandbox's profile.
     pub async fn set_profile(
         &self,

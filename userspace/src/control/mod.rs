@@ -7,6 +7,7 @@
 //! | POST   | /v1/sandboxes            | register a sandbox ([`RegisterRequest`]) |
 //! | DELETE | /v1/sandboxes/{name}     | remove a sandbox (kills what remains in a cgroup sluice made) |
 //! | GET    | /v1/sandboxes/{name}/ca  | the sandbox's CA certificate (PEM)    |
+//! | GET    | /v1/sandboxes/{name}/profile | the profile in force ([`ProfileView`]) |
 //! | PUT    | /v1/sandboxes/{name}/profile | replace its profile ([`ProfileSource`]); next request uses it |
 //! | POST   | /v1/sandboxes/{name}/rules | add a rule (JSON [`RuleSpec`](crate::policy::RuleSpec)) |
 //! | DELETE | /v1/sandboxes/{name}/rules/{rule} | remove a rule by name          |
@@ -62,6 +63,19 @@ pub struct RegisterRequest {
 
 fn builtin() -> ProfileSource {
     ProfileSource::Builtin
+}
+
+/// The profile a sandbox enforces, as the text it was compiled from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfileView {
+    pub sandbox: String,
+    pub profile_name: String,
+    /// Where it came from: `builtin:default`, a file, or an API edit.
+    pub origin: String,
+    /// The file it is read from (and re-read when it changes), if any.
+    pub file: Option<std::path::PathBuf>,
+    /// TOML; for a file, its last good content.
+    pub text: String,
 }
 
 /// A sandbox as the API lists it.
@@ -193,6 +207,10 @@ async fn route(daemon: &Arc<Daemon>, request: Request<hyper::body::Incoming>) ->
             Ok(true) => Response::builder().status(StatusCode::NO_CONTENT).body(empty()).expect("valid response"),
             Ok(false) => error(StatusCode::NOT_FOUND, format!("no sandbox named {name:?}")),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
+        (Method::GET, ["v1", "sandboxes", name, "profile"]) => match daemon.profile_view(name) {
+            Some(view) => json(StatusCode::OK, &view),
+            None => error(StatusCode::NOT_FOUND, format!("no sandbox named {name:?}")),
         },
         (Method::PUT, ["v1", "sandboxes", name, "profile"]) => {
             let source: ProfileSource = match read_json(request).await {

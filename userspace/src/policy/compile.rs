@@ -324,7 +324,7 @@ impl Policy {
                     .map(|ports| RangeSet::new(ports.iter().map(|p: &PortRange| (p.lo(), p.hi())))),
             });
         }
-        let hosts = hosts.build().map_err(|message| PolicyError::Compile { profile: profile.name.clone(), message })?;
+        let hosts = hosts.build();
         Ok(Policy {
             inner: Arc::new(Compiled {
                 name: profile.name.clone(),
@@ -711,15 +711,15 @@ impl HostIndexBuilder {
         Ok(())
     }
 
-    fn build(self) -> Result<HostIndex, String> {
-        Ok(HostIndex {
+    fn build(self) -> HostIndex {
+        HostIndex {
             exact: self.exact,
             subdomains: self.subdomains,
             any: self.any,
             globs: GlobIndex::new(self.globs),
             unconditional: self.unconditional,
             by_address: self.by_address,
-        })
+        }
     }
 }
 
