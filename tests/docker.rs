@@ -45,6 +45,16 @@ hosts = ["elsewhere.test"]
 ports = [443]
 "#;
 
+/// Allows `web.test` and `web6.test` (IPv6 only).
+const WEB6_PROFILE: &str = r#"
+name = "web6"
+[[rule]]
+name = "web"
+action = "allow"
+hosts = ["web.test", "web6.test"]
+ports = [443]
+"#;
+
 /// A TLS upstream `web.test` and a canary `canary.test` in a test network,
 /// a DNS server for both, a Docker engine, and a daemon that enforces the
 /// engine's containers under its container parent.
@@ -56,28 +66,35 @@ struct World {
     engine: Arc<DockerEngine>,
     daemon: Daemon,
     profiles: PathBuf,
+    ca: TestCa,
 }
 
 impl World {
     fn new(discover: bool) -> Self {
-        Self::with(discover, &[])
+        Self::with(discover, false, &[])
     }
 
-    /// A world whose daemon gets `extra` arguments too.
-    fn with(discover: bool, extra: &[&str]) -> Self {
+    /// A world whose daemon gets `extra` arguments too, and an IPv6
+    /// container address if `ipv6`.
+    fn with(discover: bool, ipv6: bool, extra: &[&str]) -> Self {
         let net = TestNet::new();
         let ca = TestCa::new();
         let web = WebServer::start(&net, SocketAddr::new(net.v4(2), 443), Some(ca.server_config(&["web.test"], false)));
         let canary_ip = net.add_host(3);
         let canary = EchoServer::start(net.tcp_listener(SocketAddr::new(canary_ip, 443)));
-        let zone =
-            HashMap::from([("web.test".to_owned(), vec![net.v4(2)]), ("canary.test".to_owned(), vec![canary_ip])]);
+        let zone = HashMap::from([
+            ("web.test".to_owned(), vec![net.v4(2)]),
+            ("canary.test".to_owned(), vec![canary_ip]),
+            ("web6.test".to_owned(), vec![net.v6(2)]),
+            ("canary6.test".to_owned(), vec![net.v6(3)]),
+        ]);
         let dns = TestDns::start(net.udp_socket(SocketAddr::new(net.v4(2), 53)), zone);
         let engine = docker::engine();
         let profiles = std::env::temp_dir().join(format!("sluice-docker-profiles-{}-{}", std::process::id(), net.n));
         std::fs::create_dir_all(&profiles).unwrap();
         std::fs::write(profiles.join("web.toml"), WEB_PROFILE).unwrap();
         std::fs::write(profiles.join("closed.toml"), CLOSED_PROFILE).unwrap();
+        std::fs::write(profiles.join("web6.toml"), WEB6_PROFILE).unwrap();
         let mut args = vec![
             "--container-address".to_owned(),
             docker::container_address(&net).to_string(),
@@ -87,9 +104,12 @@ impl World {
         if discover {
             args.extend(["--docker".to_owned(), engine.socket.display().to_string()]);
         }
+        if ipv6 {
+            args.extend(["--container-address6".to_owned(), docker::container_address6(&net).to_string()]);
+        }
         args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         let daemon = Daemon::start_configured(Some(dns.addr), Some(&ca.cert_pem), None, args);
-        Self { net, web, canary, _dns: dns, engine, daemon, profiles }
+        Self { net, web, canary, _dns: dns, engine, daemon, profiles, ca }
     }
 
     fn cgroup_parent(&self) -> String {
@@ -490,7 +510,7 @@ fn enforce_label_exempts_unlabelled_containers_once_discovered() {
     if !docker::available() {
         return;
     }
-    let mut world = World::with(true, &["--enforce-label", "sluice.enforce=true"]);
+    let mut world = World::with(true, false, &["--enforce-label", "sluice.enforce=true"]);
     // The bridge's host address: reachable from the test network's
     // containers without any forwarding, so only sluice stands between.
     let gateway = std::net::IpAddr::from([10, 231, u8::try_from(world.engine.subnet).unwrap(), 1]);
@@ -564,4 +584,86 @@ fn enforce_label_exempts_unlabelled_containers_once_discovered() {
     let kept =
         std::fs::read_to_string(sluice::daemon::runtime_dir(&world.daemon.instance).join("exempt.json")).unwrap();
     assert!(!kept.contains(&exempt) && kept.contains(&late), "{kept}");
+}
+
+/// `--container-address6`: a container whose every IPv6 socket is
+/// IPv6-only (`net.ipv6.bindv6only=1`) on an IPv6-enabled Docker network
+/// is redirected to sluice's IPv6 container address: allowed HTTPS to an
+/// IPv6 upstream goes through interception, an IPv6 canary gets nothing,
+/// and IPv4 still goes to the IPv4 container address.
+#[test]
+fn ipv6_only_sockets_in_containers_reach_sluice_on_the_ipv6_container_address() {
+    if !docker::available() {
+        return;
+    }
+    let world = World::with(true, true, &[]);
+    let web6 = WebServer::start(
+        &world.net,
+        SocketAddr::new(world.net.v6(2), 443),
+        Some(world.ca.server_config(&["web6.test"], false)),
+    );
+    let canary6_ip = world.net.add_host6(3);
+    let canary6 = EchoServer::start(world.net.tcp_listener(SocketAddr::new(canary6_ip, 443)));
+    let parent = world.cgroup_parent();
+    let container = world.engine.run(&[
+        "run",
+        "-d",
+        &parent,
+        "--network",
+        &world.engine.network,
+        "--sysctl",
+        "net.ipv6.bindv6only=1",
+        "--label",
+        "sluice.profile=web6",
+        &world.engine.image,
+        "/bin/sleep",
+        "300",
+    ]);
+    let sandbox = world.sandbox_of(&container);
+    world.hand_over_ca(&container, &sandbox);
+
+    let curl6 = |url: &str, extra: &str| {
+        world.engine.output(&[
+            "exec",
+            &container,
+            "/bin/curl",
+            "-6",
+            "-fsS",
+            extra,
+            "--max-time",
+            "10",
+            "--cacert",
+            "/tmp/ca.pem",
+            url,
+        ])
+    };
+    let allowed = curl6("https://web6.test/echo", "-v");
+    assert!(allowed.status.success(), "{}", text(&allowed));
+    assert!(text(&allowed).contains("host=web6.test"), "{}", text(&allowed));
+    assert_eq!(web6.seen().len(), 1, "the IPv6 upstream did not get the request");
+    let by_name = curl6("https://canary6.test/", "-v");
+    assert!(!by_name.status.success(), "{}", text(&by_name));
+    let by_ip = curl6(&format!("https://[{canary6_ip}]/"), "-k");
+    assert!(!by_ip.status.success(), "{}", text(&by_ip));
+    assert_eq!(canary6.accepted(), 0, "the IPv6 canary was reached");
+    let v4 = world.exec_curl(&container, "https://web.test/echo");
+    assert!(v4.status.success(), "{}", text(&v4));
+    assert_eq!(world.web.seen().len(), 1);
+
+    let name = sandbox.record.name.clone();
+    let web6_addr = SocketAddr::new(world.net.v6(2), 443);
+    let canary6_addr = SocketAddr::new(canary6_ip, 443);
+    let decisions = world.daemon.wait_decisions("the IPv6 allow and deny", |d| {
+        d.iter().any(|d| {
+            d.sandbox.as_deref() == Some(name.as_str())
+                && d.kind == Kind::Request
+                && d.verdict == Verdict::Allow
+                && d.destination == Some(web6_addr)
+        }) && d.iter().any(|d| {
+            d.sandbox.as_deref() == Some(name.as_str())
+                && d.verdict == Verdict::Deny
+                && d.destination == Some(canary6_addr)
+        })
+    });
+    assert!(!decisions.iter().any(|d| d.rule == "unknown-sandbox"), "a flow was not attributed");
 }

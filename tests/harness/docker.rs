@@ -28,7 +28,8 @@ pub struct DockerEngine {
     run_dir: PathBuf,
     data_root: PathBuf,
     child: Mutex<Option<Child>>,
-    /// The test network (a bridge with its own subnet 10.231.N.0/24).
+    /// The test network (a bridge with its own subnets 10.231.N.0/24 and
+    /// fd00:231:N::/64).
     pub network: String,
     pub subnet: u32,
     /// The test image: curl, sh, sleep, cat.
@@ -176,11 +177,15 @@ impl DockerEngine {
 
     fn create_network(&self) {
         let bridge = self.bridge();
+        let forwarding6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").unwrap_or_default();
         self.run(&[
             "network",
             "create",
             "--subnet",
             &format!("10.231.{}.0/24", self.subnet),
+            "--ipv6",
+            "--subnet",
+            &format!("fd00:231:{}::/64", self.subnet),
             "-o",
             &format!("com.docker.network.bridge.name={bridge}"),
             "-o",
@@ -190,6 +195,9 @@ impl DockerEngine {
         // Nothing a container sends leaves through the host: only the host's
         // own addresses (sluice) are reachable.
         std::fs::write(format!("/proc/sys/net/ipv4/conf/{bridge}/forwarding"), "0").unwrap();
+        // IPv6 forwarding is one switch for the host: it must stay as it was.
+        let now = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").unwrap_or_default();
+        assert_eq!(now, forwarding6, "creating an IPv6 network turned IPv6 forwarding on");
     }
 
     fn bridge(&self) -> String {
@@ -254,6 +262,12 @@ fn unmount_below(dir: &Path) {
 /// each test's daemon has its own without using up another subnet.
 pub fn container_address(net: &super::TestNet) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::new(10, 231, u8::try_from(net.n).unwrap(), 254)
+}
+
+/// The IPv6 counterpart for `--container-address6`: `fd00:231:N::fe`, in
+/// the test network's IPv6 subnet, which nothing else there uses.
+pub fn container_address6(net: &super::TestNet) -> std::net::Ipv6Addr {
+    format!("fd00:231:{}::fe", net.n).parse().unwrap()
 }
 
 pub const CONTAINERD: &str = "/usr/bin/containerd";

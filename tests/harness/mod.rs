@@ -122,6 +122,14 @@ impl TestNet {
         ip.parse().unwrap()
     }
 
+    /// Adds another IPv6 address inside the namespace.
+    pub fn add_host6(&self, last: u16) -> IpAddr {
+        let ip = self.v6(last);
+        let (address, device) = (format!("{ip}/64"), format!("sln{}", self.n));
+        sh(&["ip", "netns", "exec", &self.name, "ip", "-6", "addr", "add", &address, "dev", &device, "nodad"]);
+        ip
+    }
+
     pub fn v4(&self, last_octet: u8) -> IpAddr {
         format!("10.231.{}.{last_octet}", self.n).parse().unwrap()
     }

@@ -71,6 +71,11 @@ pub struct DaemonConfig {
     /// the host's loopback interface, where every bridge-networked container
     /// routes through its gateway. None: no container sandboxes.
     pub container_address: Option<Ipv4Addr>,
+    /// The IPv6 address containers reach sluice on, put on the loopback
+    /// interface too: IPv6 destinations of container sandboxes go there
+    /// (an IPv6-only socket or network cannot reach an IPv4 address).
+    /// None: they go to the IPv4 container address, IPv4-mapped.
+    pub container_address6: Option<Ipv6Addr>,
     /// Docker Engine API socket to discover containers from.
     pub docker_socket: Option<PathBuf>,
     /// Profiles (`NAME.toml`) that a container's `sluice.profile=NAME`
@@ -120,6 +125,7 @@ impl DaemonConfig {
             redirect_listeners: Vec::new(),
             approval_timeout: Duration::from_mins(1),
             container_address: None,
+            container_address6: None,
             docker_socket: None,
             profiles_dir: None,
             enforce_label: None,
@@ -1070,10 +1076,17 @@ pub fn teardown_instance(config: &DaemonConfig) -> anyhow::Result<usize> {
 /// container address (put on the loopback interface now) if there is one.
 fn listen_addresses(config: &DaemonConfig, ipv6: bool) -> anyhow::Result<Vec<IpAddr>> {
     let mut ips: Vec<IpAddr> = if ipv6 { vec![LOOPBACK.into(), LOOPBACK6.into()] } else { vec![LOOPBACK.into()] };
-    if let Some(address) = config.container_address {
+    if config.container_address6.is_some() && config.container_address.is_none() {
+        bail!("an IPv6 container address needs an IPv4 one too (--container-address)");
+    }
+    if config.container_address6.is_some() && !ipv6 {
+        bail!("an IPv6 container address, and this host has no IPv6 loopback");
+    }
+    let container_addresses = config.container_address.map(IpAddr::from).into_iter();
+    for address in container_addresses.chain(config.container_address6.map(IpAddr::from)) {
         crate::containers::host_address::add(address, &config.runtime_dir())
             .with_context(|| format!("putting the container address {address} on the loopback interface"))?;
-        ips.push(address.into());
+        ips.push(address);
     }
     Ok(ips)
 }
@@ -1083,8 +1096,8 @@ fn listen_addresses(config: &DaemonConfig, ipv6: bool) -> anyhow::Result<Vec<IpA
 /// Returns where container sandboxes are sent.
 fn enforce_containers(config: &DaemonConfig, datapath: &Datapath, target: Target) -> anyhow::Result<Option<Target>> {
     let Some(address) = config.container_address else { return Ok(None) };
-    let container_target =
-        Target { ip4: u32::from(address).to_be(), ip6: ip_to_words(IpAddr::V6(address.to_ipv6_mapped())), ..target };
+    let ip6 = config.container_address6.unwrap_or_else(|| address.to_ipv6_mapped());
+    let container_target = Target { ip4: u32::from(address).to_be(), ip6: ip_to_words(IpAddr::V6(ip6)), ..target };
     let containers = config.containers_parent();
     cgroup::create(&containers).with_context(|| format!("creating the container parent {}", containers.display()))?;
     datapath

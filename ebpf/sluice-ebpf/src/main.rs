@@ -239,13 +239,23 @@ unsafe fn set_user_dst(sa: *mut bpf_sock_addr, v6: bool, ip: Ip6Words, port: u16
     write_volatile(addr_of_mut!((*sa).user_port), u32::from(port.to_be()));
 }
 
+/// Where a connect or send to `dst` goes: an IPv6 destination to the
+/// target's IPv6 address (which an IPv6-only socket or network can reach),
+/// an IPv4 one (IPv4-mapped on an IPv6 socket) to its IPv4 address (which a
+/// network without IPv6 can reach).
 #[inline(always)]
-fn target_ip(target: &Target, v6: bool) -> Ip6Words {
-    if v6 {
-        target.ip6
-    } else {
+fn target_ip(target: &Target, dst: Ip6Words) -> Ip6Words {
+    if is_mapped(dst) {
         mapped_v4(target.ip4)
+    } else {
+        target.ip6
     }
+}
+
+/// Whether `ip` is one of the target's addresses.
+#[inline(always)]
+fn is_target_ip(target: &Target, ip: Ip6Words) -> bool {
+    ip == target.ip6 || ip == mapped_v4(target.ip4)
 }
 
 #[inline(always)]
@@ -301,7 +311,7 @@ fn redirect(ctx: &SockAddrContext, v6: bool, connected: bool) -> i32 {
         count(entry.slot, |c| c.redirected += 1);
         entry.target.proxy_port
     };
-    unsafe { set_user_dst(sa, v6, target_ip(&entry.target, v6), port) };
+    unsafe { set_user_dst(sa, v6, target_ip(&entry.target, orig_ip), port) };
     ALLOW
 }
 
@@ -345,7 +355,7 @@ fn restore(ctx: &SockAddrContext, v6: bool, only_from_resolver: bool) -> i32 {
             return ALLOW;
         };
         let (src_ip, src_port) = unsafe { user_dst(sa, v6) };
-        if src_port != entry.target.dns_port || src_ip != target_ip(&entry.target, v6) {
+        if src_port != entry.target.dns_port || !is_target_ip(&entry.target, src_ip) {
             return ALLOW;
         }
     }
@@ -529,11 +539,13 @@ pub fn sluice_sys_enter(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Drops every packet leaving a sandbox that is not addressed to sluice.
+/// Drops every packet leaving a sandbox that is not addressed to sluice
+/// (or IPv6 link control the kernel sends for it).
 #[cgroup_skb(egress)]
 pub fn sluice_egress(ctx: SkBuffContext) -> i32 {
     match packet_destination(&ctx) {
         Some(key) if unsafe { ENDPOINTS.get(key) }.is_some() => ALLOW,
+        None if is_ipv6_link_control(&ctx) => ALLOW,
         dst => {
             let skb = ctx.skb.skb;
             let Some((sandbox_cgroup, entry)) = sandbox_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) })
@@ -558,6 +570,44 @@ pub fn sluice_egress(ctx: SkBuffContext) -> i32 {
             );
             REFUSE
         }
+    }
+}
+
+const PROTO_ICMPV6: u8 = 58;
+const PROTO_HOP_BY_HOP: u8 = 0;
+
+/// IPv6 neighbour discovery (router and neighbour solicitations and
+/// advertisements) and multicast listener messages. The kernel sends them
+/// for a network namespace from a socket of the namespace's creator, which
+/// for a container may be in the sandbox; without them IPv6 finds no
+/// neighbour, not even sluice's gateway. Sandboxes cannot send ICMPv6
+/// themselves (no raw or ICMP sockets), and these never leave the link:
+/// neighbour discovery has hop limit 255 (receivers drop anything else),
+/// multicast listener reports hop limit 1.
+#[inline(always)]
+fn is_ipv6_link_control(ctx: &SkBuffContext) -> bool {
+    let Ok(first) = ctx.load::<u8>(0) else { return false };
+    let (Ok(next), Ok(hops)) = (ctx.load::<u8>(6), ctx.load::<u8>(7)) else { return false };
+    if first >> 4 != 6 {
+        return false;
+    }
+    // MLD reports come behind a hop-by-hop header (router alert).
+    let (next, offset) = if next == PROTO_HOP_BY_HOP {
+        let (Ok(inner), Ok(len)) = (ctx.load::<u8>(40), ctx.load::<u8>(41)) else { return false };
+        (inner, 40 + (usize::from(len) + 1) * 8)
+    } else {
+        (next, 40)
+    };
+    if next != PROTO_ICMPV6 {
+        return false;
+    }
+    let Ok(icmp_type) = ctx.load::<u8>(offset) else { return false };
+    match icmp_type {
+        // Router/neighbour solicitation and advertisement.
+        133..=136 => hops == 255,
+        // MLD query, report, done; MLDv2 report.
+        130..=132 | 143 => hops == 1,
+        _ => false,
     }
 }
 

@@ -46,6 +46,12 @@ pub struct DaemonArgs {
     /// host's). Containers go under the cgroup parent /<instance>/containers.
     #[arg(long, value_name = "IPV4")]
     pub container_address: Option<std::net::Ipv4Addr>,
+    /// Also an IPv6 address containers reach sluice on (on the loopback
+    /// interface too), for IPv6 destinations: containers whose sockets or
+    /// networks are IPv6-only cannot reach an IPv4 address. Without it,
+    /// IPv6 sockets go to the IPv4 address, IPv4-mapped.
+    #[arg(long, value_name = "IPV6", requires = "container_address")]
+    pub container_address6: Option<std::net::Ipv6Addr>,
     /// Discover Docker containers through this Engine API socket
     /// (e.g. /run/docker.sock); needs --container-address.
     #[arg(long, value_name = "SOCKET", requires = "container_address")]
@@ -72,6 +78,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     config.redirect_listeners = args.redirect_listeners;
     config.approval_timeout = args.approval_timeout;
     config.container_address = args.container_address;
+    config.container_address6 = args.container_address6;
     config.docker_socket = args.docker;
     config.profiles_dir = args.profiles_dir;
     config.enforce_label = args.enforce_label;
