@@ -29,7 +29,7 @@ pub struct DockerEngine {
     data_root: PathBuf,
     child: Mutex<Option<Child>>,
     /// The test network (a bridge with its own subnets 10.231.N.0/24 and
-    /// fd00:231:N::/64).
+    /// `fd00:231:N::/64`).
     pub network: String,
     pub subnet: u32,
     /// The test image: curl, sh, sleep, cat.

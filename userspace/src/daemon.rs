@@ -20,6 +20,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
     audit::{Decision, DecisionLog, Kind, Verdict},
+    containers::exempt::Exemptions,
     control::{Health, RegisterRequest, SandboxStatus},
     datapath::{self, Datapath, KernelEvent, Origin},
     dns::{self, DnsPolicy, NameVerdict, Refusal, SandboxResolver, Upstream},
@@ -238,7 +239,7 @@ pub struct Daemon {
     revoked: Mutex<policy::Revoked>,
     approvals: Arc<crate::approvals::Approvals>,
     /// Containers not enforced (`--enforce-label`), mirrored in the kernel.
-    exemptions: crate::containers::exempt::Exemptions,
+    exemptions: Exemptions,
     /// Profile files as last seen (modification time, length), by sandbox.
     profile_stamps: Mutex<std::collections::HashMap<String, FileStamp>>,
 }
@@ -320,13 +321,8 @@ impl Daemon {
             .unwrap_or_default();
         let secrets = Arc::new(arc_swap::ArcSwap::from_pointee(secrets));
         log.identify_containers_with(container_identity(registry.clone(), secrets.clone()));
-        let exemptions = crate::containers::exempt::Exemptions::readopt(
-            config.exempt_file(),
-            &datapath,
-            config.enforce_label.is_some(),
-        );
         let daemon = Arc::new(Self {
-            exemptions,
+            exemptions: Exemptions::readopt(config.exempt_file(), &datapath, config.enforce_label.is_some()),
             revoked: Mutex::new(revoked),
             approvals: Arc::new(crate::approvals::Approvals::new(config.approval_timeout)),
             profile_stamps: Mutex::new(std::collections::HashMap::new()),
@@ -437,7 +433,7 @@ impl Daemon {
         &self.datapath
     }
 
-    pub fn exemptions(&self) -> &crate::containers::exempt::Exemptions {
+    pub fn exemptions(&self) -> &Exemptions {
         &self.exemptions
     }
 
@@ -1048,7 +1044,7 @@ fn container_identity(
         if !secrets.is_empty() {
             for value in info.labels.values_mut() {
                 if secrets.appears_in(value) {
-                    *value = "[withheld: holds a secret]".to_owned();
+                    "[withheld: holds a secret]".clone_into(value);
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! The container addresses on the host's loopback interface.
 //!
 //! A container in a network namespace of its own cannot reach the host's
-//! 127.0.0.1 or ::1. An address on the host's `lo` is local to the host, so
+//! 127.0.0.1 or `::1`. An address on the host's `lo` is local to the host, so
 //! a bridge-networked container reaches it through its default gateway and
 //! the host delivers it locally: no forwarding, no NAT, and the proxy sees
 //! the container's own address as the peer (which keeps flow keys apart
@@ -40,7 +40,8 @@ pub fn add(address: IpAddr, runtime_dir: &Path) -> anyhow::Result<()> {
     let record = runtime_dir.join(RECORD);
     let mut recorded = std::fs::read_to_string(&record).unwrap_or_default();
     if !recorded.lines().any(|line| line.trim() == address.to_string()) {
-        recorded.push_str(&format!("{address}\n"));
+        recorded.push_str(&address.to_string());
+        recorded.push('\n');
         std::fs::write(record, recorded)?;
     }
     Ok(())
