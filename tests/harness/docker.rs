@@ -86,7 +86,11 @@ impl DockerEngine {
             .stderr(log)
             .spawn()
             .expect("start dockerd");
-        let subnet = super::next_subnet();
+        // One subnet for every engine of this process: an engine stops when
+        // its last test ends and another may start later, and each test
+        // network takes one of the few subnets a test binary has.
+        static SUBNET: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let subnet = *SUBNET.get_or_init(super::next_subnet);
         let mut engine = Self {
             socket,
             run_dir,
@@ -177,6 +181,12 @@ impl DockerEngine {
 
     fn create_network(&self) {
         let bridge = self.bridge();
+        // An engine being stopped may still hold the bridge of this subnet.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Path::new("/sys/class/net").join(&bridge).exists() {
+            assert!(Instant::now() < deadline, "the bridge {bridge} of an earlier engine is still there");
+            thread::sleep(Duration::from_millis(50));
+        }
         let forwarding6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").unwrap_or_default();
         self.run(&[
             "network",
