@@ -667,3 +667,51 @@ fn ipv6_only_sockets_in_containers_reach_sluice_on_the_ipv6_container_address() 
     });
     assert!(!decisions.iter().any(|d| d.rule == "unknown-sandbox"), "a flow was not attributed");
 }
+
+#[test]
+fn one_profile_decides_by_container_labels() {
+    if !docker::available() {
+        return;
+    }
+    let world = World::new(true);
+    let shared = r#"
+name = "shared"
+[[rule]]
+name = "ml-web"
+action = "allow"
+hosts = ["web.test"]
+ports = [443]
+labels = { team = "ml*" }
+"#;
+    std::fs::write(world.profiles.join("shared.toml"), shared).unwrap();
+    // Discovered containers: registered with their labels.
+    let ml = world.start_container(&["sluice.profile=shared", "team=ml-research"]);
+    let web = world.start_container(&["sluice.profile=shared", "team=web"]);
+    let (ml_sandbox, web_sandbox) = (world.sandbox_of(&ml), world.sandbox_of(&web));
+    assert_eq!((ml_sandbox.profile_name.as_str(), web_sandbox.profile_name.as_str()), ("shared", "shared"));
+    world.hand_over_ca(&ml, &ml_sandbox);
+    world.hand_over_ca(&web, &web_sandbox);
+    let from_ml = world.exec_curl(&ml, "https://web.test/echo");
+    assert!(from_ml.status.success(), "{}", text(&from_ml));
+    let from_web = world.exec_curl(&web, "https://web.test/echo");
+    assert!(!from_web.status.success(), "{}", text(&from_web));
+    assert_eq!(world.web.seen().len(), 1, "only the ml container's request may arrive");
+
+    // `sluice docker run` registers before the container exists; the rule
+    // applies once discovery binds the container and its labels.
+    let mut run = std::process::Command::new(SLUICE);
+    run.args(["docker", "run", "--instance", &world.daemon.instance, "--sandbox", "dk-ml", "--profile"])
+        .arg(world.profiles.join("shared.toml"))
+        .args(["--", "--rm", "--network", &world.engine.network, "--label", "team=ml", &world.engine.image])
+        .args(["/bin/sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do /bin/curl -fsS --max-time 5 https://web.test/echo && exit 0; sleep 1; done; exit 1"])
+        .env("SLUICE_DOCKER", docker::DOCKER)
+        .env("DOCKER_HOST", format!("unix://{}", world.engine.socket.display()));
+    let output = run.output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(world.web.seen().len(), 2);
+    let decisions = world
+        .daemon
+        .wait_decisions("dk-ml relabelled", |d| has(d, "dk-ml", Kind::Lifecycle, Verdict::Info, "profile-relabelled"));
+    assert!(has(&decisions, "dk-ml", Kind::Request, Verdict::Allow, ""));
+    world.engine.run(&["rm", "-f", &ml, &web]);
+}

@@ -420,7 +420,8 @@ fn policy_test_runs_cases_a_user_can_put_in_ci() {
     let profile = dir.join("agent.toml");
     std::fs::write(
         &profile,
-        "name = \"agent\"\nbundles = [\"vcs.github.readonly\"]\n[[rule]]\nname = \"ask-posts\"\naction = \"ask\"\nhosts = [\"api.test\"]\nmethods = [\"POST\"]\n",
+        "name = \"agent\"\nbundles = [\"vcs.github.readonly\"]\n[[rule]]\nname = \"ask-posts\"\naction = \"ask\"\nhosts = [\"api.test\"]\nmethods = [\"POST\"]\n\
+         [[rule]]\nname = \"ml-models\"\naction = \"allow\"\nhosts = [\"models.test\"]\nlabels = { team = \"ml*\" }\n",
     )
     .unwrap();
     let cases = dir.join("cases.toml");
@@ -440,13 +441,24 @@ expect = "deny"
 method = "POST"
 url = "https://api.test/things"
 expect = "ask"
+[[case]]
+name = "ml-container"
+url = "https://models.test/weights"
+labels = { team = "ml-research" }
+expect = "allow"
+rule = "ml-models"
+[[case]]
+name = "web-container"
+url = "https://models.test/weights"
+labels = { team = "web" }
+expect = "deny"
 "#;
     std::fs::write(&cases, passing).unwrap();
     let run = || harness::run_sluice(&["policy", "test", profile.to_str().unwrap(), cases.to_str().unwrap()]);
     let output = run();
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{text}{output:?}");
-    assert!(text.contains("ok   clone") && text.contains("3 cases, 3 passed, 0 failed"), "{text}");
+    assert!(text.contains("ok   clone") && text.contains("5 cases, 5 passed, 0 failed"), "{text}");
 
     std::fs::write(&cases, passing.replace("expect = \"deny\"", "expect = \"allow\"")).unwrap();
     let output = run();

@@ -488,7 +488,8 @@ impl Daemon {
         container: Option<sandbox::ContainerInfo>,
     ) -> anyhow::Result<SandboxStatus> {
         sandbox::validate_name(&request.name).map_err(anyhow::Error::msg)?;
-        let (source, policy) = self.compile_source(request.profile)?;
+        let labels = container.as_ref().map(|c| c.labels.clone()).unwrap_or_default();
+        let (source, policy) = self.compile_source(request.profile, &labels)?;
         let _guard = self.registering.lock().await;
         let parent = match request.placement {
             sandbox::Placement::Host => self.config.cgroup_parent(),
@@ -749,10 +750,27 @@ impl Daemon {
         })
     }
 
+    /// Ties a sandbox to the container it enforces (registered first, as
+    /// `sluice docker run` does, then reported by the runtime). Rules with
+    /// `labels` are decided against the container's labels from now on.
+    pub async fn bind_container(&self, sandbox: &Sandbox, info: sandbox::ContainerInfo) -> anyhow::Result<()> {
+        let relabelled = sandbox.container().map(|c| c.labels).as_ref() != Some(&info.labels);
+        sandbox.set_container(info);
+        self.persist();
+        let source = sandbox.current_record().profile;
+        let profile = in_force(&source)?;
+        if relabelled && profile.rules.iter().any(|rule| rule.labels.is_some()) {
+            let policy = Policy::compile_for(&profile, &self.revoked(), &labels_of(sandbox))?;
+            self.put_in_force(sandbox.name(), source, policy, "profile-relabelled").await?;
+        }
+        Ok(())
+    }
+
     /// Replaces a sandbox's profile at runtime. A broken profile is refused
     /// and the one in force stays.
     pub async fn set_profile(&self, name: &str, source: ProfileSource) -> anyhow::Result<SandboxStatus> {
-        let (source, policy) = self.compile_source(source)?;
+        let labels = self.registry.by_name(name).map(|sandbox| labels_of(&sandbox)).unwrap_or_default();
+        let (source, policy) = self.compile_source(source, &labels)?;
         self.put_in_force(name, source, policy, "profile-changed").await
     }
 
@@ -794,9 +812,13 @@ impl Daemon {
     /// Compiles a profile source with the bundles revoked now. A file is read
     /// (includes resolved) and the source returned carries that text as its
     /// last good version.
-    fn compile_source(&self, source: ProfileSource) -> anyhow::Result<(ProfileSource, Policy)> {
+    fn compile_source(
+        &self,
+        source: ProfileSource,
+        labels: &policy::Labels,
+    ) -> anyhow::Result<(ProfileSource, Policy)> {
         let profile = source.load()?;
-        let policy = Policy::compile_revoked(&profile, &self.revoked())?;
+        let policy = Policy::compile_for(&profile, &self.revoked(), labels)?;
         let source = match source {
             ProfileSource::File { path, .. } => {
                 let path = path.canonicalize().unwrap_or(path);
@@ -830,7 +852,8 @@ impl Daemon {
             if !force && previous.is_some_and(|seen| seen == stamp) {
                 continue;
             }
-            let outcome = match self.compile_source(ProfileSource::File { path: path.clone(), text: String::new() }) {
+            let file = ProfileSource::File { path: path.clone(), text: String::new() };
+            let outcome = match self.compile_source(file, &labels_of(&sandbox)) {
                 Ok((ProfileSource::File { text: new_text, .. }, _)) if new_text == text => Ok(false),
                 Ok((source, policy)) => self
                     .put_in_force(&name, source, policy, "profile-reloaded")
@@ -881,7 +904,7 @@ impl Daemon {
             if !profile.bundles.iter().any(|b| b == bundle) {
                 continue;
             }
-            let policy = Policy::compile_revoked(&profile, &revoked)?;
+            let policy = Policy::compile_for(&profile, &revoked, &labels_of(&sandbox))?;
             let why = if revoke { "bundle-revoked" } else { "bundle-restored" };
             self.put_in_force(sandbox.name(), source, policy, why).await?;
             affected.push(sandbox.name().to_owned());
@@ -980,11 +1003,10 @@ impl Daemon {
             }
             let name = record.name.clone();
             let revoked = self.revoked();
-            let compiled = record
-                .profile
-                .load_or_last_good()
-                .map_err(anyhow::Error::from)
-                .and_then(|profile| Ok(Policy::compile_revoked(&profile, &revoked)?));
+            let compiled = record.profile.load_or_last_good().map_err(anyhow::Error::from).and_then(|profile| {
+                let labels = record.container.as_ref().map(|c| c.labels.clone()).unwrap_or_default();
+                Ok(Policy::compile_for(&profile, &revoked, &labels)?)
+            });
             let result = match compiled {
                 Ok(policy) => self.install(record, policy).await.map(|_| ()),
                 Err(error) => Err(error),
@@ -1150,6 +1172,11 @@ const PROFILE_POLL: Duration = Duration::from_millis(500);
 
 /// The profile a source has in force: for a file, its last good version
 /// (not the file as it is now).
+/// A sandbox's labels for its rules: its container's, if it has one.
+fn labels_of(sandbox: &sandbox::Sandbox) -> policy::Labels {
+    sandbox.container().map(|c| c.labels).unwrap_or_default()
+}
+
 fn in_force(source: &ProfileSource) -> anyhow::Result<policy::Profile> {
     Ok(match source {
         ProfileSource::File { path, text } => policy::parse_profile(text, &path.display().to_string())?,
@@ -1175,6 +1202,7 @@ fn remembered_rule(pending: &crate::approvals::Pending, allow: bool) -> policy::
         headers: None,
         max_body: None,
         tls: None,
+        labels: None,
         reason: Some(format!("answered by an operator (approval {})", pending.id)),
     }
 }

@@ -294,6 +294,9 @@ struct Case {
     headers: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     body_size: Option<u64>,
+    /// The sandbox's labels (a container's), for rules with `labels`.
+    #[serde(default)]
+    labels: policy::Labels,
 }
 
 fn get() -> String {
@@ -309,7 +312,7 @@ struct Cases {
 
 fn test_cases(file: &std::path::Path, cases_file: &std::path::Path) -> anyhow::Result<u8> {
     let profile = policy::load_profile(file)?;
-    let compiled = policy::Policy::compile(&profile)?;
+    let unlabelled = policy::Policy::compile(&profile)?;
     let text = std::fs::read_to_string(cases_file).with_context(|| format!("reading {}", cases_file.display()))?;
     let cases: Cases = toml::from_str(&text).map_err(|e| {
         let at = e.span().map(|s| {
@@ -323,7 +326,14 @@ fn test_cases(file: &std::path::Path, cases_file: &std::path::Path) -> anyhow::R
         let label = case.name.clone().unwrap_or_else(|| format!("case {}", index + 1));
         let expect = policy::parse_verdict(&case.expect)
             .with_context(|| format!("{label}: expect must be allow, ask or deny, not {:?}", case.expect))?;
-        let explained = policy::explain_url(&compiled, &case.method, &case.url, case.ip, &case.headers, case.body_size)
+        let labelled;
+        let compiled = if case.labels.is_empty() {
+            &unlabelled
+        } else {
+            labelled = policy::Policy::compile_for(&profile, &policy::Revoked::new(), &case.labels)?;
+            &labelled
+        };
+        let explained = policy::explain_url(compiled, &case.method, &case.url, case.ip, &case.headers, case.body_size)
             .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
         let verdict_ok = explained.effective() == expect.as_str();
         let rule_ok = case.rule.as_ref().is_none_or(|rule| *rule == explained.rule);

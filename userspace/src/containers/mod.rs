@@ -80,8 +80,7 @@ async fn try_started(daemon: &Daemon, found: &Discovered) -> anyhow::Result<()> 
     while dir != parent {
         if let Some(sandbox) = cgroup::id(dir).ok().and_then(|id| daemon.registry().by_cgroup(id)) {
             if sandbox.container().as_ref() != Some(&found.info) {
-                sandbox.set_container(found.info.clone());
-                daemon.persist();
+                daemon.bind_container(&sandbox, found.info.clone()).await?;
                 let mut decision = Decision::new(
                     Kind::Lifecycle,
                     Verdict::Info,

@@ -214,12 +214,18 @@ struct Source<'a> {
 impl Policy {
     /// Validates `profile` (as the parser does) and builds its matchers.
     pub fn compile(profile: &Profile) -> Result<Policy, PolicyError> {
-        Self::compile_located(profile, &format!("profile {:?}", profile.name), &|_| None, &Revoked::default())
+        Self::compile_for(profile, &Revoked::default(), &Labels::new())
     }
 
     /// `compile` without the rules of revoked bundles.
     pub fn compile_revoked(profile: &Profile, revoked: &Revoked) -> Result<Policy, PolicyError> {
-        Self::compile_located(profile, &format!("profile {:?}", profile.name), &|_| None, revoked)
+        Self::compile_for(profile, revoked, &Labels::new())
+    }
+
+    /// The policy of a sandbox carrying `labels`: without the rules of
+    /// revoked bundles, and without the rules whose `labels` it lacks.
+    pub fn compile_for(profile: &Profile, revoked: &Revoked, labels: &Labels) -> Result<Policy, PolicyError> {
+        Self::compile_located(profile, &format!("profile {:?}", profile.name), &|_| None, revoked, labels)
     }
 
     /// `compile` with errors that name the file the profile came from and
@@ -229,6 +235,7 @@ impl Policy {
         origin: &str,
         locate_rule: &dyn Fn(usize) -> Option<Location>,
         revoked: &Revoked,
+        labels: &Labels,
     ) -> Result<Policy, PolicyError> {
         profile.check().map_err(|problem| PolicyError::from_problem(origin, locate_rule, problem))?;
         if !profile.include.is_empty() {
@@ -288,7 +295,14 @@ impl Policy {
                 Action::Ask => format!("rule {name} asks an operator"),
                 Action::Deny => format!("denied by rule {name}"),
             });
+            // A rule for other labels is still checked, but never a
+            // candidate: no index knows it.
+            let applies = match &spec.labels {
+                Some(wanted) => labels_match(wanted, labels).map_err(&rule_error)?,
+                None => true,
+            };
             match &spec.hosts {
+                _ if !applies => {}
                 None => match spec.ips.as_deref() {
                     // Indexed by address, so that many IP rules are not each
                     // checked on every decision.
@@ -539,6 +553,25 @@ fn compile_headers(wanted: &std::collections::BTreeMap<String, String>) -> Resul
 
 /// Bundles taken away from every sandbox (`sluice policy revoke`).
 pub type Revoked = std::collections::BTreeSet<String>;
+
+/// A sandbox's labels (a container's labels), for rules' `labels`.
+pub type Labels = std::collections::BTreeMap<String, String>;
+
+/// Whether `labels` has every wanted label, its value matching the glob
+/// (`"*"`: any value).
+fn labels_match(wanted: &Labels, labels: &Labels) -> Result<bool, String> {
+    for (name, glob) in wanted {
+        let matcher = GlobBuilder::new(glob)
+            .literal_separator(false)
+            .build()
+            .map_err(|e| format!("label {name:?} value {glob:?}: {e}"))?
+            .compile_matcher();
+        if !labels.get(name).is_some_and(|value| matcher.is_match(value)) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
 
 /// A host list with `@alias` entries replaced by the profile's patterns.
 fn resolve_aliases<'p>(

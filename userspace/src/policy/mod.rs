@@ -40,7 +40,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use compile::{ConnectQuery, Decision, Policy, RequestInfo, Revoked, Verdict};
+pub use compile::{ConnectQuery, Decision, Labels, Policy, RequestInfo, Revoked, Verdict};
 pub use error::{Location, PolicyError, RuleRef};
 pub use explain::{explain_url, parse_verdict, Explanation, ASSUMED_IP};
 pub use model::{
@@ -57,7 +57,7 @@ pub const BUILTIN_DEFAULT_TOML: &str = include_str!("default.toml");
 pub fn parse_profile(text: &str, origin: &str) -> Result<Profile, PolicyError> {
     let profile = parse_unresolved(text, origin)?;
     // Compiling is cheap and is the only way to be sure every check ran.
-    Policy::compile_located(&profile, origin, &|index| locate_rule(text, index), &Revoked::default())?;
+    Policy::compile_located(&profile, origin, &|index| locate_rule(text, index), &Revoked::default(), &Labels::new())?;
     Ok(profile)
 }
 
@@ -90,7 +90,13 @@ pub fn load_profile(path: &Path) -> Result<Profile, PolicyError> {
     let profile = load_resolved(path, &mut chain)?;
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    Policy::compile_located(&profile, &origin, &|index| locate_rule(&text, index), &Revoked::default())?;
+    Policy::compile_located(
+        &profile,
+        &origin,
+        &|index| locate_rule(&text, index),
+        &Revoked::default(),
+        &Labels::new(),
+    )?;
     Ok(profile)
 }
 
@@ -652,6 +658,56 @@ ports = [443]
         let profile = builtin_default();
         let text = toml::to_string(&profile).unwrap();
         assert_eq!(parse_profile(&text, "round-trip").unwrap(), profile);
+    }
+
+    #[test]
+    fn label_rules_belong_only_to_sandboxes_with_those_labels() {
+        let text = r#"
+name = "shared"
+[[rule]]
+name = "ml-models"
+action = "allow"
+hosts = ["models.test"]
+labels = { team = "ml", tier = "*" }
+[[rule]]
+name = "no-prod-writes"
+action = "deny"
+hosts = ["*.test"]
+methods = ["POST"]
+labels = { env = "prod*" }
+[[rule]]
+name = "everyone"
+action = "allow"
+hosts = ["*.test"]
+"#;
+        let profile = parse_profile(text, "t.toml").unwrap();
+        let for_labels = |pairs: &[(&str, &str)]| {
+            let labels: Labels = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+            Policy::compile_for(&profile, &Revoked::new(), &labels).unwrap()
+        };
+        let post = |p: &Policy| {
+            let q = ConnectQuery { host: Some("api.test"), ip: ip("198.18.0.1"), port: 443 };
+            p.evaluate_request(&q, &RequestInfo::simple("POST", "/", Scheme::Https)).rule.to_string()
+        };
+        let ml = for_labels(&[("team", "ml"), ("tier", "gpu"), ("env", "production")]);
+        assert_eq!(eval(&ml, Some("models.test"), "198.18.0.1", 443), allow("ml-models"));
+        assert_eq!(post(&ml), "no-prod-writes");
+        // `tier` missing: the ml rule is not theirs; the shared one decides.
+        let no_tier = for_labels(&[("team", "ml")]);
+        assert_eq!(eval(&no_tier, Some("models.test"), "198.18.0.1", 443), allow("everyone"));
+        assert_eq!(post(&no_tier), "everyone");
+        let unlabelled = Policy::compile(&profile).unwrap();
+        assert_eq!(eval(&unlabelled, Some("models.test"), "198.18.0.1", 443), allow("everyone"));
+        let staging = for_labels(&[("team", "web"), ("env", "staging")]);
+        assert_eq!(post(&staging), "everyone");
+        // A rule for other labels is still checked.
+        let error = parse_profile(
+            "name = \"b\"\n[[rule]]\naction = \"allow\"\nhosts = [\"a.test\"]\nlabels = { team = \"[ml\" }\n",
+            "b.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("b.toml:2:1") && error.contains("label \"team\""), "{error}");
     }
 
     // --- properties -------------------------------------------------------

@@ -125,6 +125,12 @@ pub struct RuleSpec {
     /// mTLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsMode>,
+    /// Labels the sandbox must carry (a container's labels), by name, with
+    /// a value glob (`"*"`: any value). The rule is part of the policy of
+    /// sandboxes that have them, and of no other: one profile can serve
+    /// containers that differ by label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
     /// Shown in decisions; a generic text is used when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
