@@ -16,8 +16,9 @@ use std::{
 };
 
 use harness::{
+    cni::{self, CniNetwork},
     dns::TestDns,
-    docker::{self, DockerEngine},
+    docker::{self, Containerd, DockerEngine},
     web::{TestCa, WebServer},
     Daemon, EchoServer, TestNet, SLUICE,
 };
@@ -56,14 +57,16 @@ ports = [443]
 "#;
 
 /// A TLS upstream `web.test` and a canary `canary.test` in a test network,
-/// a DNS server for both, a Docker engine, and a daemon that enforces the
-/// engine's containers under its container parent.
+/// a DNS server for both, a Docker engine (and a containerd), and a daemon
+/// that enforces their containers under its container parent.
 struct World {
     net: TestNet,
     web: WebServer,
     canary: EchoServer,
     _dns: TestDns,
     engine: Arc<DockerEngine>,
+    /// Dropped before the daemon: its containers go first.
+    containerd: Option<Containerd>,
     daemon: Daemon,
     profiles: PathBuf,
     ca: TestCa,
@@ -77,6 +80,16 @@ impl World {
     /// A world whose daemon gets `extra` arguments too, and an IPv6
     /// container address if `ipv6`.
     fn with(discover: bool, ipv6: bool, extra: &[&str]) -> Self {
+        Self::start(discover, ipv6, false, extra)
+    }
+
+    /// A daemon that discovers the containers of a containerd of the
+    /// world's own (and not the Docker engine's).
+    fn with_containerd() -> Self {
+        Self::start(false, false, true, &[])
+    }
+
+    fn start(discover_docker: bool, ipv6: bool, discover_containerd: bool, extra: &[&str]) -> Self {
         let net = TestNet::new();
         let ca = TestCa::new();
         let web = WebServer::start(&net, SocketAddr::new(net.v4(2), 443), Some(ca.server_config(&["web.test"], false)));
@@ -101,15 +114,60 @@ impl World {
             "--profiles-dir".to_owned(),
             profiles.display().to_string(),
         ];
-        if discover {
+        if discover_docker {
             args.extend(["--docker".to_owned(), engine.socket.display().to_string()]);
         }
         if ipv6 {
             args.extend(["--container-address6".to_owned(), docker::container_address6(&net).to_string()]);
         }
         args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        let containerd = discover_containerd.then(|| Containerd::start(&engine));
+        if let Some(containerd) = &containerd {
+            args.extend(["--containerd-socket".to_owned(), containerd.socket().display().to_string()]);
+            args.extend(["--containerd-namespace".to_owned(), containerd.namespace.clone()]);
+        }
         let daemon = Daemon::start_configured(Some(dns.addr), Some(&ca.cert_pem), None, args);
-        Self { net, web, canary, _dns: dns, engine, daemon, profiles, ca }
+        Self { net, web, canary, _dns: dns, engine, containerd, daemon, profiles, ca }
+    }
+
+    fn containerd(&self) -> &Containerd {
+        self.containerd.as_ref().expect("a world with a containerd")
+    }
+
+    /// `ctr run -d` of container `id` under the daemon's container parent,
+    /// in a network namespace of its own on `network` (else the host's),
+    /// with the directory `share(id)` mounted at /etc/sluice.
+    fn ctr_run(&self, id: &str, network: Option<&CniNetwork>, labels: &[&str]) {
+        let cgroup = format!("/{}/containers/{id}", self.daemon.instance);
+        std::fs::create_dir_all(self.share(id)).unwrap();
+        let mount = format!("type=bind,src={},dst=/etc/sluice,options=rbind:ro", self.share(id).display());
+        let mut options = vec!["--mount".to_owned(), mount];
+        if let Some(network) = network {
+            options.extend(["--with-ns".to_owned(), format!("network:{}", network.attach(id).display())]);
+        } else {
+            options.push("--net-host".to_owned());
+        }
+        for label in labels {
+            options.extend(["--label".to_owned(), (*label).to_owned()]);
+        }
+        self.containerd().run_detached(id, &cgroup, &options.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    /// A host directory a containerd container sees at /etc/sluice.
+    fn share(&self, id: &str) -> PathBuf {
+        self.profiles.join(format!("share-{id}"))
+    }
+
+    /// Gives a containerd container its sandbox's trust bundle, through
+    /// its /etc/sluice mount.
+    fn hand_over_ca_ctr(&self, id: &str, sandbox: &SandboxStatus) {
+        std::fs::copy(&sandbox.record.ca_bundle, self.share(id).join("ca.pem")).unwrap();
+    }
+
+    /// curl from a `ctr task exec` process in container `id`.
+    fn ctr_curl(&self, id: &str, url: &str) -> Output {
+        let curl = ["/bin/curl", "-fsS", "--max-time", "10", "--cacert", "/etc/sluice/ca.pem", url];
+        self.containerd().exec(id, &curl)
     }
 
     fn cgroup_parent(&self) -> String {
@@ -419,11 +477,10 @@ fn a_container_sluice_has_not_registered_is_denied_as_unknown() {
     });
 }
 
-/// containerd has no discovery in sluice yet: a sandbox registered through
-/// the API (as `sluice docker run` does) gives `ctr run --cgroup` containers
-/// below its cgroup their identity from the first instruction. Host
-/// networking, so no CNI set-up is needed: the container reaches the
-/// container address as a host address.
+/// Without containerd discovery: a sandbox registered through the API (as
+/// `sluice docker run` does) gives `ctr run --cgroup` containers below its
+/// cgroup their identity from the first instruction. Host networking: the
+/// container reaches the container address as a host address.
 #[test]
 fn ctr_run_containers_are_enforced_under_a_registered_sandbox() {
     if !docker::available() {
@@ -714,4 +771,105 @@ labels = { team = "ml*" }
         .wait_decisions("dk-ml relabelled", |d| has(d, "dk-ml", Kind::Lifecycle, Verdict::Info, "profile-relabelled"));
     assert!(has(&decisions, "dk-ml", Kind::Request, Verdict::Allow, ""));
     world.engine.run(&["rm", "-f", &ml, &web]);
+}
+
+fn containerd_available() -> bool {
+    if !docker::available() {
+        return false;
+    }
+    if !std::path::Path::new(docker::CTR).exists() {
+        eprintln!("SKIPPED: needs {} (docker.io brings containerd)", docker::CTR);
+        return false;
+    }
+    cni::available()
+}
+
+/// Plain `ctr run` containers under the container parent, never registered
+/// through the API, in network namespaces of their own set up by CNI: found
+/// through containerd's API, enforced by their labels (the same URL allowed
+/// for one, denied for the other), and torn down when their task exits.
+#[test]
+fn containerd_containers_are_discovered_and_enforced_by_label() {
+    if !containerd_available() {
+        return;
+    }
+    let world = World::with_containerd();
+    let network = CniNetwork::new(&world.profiles, &world.net, docker::container_address(&world.net));
+    world.ctr_run("open", Some(&network), &["sluice.profile=web"]);
+    world.ctr_run("closed", Some(&network), &["sluice.profile=closed", "team=research"]);
+    let open = world.sandbox_of("open");
+    let closed = world.sandbox_of("closed");
+    let info = closed.record.container.clone().unwrap();
+    assert_eq!(info.runtime, "containerd");
+    assert_eq!(info.namespace, world.containerd().namespace);
+    assert_eq!(info.image, world.containerd().image);
+    assert_eq!(info.labels.get("team").map(String::as_str), Some("research"));
+    assert_eq!(closed.record.name, "closed");
+    let parent = format!("{}/containers/closed", world.daemon.instance);
+    assert!(closed.record.cgroup.ends_with(&parent), "{:?}", closed.record.cgroup);
+    world.hand_over_ca_ctr("open", &open);
+    world.hand_over_ca_ctr("closed", &closed);
+
+    let from_open = world.ctr_curl("open", "https://web.test/echo");
+    assert!(from_open.status.success(), "{}", text(&from_open));
+    assert!(text(&from_open).contains("host=web.test"), "{}", text(&from_open));
+    let from_closed = world.ctr_curl("closed", "https://web.test/echo");
+    assert!(!from_closed.status.success(), "{}", text(&from_closed));
+    let canary = world.ctr_curl("open", "https://canary.test/");
+    assert!(!canary.status.success(), "{}", text(&canary));
+    let canary_ip = world.ctr_curl("open", &format!("https://{}/", world.net.v4(3)));
+    assert!(!canary_ip.status.success(), "{}", text(&canary_ip));
+    assert_eq!(world.canary.accepted(), 0, "the canary was reached");
+    assert_eq!(world.web.seen().len(), 1, "only the open container's request may arrive");
+    let decisions = world.daemon.wait_decisions("the containers' allow and denials", |d| {
+        has(d, "open", Kind::Request, Verdict::Allow, "")
+            && (has(d, "closed", Kind::Dns, Verdict::Deny, "") || has(d, "closed", Kind::Connect, Verdict::Deny, ""))
+            && has(d, "open", Kind::Connect, Verdict::Deny, "")
+    });
+    assert!(!decisions.iter().any(|d| d.rule == "unknown-sandbox"), "a container was not attributed");
+
+    // The task ends: its sandbox goes, and the audit log says why.
+    let killed = world.containerd().ctr().args(["task", "kill", "-s", "SIGKILL", "open"]).output().unwrap();
+    assert!(killed.status.success(), "{}", text(&killed));
+    world.daemon.wait_decisions("the open container's sandbox removed", |d| {
+        has(d, "open", Kind::Lifecycle, Verdict::Info, "container-stopped")
+            && has(d, "open", Kind::Lifecycle, Verdict::Info, "removed")
+    });
+    let left: Vec<String> = world.daemon.statuses().into_iter().map(|s| s.record.name).collect();
+    assert_eq!(left, ["closed"]);
+}
+
+/// A restarted daemon takes a running containerd container's sandbox over
+/// as it was, and finds the one started while it was down (which could
+/// reach nothing meanwhile).
+#[test]
+fn containerd_containers_are_rediscovered_after_a_restart() {
+    if !containerd_available() {
+        return;
+    }
+    let mut world = World::with_containerd();
+    world.ctr_run("before", None, &["sluice.profile=web"]);
+    let registered = world.sandbox_of("before");
+
+    world.daemon.kill();
+    world.ctr_run("during", None, &["sluice.profile=web"]);
+    std::fs::copy(&registered.record.ca_bundle, world.share("during").join("ca.pem")).unwrap();
+    let offline = world.ctr_curl("during", "https://web.test/down");
+    assert!(!offline.status.success(), "{}", text(&offline));
+    assert!(world.web.seen().is_empty(), "the upstream was reached while sluice was down");
+
+    world.daemon.restart();
+    let again = world.sandbox_of("before");
+    assert_eq!(again.record.cgroup_id, registered.record.cgroup_id);
+    assert_eq!(again.record.dns_port, registered.record.dns_port);
+    assert_eq!(again.record.name, registered.record.name);
+    let found = world.sandbox_of("during");
+    world.hand_over_ca_ctr("before", &again);
+    world.hand_over_ca_ctr("during", &found);
+    for id in ["before", "during"] {
+        let output = world.ctr_curl(id, "https://web.test/echo");
+        assert!(output.status.success(), "{id}: {}", text(&output));
+    }
+    assert_eq!(world.web.seen().len(), 2);
+    assert_eq!(world.canary.accepted(), 0);
 }

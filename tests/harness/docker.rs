@@ -295,7 +295,9 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start(docker: &DockerEngine) -> Self {
-        let pid = std::process::id();
+        // Unique per containerd: tests of one process may run several at once.
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let pid = format!("{}-{}", std::process::id(), STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let dir = PathBuf::from(format!("/run/sluice-test-containerd-{pid}"));
         let root = PathBuf::from(format!("/var/lib/sluice-test-containerd-{pid}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -331,10 +333,41 @@ impl Containerd {
         containerd
     }
 
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    /// `ctr run -d` of the test image running `sleep 300` as container `id`
+    /// in cgroup `cgroup`, with more `ctr run` options (labels, network,
+    /// mounts).
+    pub fn run_detached(&self, id: &str, cgroup: &str, options: &[&str]) {
+        let output = self
+            .ctr()
+            .args(["run", "-d", "--null-io", "--cgroup", cgroup])
+            .args(options)
+            .args([&self.image, id, "/bin/sleep", "300"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "ctr run {id}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// `ctr task exec` of `command` in container `id`.
+    pub fn exec(&self, id: &str, command: &[&str]) -> Output {
+        static EXECS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let exec_id = format!("exec-{}", EXECS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        self.ctr()
+            .args(["task", "exec", "--exec-id", &exec_id, id])
+            .args(command)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
     /// `ctr` for this containerd and namespace.
     pub fn ctr(&self) -> Command {
         let mut command = Command::new(CTR);
-        command.arg("--address").arg(self.dir.join("containerd.sock")).args(["--namespace", &self.namespace]);
+        command.arg("--address").arg(self.socket()).args(["--namespace", &self.namespace]);
         command
     }
 }

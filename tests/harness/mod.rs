@@ -7,6 +7,7 @@
 //! `fd00:231:N::/64`).
 #![allow(dead_code)]
 
+pub mod cni;
 pub mod dns;
 pub mod docker;
 pub mod web;
@@ -48,13 +49,13 @@ pub fn privileged() -> bool {
     true
 }
 
-/// A subnet octet no other test in this run uses: ten per process, spread
-/// by pid so two test binaries never collide.
+/// A subnet octet no other test in this run uses: twenty per process,
+/// spread by pid so two test binaries never collide.
 fn next_subnet() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    assert!(n < 10, "more than ten test networks in one test binary");
-    (std::process::id() % 24) * 10 + n + 10
+    assert!(n < 20, "more than twenty test networks in one test binary");
+    (std::process::id() % 12) * 20 + n + 10
 }
 
 /// A daemon instance name unique on this machine.

@@ -79,6 +79,10 @@ pub struct DaemonConfig {
     pub container_address6: Option<Ipv6Addr>,
     /// Docker Engine API socket to discover containers from.
     pub docker_socket: Option<PathBuf>,
+    /// containerd socket to discover containers from, and the namespaces
+    /// followed there.
+    pub containerd_socket: Option<PathBuf>,
+    pub containerd_namespaces: crate::containers::containerd::Namespaces,
     /// Profiles (`NAME.toml`) that a container's `sluice.profile=NAME`
     /// label selects.
     pub profiles_dir: Option<PathBuf>,
@@ -128,6 +132,8 @@ impl DaemonConfig {
             container_address: None,
             container_address6: None,
             docker_socket: None,
+            containerd_socket: None,
+            containerd_namespaces: crate::containers::containerd::Namespaces::default(),
             profiles_dir: None,
             enforce_label: None,
         })
@@ -380,6 +386,13 @@ impl Daemon {
                 bail!("discovering Docker containers needs a container address (--container-address)");
             }
             self.spawn(crate::containers::docker::watch(self.clone(), socket));
+        }
+        if let Some(socket) = self.config.containerd_socket.clone() {
+            if self.container_target.is_none() {
+                bail!("discovering containerd containers needs a container address (--container-address)");
+            }
+            let namespaces = self.config.containerd_namespaces.clone();
+            self.spawn(crate::containers::containerd::watch(self.clone(), socket, namespaces));
         }
         Ok(())
     }

@@ -42,12 +42,15 @@ fn nightly_rust_src() -> anyhow::Result<()> {
     run_command(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
-/// Debian packages: LLVM for bpf-linker; iproute2, curl, python3 and dig for
-/// the tests' network namespaces and clients; iptables for the REDIRECT path;
-/// docker.io for container tests.
+/// Debian packages: LLVM for bpf-linker; protoc for the containerd client's
+/// generated code; iproute2, curl, python3 and dig for the tests' network
+/// namespaces and clients; iptables for the REDIRECT path; docker.io and the
+/// CNI plugins for container tests.
 fn apt_packages() -> anyhow::Result<()> {
     let wanted = [
         (format!("llvm-{LLVM}-dev"), format!("/usr/lib/llvm-{LLVM}/bin/llvm-config")),
+        // containerd-client's build script compiles containerd's API with it.
+        ("protobuf-compiler".to_owned(), "/usr/bin/protoc".to_owned()),
         ("iproute2".to_owned(), "/usr/bin/ip".to_owned()),
         ("curl".to_owned(), "/usr/bin/curl".to_owned()),
         ("dnsutils".to_owned(), "/usr/bin/dig".to_owned()),
@@ -56,6 +59,8 @@ fn apt_packages() -> anyhow::Result<()> {
         // test harness starts itself.
         ("docker.io".to_owned(), "/usr/sbin/dockerd".to_owned()),
         ("iptables".to_owned(), "/usr/sbin/iptables".to_owned()),
+        // containerd containers in network namespaces of their own.
+        ("containernetworking-plugins".to_owned(), "/usr/lib/cni/bridge".to_owned()),
     ];
     let missing: Vec<&str> = wanted
         .iter()

@@ -3,6 +3,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::Args;
 
 use super::InstanceArgs;
+use crate::containers::containerd::{self, Namespaces};
 use crate::daemon::{Daemon, DaemonConfig, RedirectListener, DEFAULT_DNS_PORT, DEFAULT_PROXY_PORT};
 
 #[derive(Debug, Args)]
@@ -56,6 +57,15 @@ pub struct DaemonArgs {
     /// (e.g. /run/docker.sock); needs --container-address.
     #[arg(long, value_name = "SOCKET", requires = "container_address")]
     pub docker: Option<PathBuf>,
+    /// Discover containerd containers through this socket; default
+    /// /run/containerd/containerd.sock when it exists and there is a
+    /// --container-address.
+    #[arg(long, value_name = "SOCKET", requires = "container_address")]
+    pub containerd_socket: Option<PathBuf>,
+    /// Follow only this containerd namespace (repeatable); default: every
+    /// namespace but Docker's own (`moby`), whose containers --docker finds.
+    #[arg(long = "containerd-namespace", value_name = "NAME")]
+    pub containerd_namespaces: Vec<String>,
     /// Profiles a container's `sluice.profile=NAME` label selects (NAME.toml).
     #[arg(long, value_name = "DIR")]
     pub profiles_dir: Option<PathBuf>,
@@ -80,6 +90,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     config.container_address = args.container_address;
     config.container_address6 = args.container_address6;
     config.docker_socket = args.docker;
+    config.containerd_socket = containerd_socket(args.containerd_socket, args.container_address.is_some());
+    config.containerd_namespaces = Namespaces(args.containerd_namespaces);
     config.profiles_dir = args.profiles_dir;
     config.enforce_label = args.enforce_label;
     if let Some(path) = args.decision_log {
@@ -115,4 +127,20 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     daemon.stop();
     tracing::info!("stopped; sandboxes stay cut off until a daemon restarts (or `sluice teardown`)");
     Ok(())
+}
+
+/// The containerd socket to follow: the one named (discovery waits for it
+/// if it is not there yet), else the default one if it exists.
+fn containerd_socket(named: Option<PathBuf>, containers: bool) -> Option<PathBuf> {
+    if let Some(socket) = named {
+        if !socket.exists() {
+            tracing::warn!(
+                socket = %socket.display(),
+                "--containerd-socket does not exist (is containerd running?); discovery retries until it does"
+            );
+        }
+        return Some(socket);
+    }
+    let default = PathBuf::from(containerd::DEFAULT_SOCKET);
+    (containers && default.exists()).then_some(default)
 }

@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
@@ -24,18 +24,7 @@ const RUNTIME: &str = "docker";
 /// reconnects when the engine goes away (containers keep being enforced
 /// meanwhile: unknown ones are denied).
 pub async fn watch(daemon: Arc<Daemon>, socket: PathBuf) {
-    let mut reported = false;
-    loop {
-        if let Err(error) = follow(&daemon, &socket).await {
-            if !reported {
-                tracing::warn!(socket = %socket.display(), error = %format!("{error:#}"), "Docker discovery interrupted; retrying");
-                reported = true;
-            }
-        } else {
-            reported = false;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    super::keep_following(RUNTIME, &socket, || follow(&daemon, &socket)).await;
 }
 
 async fn follow(daemon: &Daemon, socket: &Path) -> anyhow::Result<()> {
@@ -81,8 +70,8 @@ async fn follow(daemon: &Daemon, socket: &Path) -> anyhow::Result<()> {
                     super::started(daemon, found).await;
                 }
             }
-            "die" => super::stopped(daemon, RUNTIME, &id, "stopped").await,
-            "destroy" => super::stopped(daemon, RUNTIME, &id, "was removed").await,
+            "die" => super::stopped(daemon, RUNTIME, "", &id, "stopped").await,
+            "destroy" => super::stopped(daemon, RUNTIME, "", &id, "was removed").await,
             _ => {}
         }
     }

@@ -118,9 +118,11 @@ impl Exemptions {
     }
 
     /// The exemption of a container by runtime and id.
-    pub fn of_container(&self, runtime: &str, id: &str) -> Option<Exemption> {
+    pub fn of_container(&self, runtime: &str, namespace: &str, id: &str) -> Option<Exemption> {
         let held = self.held.lock().expect("lock poisoned");
-        held.values().find(|e| e.container.runtime == runtime && e.container.id == id).cloned()
+        held.values()
+            .find(|e| e.container.runtime == runtime && e.container.namespace == namespace && e.container.id == id)
+            .cloned()
     }
 
     pub fn list(&self) -> Vec<Exemption> {

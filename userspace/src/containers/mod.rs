@@ -9,13 +9,16 @@
 //! when the container stops. With `--enforce-label` a container without
 //! the label is exempted instead ([`exempt`]).
 
+pub mod containerd;
 pub mod docker;
 pub mod exempt;
 pub mod host_address;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
+    future::Future,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -79,7 +82,13 @@ async fn try_started(daemon: &Daemon, found: &Discovered) -> anyhow::Result<()> 
     let mut dir = absolute.as_path();
     while dir != parent {
         if let Some(sandbox) = cgroup::id(dir).ok().and_then(|id| daemon.registry().by_cgroup(id)) {
-            if sandbox.container().as_ref() != Some(&found.info) {
+            let bound = sandbox.container();
+            // Docker runs its containers through containerd, which reports
+            // them again: the first runtime to bind a sandbox keeps it.
+            if bound.as_ref().is_some_and(|bound| bound.runtime != found.info.runtime) {
+                return Ok(());
+            }
+            if bound.as_ref() != Some(&found.info) {
                 daemon.bind_container(&sandbox, found.info.clone()).await?;
                 let mut decision = Decision::new(
                     Kind::Lifecycle,
@@ -133,8 +142,10 @@ fn exempt(daemon: &Daemon, found: &Discovered, cgroup: PathBuf, cgroup_id: u64, 
 
 /// The container stopped or was removed: its sandbox goes (CA, placeholders,
 /// resolver, map entries), or its exemption, and the audit log says so.
-pub async fn stopped(daemon: &Daemon, runtime: &str, id: &str, why: &str) {
-    if let Some(exemption) = daemon.exemptions().of_container(runtime, id) {
+/// `namespace` is containerd's (empty for Docker): ids are unique only
+/// within one.
+pub async fn stopped(daemon: &Daemon, runtime: &str, namespace: &str, id: &str, why: &str) {
+    if let Some(exemption) = daemon.exemptions().of_container(runtime, namespace, id) {
         if let Err(error) = daemon.datapath().unexempt(exemption.cgroup_id) {
             tracing::error!(container = %exemption.container.describe(), %error, "could not remove an exemption");
             return;
@@ -154,7 +165,7 @@ pub async fn stopped(daemon: &Daemon, runtime: &str, id: &str, why: &str) {
         .registry()
         .list()
         .into_iter()
-        .find(|s| s.container().is_some_and(|c| c.runtime == runtime && c.id == id))
+        .find(|s| s.container().is_some_and(|c| c.runtime == runtime && c.namespace == namespace && c.id == id))
     else {
         return;
     };
@@ -177,22 +188,46 @@ pub async fn stopped(daemon: &Daemon, runtime: &str, id: &str, why: &str) {
 /// Sandboxes that are still registered stay as they are (same cgroup, CA
 /// and resolver), so a restarted daemon disturbs no container.
 pub async fn reconcile(daemon: &Daemon, runtime: &str, running: Vec<Discovered>) {
-    let ids: std::collections::HashSet<String> = running.iter().map(|found| found.info.id.clone()).collect();
+    let ids: HashSet<(String, String)> =
+        running.iter().map(|found| (found.info.namespace.clone(), found.info.id.clone())).collect();
     for found in running {
         started(daemon, found).await;
     }
     for sandbox in daemon.registry().list() {
         if let Some(info) = sandbox.container() {
-            if info.runtime == runtime && !ids.contains(&info.id) {
-                stopped(daemon, runtime, &info.id, "is no longer running").await;
+            if info.runtime == runtime && !ids.contains(&(info.namespace.clone(), info.id.clone())) {
+                stopped(daemon, runtime, &info.namespace, &info.id, "is no longer running").await;
             }
         }
     }
     for exemption in daemon.exemptions().list() {
         let info = &exemption.container;
-        if info.runtime == runtime && !ids.contains(&info.id) {
-            stopped(daemon, runtime, &info.id, "is no longer running").await;
+        if info.runtime == runtime && !ids.contains(&(info.namespace.clone(), info.id.clone())) {
+            stopped(daemon, runtime, &info.namespace, &info.id, "is no longer running").await;
         }
+    }
+}
+
+/// Runs `follow` (connect to a runtime, reconcile, follow its events) again
+/// a second after each time it ends, until the daemon stops: containers
+/// keep being enforced meanwhile (unknown ones are denied). An error is
+/// logged once until a connection works again.
+async fn keep_following<F, Fut>(runtime: &str, socket: &Path, mut follow: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let mut reported = false;
+    loop {
+        if let Err(error) = follow().await {
+            if !reported {
+                tracing::warn!(runtime, socket = %socket.display(), error = %format!("{error:#}"), "container discovery interrupted; retrying");
+                reported = true;
+            }
+        } else {
+            reported = false;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
