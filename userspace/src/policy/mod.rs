@@ -720,7 +720,49 @@ hosts = ["*.test"]
         labels.join(".")
     }
 
+    /// Independent oracle for host globs: `*` and `?` never take a '.'.
+    fn glob_oracle(pattern: &[u8], name: &[u8]) -> bool {
+        match (pattern.first(), name.first()) {
+            (None, _) => name.is_empty(),
+            (Some(b'*'), _) => {
+                glob_oracle(&pattern[1..], name)
+                    || (name.first().is_some_and(|&c| c != b'.') && glob_oracle(pattern, &name[1..]))
+            }
+            (Some(b'?'), Some(&c)) => c != b'.' && glob_oracle(&pattern[1..], &name[1..]),
+            (Some(&p), Some(&c)) => p == c && glob_oracle(&pattern[1..], &name[1..]),
+            (Some(_), None) => false,
+        }
+    }
+
     proptest! {
+        #[test]
+        fn host_glob_rule_matches_exactly_what_it_says(
+            pattern in prop::collection::vec("[ab*?-]{1,4}", 1..4),
+            name in prop::collection::vec("[ab-]{1,5}", 1..4),
+            among_others in 0usize..300,
+        ) {
+            let mut pattern = pattern.join(".");
+            while pattern.contains("**") {
+                pattern = pattern.replace("**", "*");
+            }
+            let name = name.join(".");
+            let expected = match pattern.strip_prefix("*.") {
+                _ if pattern == "*" => true,
+                // `*.suffix` with a literal suffix: subdomains at any depth.
+                Some(suffix) if !suffix.contains(['*', '?']) => name.ends_with(&format!(".{suffix}")),
+                _ => glob_oracle(pattern.as_bytes(), name.as_bytes()),
+            };
+            // The rule sits among other globs (sharing prefixes and
+            // suffixes with it) that deny, so the index must pick it out.
+            let mut text = format!("name = \"p\"\n[[rule]]\nname = \"r\"\naction = \"allow\"\nhosts = [\"{pattern}\"]\n");
+            for i in 0..among_others {
+                text.push_str(&format!("[[rule]]\naction = \"deny\"\nhosts = [\"a{i}*.b\", \"*{i}-b.a\"]\n"));
+            }
+            let p = policy(&text);
+            let got = p.evaluate(&ConnectQuery { host: Some(&name), ip: IpAddr::V4(Ipv4Addr::LOCALHOST), port: 1 });
+            prop_assert_eq!(got.verdict == Verdict::Allow, expected, "{} vs {}: {}", name, pattern, got.rule);
+        }
+
         #[test]
         fn subdomain_rule_matches_exactly_names_under_the_suffix(
             suffix in prop::collection::vec(label(), 1..3),
