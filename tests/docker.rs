@@ -193,10 +193,17 @@ impl World {
 
     /// The same on another network (`host`, `none`).
     fn sluice_docker_run_on(&self, network: &str, profile: &str, sandbox: &str, command: &[&str]) -> Output {
+        self.sluice_docker_run_with(&["--network", network], profile, sandbox, command)
+    }
+
+    /// The same with these `docker run` arguments (a network at least).
+    fn sluice_docker_run_with(&self, docker_args: &[&str], profile: &str, sandbox: &str, command: &[&str]) -> Output {
         let mut run = std::process::Command::new(SLUICE);
         run.args(["docker", "run", "--instance", &self.daemon.instance, "--sandbox", sandbox, "--profile"])
             .arg(self.profiles.join(format!("{profile}.toml")))
-            .args(["--", "--rm", "--network", network, &self.engine.image])
+            .args(["--", "--rm"])
+            .args(docker_args)
+            .arg(&self.engine.image)
             .args(command)
             .env("SLUICE_DOCKER", docker::DOCKER)
             .env("DOCKER_HOST", format!("unix://{}", self.engine.socket.display()));
@@ -756,14 +763,14 @@ labels = { team = "ml*" }
 
     // `sluice docker run` registers before the container exists; the rule
     // applies once discovery binds the container and its labels.
-    let mut run = std::process::Command::new(SLUICE);
-    run.args(["docker", "run", "--instance", &world.daemon.instance, "--sandbox", "dk-ml", "--profile"])
-        .arg(world.profiles.join("shared.toml"))
-        .args(["--", "--rm", "--network", &world.engine.network, "--label", "team=ml", &world.engine.image])
-        .args(["/bin/sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do /bin/curl -fsS --max-time 5 https://web.test/echo && exit 0; sleep 1; done; exit 1"])
-        .env("SLUICE_DOCKER", docker::DOCKER)
-        .env("DOCKER_HOST", format!("unix://{}", world.engine.socket.display()));
-    let output = run.output().unwrap();
+    let retry = "for i in 1 2 3 4 5 6 7 8 9 10; do /bin/curl -fsS --max-time 5 https://web.test/echo && exit 0; \
+                 sleep 1; done; exit 1";
+    let output = world.sluice_docker_run_with(
+        &["--network", &world.engine.network, "--label", "team=ml"],
+        "shared",
+        "dk-ml",
+        &["/bin/sh", "-c", retry],
+    );
     assert!(output.status.success(), "{}", text(&output));
     assert_eq!(world.web.seen().len(), 2);
     let decisions = world
