@@ -880,3 +880,41 @@ fn containerd_containers_are_rediscovered_after_a_restart() {
     assert_eq!(world.web.seen().len(), 2);
     assert_eq!(world.canary.accepted(), 0);
 }
+
+/// A Docker engine runs its containers through its containerd, which
+/// knows them without their Docker labels. Followed outside Docker's own
+/// namespace (this engine uses one of its own), containerd's reports of
+/// them are left to Docker discovery: the container keeps one sandbox, with
+/// its Docker identity and the profile its labels pick, and loses it once.
+#[test]
+fn docker_containers_seen_through_containerd_are_left_to_docker_discovery() {
+    if !containerd_available() {
+        return;
+    }
+    let engine = docker::engine();
+    let socket = engine.containerd_socket().display().to_string();
+    let world = World::with(true, false, &["--containerd-socket", &socket]);
+    wait_for("containerd discovery", || world.daemon.log().contains("following containerd").then_some(()));
+    let id = world.start_container(&["sluice.profile=web"]);
+    let sandbox = world.sandbox_of(&id);
+    wait_for("containerd's report of the container", || {
+        world.daemon.log().lines().any(|l| l.contains("left to Docker discovery") && l.contains(&id)).then_some(())
+    });
+    let statuses = world.daemon.statuses();
+    assert_eq!(statuses.len(), 1, "{statuses:?}");
+    let info = statuses[0].record.container.clone().unwrap();
+    assert_eq!((info.runtime.as_str(), info.id.as_str()), ("docker", id.as_str()));
+    world.hand_over_ca(&id, &sandbox);
+    let allowed = world.exec_curl(&id, "https://web.test/echo");
+    assert!(allowed.status.success(), "{}", text(&allowed));
+
+    world.engine.run(&["rm", "-f", &id]);
+    let name = sandbox.record.name.clone();
+    let decisions = world
+        .daemon
+        .wait_decisions("the sandbox removed", |d| has(d, &name, Kind::Lifecycle, Verdict::Info, "removed"));
+    assert_eq!(decisions.iter().filter(|d| d.rule == "registered").count(), 1);
+    assert_eq!(decisions.iter().filter(|d| d.rule == "removed").count(), 1);
+    assert!(!decisions.iter().any(|d| d.rule == "container-unregistered" || d.rule == "container-bound"));
+    assert!(world.daemon.statuses().is_empty());
+}

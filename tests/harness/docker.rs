@@ -34,6 +34,8 @@ pub struct DockerEngine {
     pub subnet: u32,
     /// The test image: curl, sh, sleep, cat.
     pub image: String,
+    /// The namespace of the engine's containers in its containerd.
+    pub containerd_namespace: String,
 }
 
 /// Whether Docker tests can run here; prints why not.
@@ -99,6 +101,7 @@ impl DockerEngine {
             network: format!("sluice-test-{pid}"),
             subnet,
             image: format!("sluice-test/curl:{pid}"),
+            containerd_namespace: format!("sluice-test-{pid}"),
         };
         engine.wait_ready();
         engine.build_image();
@@ -125,6 +128,11 @@ impl DockerEngine {
             assert!(Instant::now() < deadline, "dockerd did not come up:\n{}", self.log());
             thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The socket of the containerd this engine started for itself.
+    pub fn containerd_socket(&self) -> PathBuf {
+        self.run_dir.join("exec/containerd/containerd.sock")
     }
 
     pub fn log(&self) -> String {

@@ -30,8 +30,11 @@ pub const RUNTIME: &str = "containerd";
 /// Where containerd listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
 /// Docker's own namespaces (containers, plugins): its containers are
-/// discovered through the Docker API, with their Docker names.
+/// discovered through the Docker API, with their Docker names and labels.
 pub const DOCKER_NAMESPACES: [&str; 2] = ["moby", "plugins.moby"];
+/// The label Docker puts on every container it runs through containerd (in
+/// whatever namespace it was told to use); its other labels stay with Docker.
+const DOCKER_BUNDLE_LABEL: &str = "com.docker/engine.bundle.path";
 
 /// Which containerd namespaces are followed: the ones named, or every one
 /// but Docker's when none is.
@@ -150,8 +153,13 @@ async fn get(channel: &Channel, namespace: &str, id: &str) -> anyhow::Result<Opt
     }
 }
 
-/// A container's identity and its task's pid; None if no task runs.
+/// A container's identity and its task's pid; None if no task runs, or if
+/// it is Docker's.
 async fn inspect(channel: &Channel, namespace: &str, container: Container) -> anyhow::Result<Option<Discovered>> {
+    if container.labels.contains_key(DOCKER_BUNDLE_LABEL) {
+        tracing::info!(namespace, id = %container.id, "a Docker container: left to Docker discovery");
+        return Ok(None);
+    }
     let request = in_namespace(namespace, GetRequest { container_id: container.id.clone(), exec_id: String::new() })?;
     let process = match TasksClient::new(channel.clone()).get(request).await {
         Ok(response) => response.into_inner().process,

@@ -82,13 +82,7 @@ async fn try_started(daemon: &Daemon, found: &Discovered) -> anyhow::Result<()> 
     let mut dir = absolute.as_path();
     while dir != parent {
         if let Some(sandbox) = cgroup::id(dir).ok().and_then(|id| daemon.registry().by_cgroup(id)) {
-            let bound = sandbox.container();
-            // Docker runs its containers through containerd, which reports
-            // them again: the first runtime to bind a sandbox keeps it.
-            if bound.as_ref().is_some_and(|bound| bound.runtime != found.info.runtime) {
-                return Ok(());
-            }
-            if bound.as_ref() != Some(&found.info) {
+            if sandbox.container().as_ref() != Some(&found.info) {
                 daemon.bind_container(&sandbox, found.info.clone()).await?;
                 let mut decision = Decision::new(
                     Kind::Lifecycle,
