@@ -332,13 +332,17 @@ impl Containerd {
             assert!(Instant::now() < deadline, "containerd did not come up");
             thread::sleep(Duration::from_millis(100));
         }
-        // The same image, from the Docker engine: no registry.
+        containerd.import_image(docker, &containerd.namespace);
+        containerd
+    }
+
+    /// The Docker engine's test image, into `namespace`: no registry.
+    pub fn import_image(&self, docker: &DockerEngine, namespace: &str) {
         let mut save = docker.docker().args(["save", &docker.image]).stdout(Stdio::piped()).spawn().unwrap();
         let import =
-            containerd.ctr().args(["image", "import", "-"]).stdin(save.stdout.take().unwrap()).output().unwrap();
+            self.ctr_in(namespace).args(["image", "import", "-"]).stdin(save.stdout.take().unwrap()).output().unwrap();
         assert!(save.wait().unwrap().success(), "docker save failed");
         assert!(import.status.success(), "ctr image import: {}", String::from_utf8_lossy(&import.stderr));
-        containerd
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -348,9 +352,9 @@ impl Containerd {
     /// `ctr run -d` of the test image running `sleep 300` as container `id`
     /// in cgroup `cgroup`, with more `ctr run` options (labels, network,
     /// mounts).
-    pub fn run_detached(&self, id: &str, cgroup: &str, options: &[&str]) {
+    pub fn run_detached(&self, namespace: &str, id: &str, cgroup: &str, options: &[&str]) {
         let output = self
-            .ctr()
+            .ctr_in(namespace)
             .args(["run", "-d", "--null-io", "--cgroup", cgroup])
             .args(options)
             .args([&self.image, id, "/bin/sleep", "300"])
@@ -360,11 +364,11 @@ impl Containerd {
         assert!(output.status.success(), "ctr run {id}: {}", String::from_utf8_lossy(&output.stderr));
     }
 
-    /// `ctr task exec` of `command` in container `id`.
-    pub fn exec(&self, id: &str, command: &[&str]) -> Output {
+    /// `ctr task exec` of `command` in container `id` of `namespace`.
+    pub fn exec(&self, namespace: &str, id: &str, command: &[&str]) -> Output {
         static EXECS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let exec_id = format!("exec-{}", EXECS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        self.ctr()
+        self.ctr_in(namespace)
             .args(["task", "exec", "--exec-id", &exec_id, id])
             .args(command)
             .stdin(Stdio::null())
@@ -374,19 +378,28 @@ impl Containerd {
 
     /// `ctr` for this containerd and namespace.
     pub fn ctr(&self) -> Command {
+        self.ctr_in(&self.namespace)
+    }
+
+    /// `ctr` for this containerd and another namespace.
+    pub fn ctr_in(&self, namespace: &str) -> Command {
         let mut command = Command::new(CTR);
-        command.arg("--address").arg(self.socket()).args(["--namespace", &self.namespace]);
+        command.arg("--address").arg(self.socket()).args(["--namespace", namespace]);
         command
     }
 }
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        if let Ok(output) = self.ctr().args(["containers", "list", "-q"]).output() {
+        // Every namespace's: their shims would outlive containerd.
+        let namespaces = self.ctr().args(["namespaces", "list", "-q"]).output();
+        for namespace in namespaces.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default().lines()
+        {
+            let Ok(output) = self.ctr_in(namespace).args(["containers", "list", "-q"]).output() else { continue };
             for id in String::from_utf8_lossy(&output.stdout).lines() {
-                let _ = self.ctr().args(["task", "kill", "-s", "SIGKILL", id]).output();
-                let _ = self.ctr().args(["task", "delete", "-f", id]).output();
-                let _ = self.ctr().args(["containers", "delete", id]).output();
+                let _ = self.ctr_in(namespace).args(["task", "kill", "-s", "SIGKILL", id]).output();
+                let _ = self.ctr_in(namespace).args(["task", "delete", "-f", id]).output();
+                let _ = self.ctr_in(namespace).args(["containers", "delete", id]).output();
             }
         }
         if let Some(mut child) = self.child.take() {
