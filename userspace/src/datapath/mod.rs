@@ -178,6 +178,13 @@ impl Datapath {
         let lsm_enabled = links_dir.join(names::SOCKET_CREATE_LSM).exists();
         let maps_dir = pin_dir.join("maps");
         let datapath = Self::from_maps(pin_dir, Origin::Adopted, lsm_enabled, |name| {
+            if !maps_dir.join(name).exists() {
+                return Err(DatapathError::Setup(format!(
+                    "pinned state under {} was made by another sluice build (no map {name}); \
+                     run `sluice teardown` and start again",
+                    pin_dir.display()
+                )));
+            }
             let data =
                 MapData::from_pin(maps_dir.join(name)).map_err(ebpf_err(format!("opening pinned map {name}")))?;
             Map::from_map_data(data).map_err(ebpf_err(format!("pinned map {name}")))
