@@ -501,8 +501,7 @@ impl Daemon {
         container: Option<sandbox::ContainerInfo>,
     ) -> anyhow::Result<SandboxStatus> {
         sandbox::validate_name(&request.name).map_err(anyhow::Error::msg)?;
-        let labels = container.as_ref().map(|c| c.labels.clone()).unwrap_or_default();
-        let (source, policy) = self.compile_source(request.profile, &labels)?;
+        let (source, policy) = self.compile_source(request.profile, &labels_of(container.as_ref()))?;
         let _guard = self.registering.lock().await;
         let parent = match request.placement {
             sandbox::Placement::Host => self.config.cgroup_parent(),
@@ -768,12 +767,16 @@ impl Daemon {
     /// `labels` are decided against the container's labels from now on.
     pub async fn bind_container(&self, sandbox: &Sandbox, info: sandbox::ContainerInfo) -> anyhow::Result<()> {
         let relabelled = sandbox.container().map(|c| c.labels).as_ref() != Some(&info.labels);
+        let labels = info.labels.clone();
         sandbox.set_container(info);
         self.persist();
+        if !relabelled {
+            return Ok(());
+        }
         let source = sandbox.current_record().profile;
         let profile = in_force(&source)?;
-        if relabelled && profile.rules.iter().any(|rule| rule.labels.is_some()) {
-            let policy = Policy::compile_for(&profile, &self.revoked(), &labels_of(sandbox))?;
+        if profile.rules.iter().any(|rule| rule.labels.is_some()) {
+            let policy = Policy::compile_for(&profile, &self.revoked(), &labels)?;
             self.put_in_force(sandbox.name(), source, policy, "profile-relabelled").await?;
         }
         Ok(())
@@ -782,7 +785,7 @@ impl Daemon {
     /// Replaces a sandbox's profile at runtime. A broken profile is refused
     /// and the one in force stays.
     pub async fn set_profile(&self, name: &str, source: ProfileSource) -> anyhow::Result<SandboxStatus> {
-        let labels = self.registry.by_name(name).map(|sandbox| labels_of(&sandbox)).unwrap_or_default();
+        let labels = labels_of(self.registry.by_name(name).and_then(|sandbox| sandbox.container()).as_ref());
         let (source, policy) = self.compile_source(source, &labels)?;
         self.put_in_force(name, source, policy, "profile-changed").await
     }
@@ -866,7 +869,7 @@ impl Daemon {
                 continue;
             }
             let file = ProfileSource::File { path: path.clone(), text: String::new() };
-            let outcome = match self.compile_source(file, &labels_of(&sandbox)) {
+            let outcome = match self.compile_source(file, &labels_of(sandbox.container().as_ref())) {
                 Ok((ProfileSource::File { text: new_text, .. }, _)) if new_text == text => Ok(false),
                 Ok((source, policy)) => self
                     .put_in_force(&name, source, policy, "profile-reloaded")
@@ -917,7 +920,7 @@ impl Daemon {
             if !profile.bundles.iter().any(|b| b == bundle) {
                 continue;
             }
-            let policy = Policy::compile_for(&profile, &revoked, &labels_of(&sandbox))?;
+            let policy = Policy::compile_for(&profile, &revoked, &labels_of(sandbox.container().as_ref()))?;
             let why = if revoke { "bundle-revoked" } else { "bundle-restored" };
             self.put_in_force(sandbox.name(), source, policy, why).await?;
             affected.push(sandbox.name().to_owned());
@@ -1016,10 +1019,12 @@ impl Daemon {
             }
             let name = record.name.clone();
             let revoked = self.revoked();
-            let compiled = record.profile.load_or_last_good().map_err(anyhow::Error::from).and_then(|profile| {
-                let labels = record.container.as_ref().map(|c| c.labels.clone()).unwrap_or_default();
-                Ok(Policy::compile_for(&profile, &revoked, &labels)?)
-            });
+            let labels = labels_of(record.container.as_ref());
+            let compiled = record
+                .profile
+                .load_or_last_good()
+                .map_err(anyhow::Error::from)
+                .and_then(|profile| Ok(Policy::compile_for(&profile, &revoked, &labels)?));
             let result = match compiled {
                 Ok(policy) => self.install(record, policy).await.map(|_| ()),
                 Err(error) => Err(error),
@@ -1183,13 +1188,13 @@ async fn start_resolvers(
 /// How often profile files are checked for changes.
 const PROFILE_POLL: Duration = Duration::from_millis(500);
 
-/// The profile a source has in force: for a file, its last good version
-/// (not the file as it is now).
 /// A sandbox's labels for its rules: its container's, if it has one.
-fn labels_of(sandbox: &sandbox::Sandbox) -> policy::Labels {
-    sandbox.container().map(|c| c.labels).unwrap_or_default()
+fn labels_of(container: Option<&sandbox::ContainerInfo>) -> policy::Labels {
+    container.map(|c| c.labels.clone()).unwrap_or_default()
 }
 
+/// The profile a source has in force: for a file, its last good version
+/// (not the file as it is now).
 fn in_force(source: &ProfileSource) -> anyhow::Result<policy::Profile> {
     Ok(match source {
         ProfileSource::File { path, text } => policy::parse_profile(text, &path.display().to_string())?,

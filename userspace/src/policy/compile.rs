@@ -537,18 +537,20 @@ fn compile_headers(wanted: &std::collections::BTreeMap<String, String>) -> Resul
         .map(|(name, value)| {
             let header = hyper::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("{name:?} is not an HTTP header name"))?;
-            let matcher = match value.as_str() {
-                "*" => None,
-                glob => Some(
-                    GlobBuilder::new(glob)
-                        .build()
-                        .map_err(|e| format!("header value {glob:?}: {e}"))?
-                        .compile_matcher(),
-                ),
-            };
-            Ok((header, matcher))
+            Ok((header, value_glob(value, || "header value".to_owned())?))
         })
         .collect()
+}
+
+/// A header or label value condition: `"*"` (None) matches any value;
+/// anything else is a glob over the value. `what` names it in errors.
+fn value_glob(glob: &str, what: impl Fn() -> String) -> Result<Option<globset::GlobMatcher>, String> {
+    match glob {
+        "*" => Ok(None),
+        glob => {
+            Ok(Some(GlobBuilder::new(glob).build().map_err(|e| format!("{} {glob:?}: {e}", what()))?.compile_matcher()))
+        }
+    }
 }
 
 /// Bundles taken away from every sandbox (`sluice policy revoke`).
@@ -561,12 +563,9 @@ pub type Labels = std::collections::BTreeMap<String, String>;
 /// (`"*"`: any value).
 fn labels_match(wanted: &Labels, labels: &Labels) -> Result<bool, String> {
     for (name, glob) in wanted {
-        let matcher = GlobBuilder::new(glob)
-            .literal_separator(false)
-            .build()
-            .map_err(|e| format!("label {name:?} value {glob:?}: {e}"))?
-            .compile_matcher();
-        if !labels.get(name).is_some_and(|value| matcher.is_match(value)) {
+        let matcher = value_glob(glob, || format!("label {name:?} value"))?;
+        let value_matches = |value: &String| matcher.as_ref().is_none_or(|m| m.is_match(value));
+        if !labels.get(name).is_some_and(value_matches) {
             return Ok(false);
         }
     }
@@ -782,9 +781,7 @@ impl HostIndex {
             }
             rest = parent;
         }
-        if !self.globs.is_empty() {
-            self.globs.matches(name, &mut found);
-        }
+        self.globs.matches(name, &mut found);
         found.sort_unstable();
         found.dedup();
         found

@@ -51,10 +51,6 @@ pub enum PolicyError {
     /// A problem with the profile as a whole.
     #[error("{origin}: {message}")]
     Profile { origin: String, message: String },
-
-    /// The rules are valid but could not be turned into matchers.
-    #[error("profile {profile:?}: {message}")]
-    Compile { profile: String, message: String },
 }
 
 impl PolicyError {

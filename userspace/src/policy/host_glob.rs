@@ -92,50 +92,32 @@ pub(super) struct GlobIndex {
 
 impl GlobIndex {
     pub(super) fn new(globs: Vec<(HostGlob, usize)>) -> Self {
-        let mut prefix_count: HashMap<&str, usize> = HashMap::new();
-        let mut suffix_count: HashMap<&str, usize> = HashMap::new();
+        let mut prefix_count: HashMap<String, usize> = HashMap::new();
+        let mut suffix_count: HashMap<String, usize> = HashMap::new();
         for (glob, _) in &globs {
-            *prefix_count.entry(glob.literal_prefix()).or_default() += 1;
-            *suffix_count.entry(glob.literal_suffix()).or_default() += 1;
+            *prefix_count.entry(glob.literal_prefix().to_owned()).or_default() += 1;
+            *suffix_count.entry(glob.literal_suffix().to_owned()).or_default() += 1;
         }
-        // Where each glob goes, decided before the counts' borrows end.
-        let placement: Vec<Option<(bool, Box<str>)>> = globs
-            .iter()
-            .map(|(glob, _)| {
-                let (prefix, suffix) = (glob.literal_prefix(), glob.literal_suffix());
-                let by_prefix = (prefix_count[prefix], std::cmp::Reverse(prefix.len()))
-                    <= (suffix_count[suffix], std::cmp::Reverse(suffix.len()));
-                match (prefix.is_empty(), suffix.is_empty()) {
-                    (true, true) => None,
-                    (false, true) => Some((true, prefix.into())),
-                    (true, false) => Some((false, suffix.into())),
-                    (false, false) if by_prefix => Some((true, prefix.into())),
-                    (false, false) => Some((false, suffix.into())),
-                }
-            })
-            .collect();
         let mut index = Self::default();
         let (mut prefix_lengths, mut suffix_lengths) = (BTreeSet::new(), BTreeSet::new());
-        for ((glob, rule), place) in globs.into_iter().zip(placement) {
-            match place {
-                None => index.unkeyed.push((glob, rule)),
-                Some((true, key)) => {
-                    prefix_lengths.insert(key.len());
-                    index.by_prefix.entry(key).or_default().push((glob, rule));
-                }
-                Some((false, key)) => {
-                    suffix_lengths.insert(key.len());
-                    index.by_suffix.entry(key).or_default().push((glob, rule));
-                }
+        for (glob, rule) in globs {
+            let (prefix, suffix) = (glob.literal_prefix().to_owned(), glob.literal_suffix().to_owned());
+            // Fewer globs share it, or as many and it is longer.
+            let prefix_rarer = (prefix_count[&prefix], std::cmp::Reverse(prefix.len()))
+                <= (suffix_count[&suffix], std::cmp::Reverse(suffix.len()));
+            if !prefix.is_empty() && (suffix.is_empty() || prefix_rarer) {
+                prefix_lengths.insert(prefix.len());
+                index.by_prefix.entry(prefix.into()).or_default().push((glob, rule));
+            } else if !suffix.is_empty() {
+                suffix_lengths.insert(suffix.len());
+                index.by_suffix.entry(suffix.into()).or_default().push((glob, rule));
+            } else {
+                index.unkeyed.push((glob, rule));
             }
         }
         index.prefix_lengths = prefix_lengths.into_iter().collect();
         index.suffix_lengths = suffix_lengths.into_iter().collect();
         index
-    }
-
-    pub(super) fn is_empty(&self) -> bool {
-        self.by_prefix.is_empty() && self.by_suffix.is_empty() && self.unkeyed.is_empty()
     }
 
     /// Pushes the rule of every glob that matches `name`.
