@@ -328,7 +328,7 @@ impl Daemon {
         let secrets = Arc::new(arc_swap::ArcSwap::from_pointee(secrets));
         log.identify_containers_with(container_identity(registry.clone(), secrets.clone()));
         let daemon = Arc::new(Self {
-            exemptions: Exemptions::readopt(config.exempt_file(), &datapath, config.enforce_label.is_some()),
+            exemptions: Exemptions::readopt(config.exempt_file(), datapath.clone(), config.enforce_label.is_some()),
             revoked: Mutex::new(revoked),
             approvals: Arc::new(crate::approvals::Approvals::new(config.approval_timeout)),
             profile_stamps: Mutex::new(std::collections::HashMap::new()),
@@ -440,10 +440,6 @@ impl Daemon {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
-    }
-
-    pub fn datapath(&self) -> &Arc<Datapath> {
-        &self.datapath
     }
 
     pub fn exemptions(&self) -> &Exemptions {

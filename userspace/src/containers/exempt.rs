@@ -12,12 +12,16 @@
 //! as an unknown sandbox), so an unlabelled container may be refused for its
 //! first moments: fail closed.
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::Datapath,
+    datapath::{Datapath, DatapathError},
     sandbox::{cgroup, ContainerInfo},
 };
 
@@ -60,9 +64,11 @@ pub struct Exemption {
     pub container: ContainerInfo,
 }
 
-/// The exemptions in force, by cgroup id, mirrored to a file.
+/// The exemptions in force, by cgroup id, mirrored to the kernel's map and
+/// to a file: the one place that changes either.
 pub struct Exemptions {
     path: PathBuf,
+    datapath: Arc<Datapath>,
     held: Mutex<BTreeMap<u64, Exemption>>,
 }
 
@@ -72,7 +78,7 @@ impl Exemptions {
     /// is dropped, and so is every exemption when the daemon no longer
     /// enforces by label (`label_mode` false). Map entries without a record
     /// are removed: nothing is exempted that discovery did not exempt.
-    pub fn readopt(path: PathBuf, datapath: &Datapath, label_mode: bool) -> Self {
+    pub fn readopt(path: PathBuf, datapath: Arc<Datapath>, label_mode: bool) -> Self {
         let recorded: Vec<Exemption> =
             std::fs::read(&path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default();
         let mut held = BTreeMap::new();
@@ -93,28 +99,34 @@ impl Exemptions {
         for cgroup_id in held.keys() {
             let _ = datapath.exempt(*cgroup_id);
         }
-        let exemptions = Self { path, held: Mutex::new(held) };
+        let exemptions = Self { path, datapath, held: Mutex::new(held) };
         exemptions.persist(&exemptions.held.lock().expect("lock poisoned"));
         exemptions
     }
 
-    pub fn contains(&self, cgroup_id: u64) -> bool {
-        self.held.lock().expect("lock poisoned").contains_key(&cgroup_id)
+    /// Exempts a container's cgroup in the kernel and records it; false if
+    /// it was exempted already.
+    pub fn add(&self, exemption: Exemption) -> Result<bool, DatapathError> {
+        let mut held = self.held.lock().expect("lock poisoned");
+        if held.contains_key(&exemption.cgroup_id) {
+            return Ok(false);
+        }
+        self.datapath.exempt(exemption.cgroup_id)?;
+        held.insert(exemption.cgroup_id, exemption);
+        self.persist(&held);
+        Ok(true)
     }
 
-    /// Records an exemption; false if it was held already.
-    pub fn insert(&self, exemption: Exemption) -> bool {
+    /// Enforces an exempted cgroup again; what was exempted, if anything.
+    pub fn lift(&self, cgroup_id: u64) -> Result<Option<Exemption>, DatapathError> {
         let mut held = self.held.lock().expect("lock poisoned");
-        let added = held.insert(exemption.cgroup_id, exemption).is_none();
+        if !held.contains_key(&cgroup_id) {
+            return Ok(None);
+        }
+        self.datapath.unexempt(cgroup_id)?;
+        let lifted = held.remove(&cgroup_id);
         self.persist(&held);
-        added
-    }
-
-    pub fn remove(&self, cgroup_id: u64) -> Option<Exemption> {
-        let mut held = self.held.lock().expect("lock poisoned");
-        let removed = held.remove(&cgroup_id);
-        self.persist(&held);
-        removed
+        Ok(lifted)
     }
 
     /// The exemption of a container by runtime and id.

@@ -101,9 +101,7 @@ async fn try_started(daemon: &Daemon, found: &Discovered) -> anyhow::Result<()> 
     if let Some(label) = config.enforce_label.as_ref().filter(|label| !label.matches(&found.info.labels)) {
         return exempt(daemon, found, absolute, cgroup_id, &label.to_string());
     }
-    if daemon.exemptions().remove(cgroup_id).is_some() {
-        daemon.datapath().unexempt(cgroup_id)?;
-    }
+    daemon.exemptions().lift(cgroup_id)?;
     let profile = profile_for(&found.info.labels, config.profiles_dir.as_deref())?;
     let request = RegisterRequest {
         name: sandbox_name(daemon, &found.info),
@@ -118,11 +116,10 @@ async fn try_started(daemon: &Daemon, found: &Discovered) -> anyhow::Result<()> 
 /// Leaves a container that lacks the enforce label alone: its cgroup goes
 /// into the kernel's exempt map (idempotent; the audit log says so once).
 fn exempt(daemon: &Daemon, found: &Discovered, cgroup: PathBuf, cgroup_id: u64, label: &str) -> anyhow::Result<()> {
-    if daemon.exemptions().contains(cgroup_id) {
+    let exemption = Exemption { cgroup, cgroup_id, container: found.info.clone() };
+    if !daemon.exemptions().add(exemption).context("exempting the container's cgroup")? {
         return Ok(());
     }
-    daemon.datapath().exempt(cgroup_id).context("exempting the container's cgroup")?;
-    daemon.exemptions().insert(Exemption { cgroup, cgroup_id, container: found.info.clone() });
     let mut decision = Decision::new(
         Kind::Lifecycle,
         Verdict::Info,
@@ -140,11 +137,10 @@ fn exempt(daemon: &Daemon, found: &Discovered, cgroup: PathBuf, cgroup_id: u64, 
 /// within one.
 pub async fn stopped(daemon: &Daemon, runtime: &str, namespace: &str, id: &str, why: &str) {
     if let Some(exemption) = daemon.exemptions().of_container(runtime, namespace, id) {
-        if let Err(error) = daemon.datapath().unexempt(exemption.cgroup_id) {
+        if let Err(error) = daemon.exemptions().lift(exemption.cgroup_id) {
             tracing::error!(container = %exemption.container.describe(), %error, "could not remove an exemption");
             return;
         }
-        daemon.exemptions().remove(exemption.cgroup_id);
         let mut decision = Decision::new(
             Kind::Lifecycle,
             Verdict::Info,
@@ -187,15 +183,10 @@ pub async fn reconcile(daemon: &Daemon, runtime: &str, running: Vec<Discovered>)
     for found in running {
         started(daemon, found).await;
     }
-    for sandbox in daemon.registry().list() {
-        if let Some(info) = sandbox.container() {
-            if info.runtime == runtime && !ids.contains(&(info.namespace.clone(), info.id.clone())) {
-                stopped(daemon, runtime, &info.namespace, &info.id, "is no longer running").await;
-            }
-        }
-    }
-    for exemption in daemon.exemptions().list() {
-        let info = &exemption.container;
+    // The containers sluice holds something for: a sandbox or an exemption.
+    let held = daemon.registry().list().into_iter().filter_map(|sandbox| sandbox.container());
+    let held: Vec<ContainerInfo> = held.chain(daemon.exemptions().list().into_iter().map(|e| e.container)).collect();
+    for info in held {
         if info.runtime == runtime && !ids.contains(&(info.namespace.clone(), info.id.clone())) {
             stopped(daemon, runtime, &info.namespace, &info.id, "is no longer running").await;
         }
