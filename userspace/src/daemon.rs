@@ -1348,12 +1348,27 @@ fn kernel_decision(event: &KernelEvent, registry: &Registry) -> Decision {
         datapath::RefusalReason::Socket | datapath::RefusalReason::SocketKilled => "kernel-socket",
         datapath::RefusalReason::Egress => "kernel-egress",
         datapath::RefusalReason::UdpConnect | datapath::RefusalReason::UdpSend => "kernel-udp",
+        datapath::RefusalReason::Bpf => "tamper-bpf",
+        datapath::RefusalReason::Ptrace => "tamper-ptrace",
+        datapath::RefusalReason::PerfEvent => "tamper-perf",
+        datapath::RefusalReason::KernelLoad => "tamper-kernel-load",
+        datapath::RefusalReason::Mount => "tamper-mount",
+        datapath::RefusalReason::Escaped | datapath::RefusalReason::CgroupMove => "tamper-cgroup-escape",
+        datapath::RefusalReason::TasksFull => "tamper-tasks-full",
+        datapath::RefusalReason::Clone => "tamper-clone",
+        datapath::RefusalReason::IoUring => "tamper-io-uring",
         _ => "kernel",
     };
     let mut reason = event.reason.explain().to_owned();
     if let Some((family, sock_type, protocol)) = event.socket {
         use std::fmt::Write as _;
         let _ = write!(reason, " (family {family}, type {sock_type}, protocol {protocol})");
+    }
+    match (event.reason, event.detail) {
+        (datapath::RefusalReason::Bpf, Some(cmd)) => reason.push_str(&format!(" (bpf command {cmd})")),
+        (datapath::RefusalReason::Ptrace, Some(pid)) if pid != 0 => reason.push_str(&format!(" (pid {pid})")),
+        (datapath::RefusalReason::Clone, Some(flags)) => reason.push_str(&format!(" (clone flags {flags:#x})")),
+        _ => {}
     }
     let mut decision = Decision::new(Kind::Kernel, Verdict::Deny, rule, reason);
     decision.sandbox = registry.by_cgroup(event.sandbox_cgroup).map(|s| s.name().to_owned());
@@ -1362,6 +1377,7 @@ fn kernel_decision(event: &KernelEvent, registry: &Registry) -> Decision {
     decision.protocol = Some(match event.reason {
         datapath::RefusalReason::UdpConnect | datapath::RefusalReason::UdpSend => "udp".into(),
         datapath::RefusalReason::Socket | datapath::RefusalReason::SocketKilled => "socket".into(),
+        reason if reason.is_tamper() => "tamper".into(),
         _ => "ip".into(),
     });
     decision

@@ -33,6 +33,35 @@ pub mod names {
     pub const SYS_ENTER: &str = "sluice_sys_enter";
     pub const ENFORCED_PARENTS: &str = "ENFORCED_PARENTS";
     pub const EXEMPT: &str = "EXEMPT";
+    pub const TASKS: &str = "TASKS";
+
+    /// The tamper guard's programs besides `sys_enter` (see the kernel
+    /// crate's `guard` module), attached to the whole host.
+    pub const GUARD_FORK: &str = "sluice_guard_fork";
+    pub const GUARD_EXIT: &str = "sluice_guard_exit";
+    pub const GUARD_CGROUP_MOVE: &str = "sluice_guard_cgroup_attach";
+}
+
+/// How many tasks the guard can bind to their sandboxes at once. A sandbox
+/// that would need more cannot fork (the guard fails closed).
+pub const MAX_TASKS: u32 = 65_536;
+
+/// The sandbox a task belongs to, kept by the guard under the task's thread
+/// group id from the moment it forks or execs inside a sandbox until it
+/// exits. It follows the task and its children wherever
+/// they move.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaskMark {
+    /// cgroup id of the sandbox (0 while its cgroup is not yet registered).
+    pub sandbox_cgroup: u64,
+    /// The task's own cgroup when it was marked: a mark made before its
+    /// sandbox was registered is completed only while the task is still
+    /// there.
+    pub origin_cgroup: u64,
+    /// Counter slot of the sandbox.
+    pub slot: u32,
+    pub _pad: u32,
 }
 
 /// How many sandboxes can have counters at once; slot 0 counts flows of
@@ -150,6 +179,10 @@ pub struct RefusedEvent {
     /// `REASON_*`.
     pub reason: u8,
     pub _pad: [u8; 3],
+    /// For the guard's kills: the `bpf()` command, the traced pid, the
+    /// socket family, the clone flags; 0 otherwise.
+    pub detail: u32,
+    pub _pad_end: u32,
 }
 
 pub const FAMILY_V4: u8 = 4;
@@ -171,6 +204,30 @@ pub const REASON_TRANSPORT: u8 = 5;
 /// A process asked for a socket family no sandbox may have (packet, vsock,
 /// ...) without going through a launcher that refuses it, and was killed.
 pub const REASON_SOCKET_KILLED: u8 = 6;
+/// A sandboxed task called `bpf()` and was killed.
+pub const REASON_BPF: u8 = 7;
+/// A sandboxed task tried to trace or read a process outside its sandbox
+/// (ptrace, process_vm_readv/writev, pidfd_getfd).
+pub const REASON_PTRACE: u8 = 8;
+/// A sandboxed task tried to open a perf event.
+pub const REASON_PERF: u8 = 9;
+/// A sandboxed task tried to load a kernel module or a kexec image.
+pub const REASON_KERNEL_LOAD: u8 = 10;
+/// A sandboxed task tried to mount a bpf file system.
+pub const REASON_MOUNT: u8 = 11;
+/// A task that left its sandbox's cgroups (or moved into another sandbox)
+/// tried to make a socket.
+pub const REASON_ESCAPED: u8 = 12;
+/// A sandboxed task moved itself out of its sandbox and was killed.
+pub const REASON_CGROUP_MOVE: u8 = 13;
+/// A sandboxed task could not bind a child to its sandbox (the guard's task
+/// map is full) and was killed.
+pub const REASON_TASKS_FULL: u8 = 14;
+/// A sandboxed task asked for a child that shares its descriptor table
+/// without being its thread, or one born in another cgroup.
+pub const REASON_CLONE: u8 = 15;
+/// A sandboxed task tried to set up an io_uring.
+pub const REASON_IO_URING: u8 = 16;
 
 impl Flow {
     /// The original destination as a socket address.
@@ -220,6 +277,7 @@ mod pod {
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::RefusedEvent {}
+    unsafe impl aya::Pod for super::TaskMark {}
 }
 
 #[cfg(all(test, feature = "user"))]
@@ -246,6 +304,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<EndpointKey>(), 24);
         assert_eq!(core::mem::size_of::<Target>(), 24);
         assert_eq!(core::mem::size_of::<SandboxEntry>(), 32);
-        assert_eq!(core::mem::size_of::<RefusedEvent>(), 48);
+        assert_eq!(core::mem::size_of::<RefusedEvent>(), 56);
+        assert_eq!(core::mem::size_of::<TaskMark>(), 24);
     }
 }

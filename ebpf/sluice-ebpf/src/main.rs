@@ -27,21 +27,23 @@
 #![no_std]
 #![no_main]
 
+mod guard;
+
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
-        bpf_send_signal, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use sluice_common::{
     Counters, EndpointKey, Flow, FlowKey, Ip6Words, RefusedEvent, SandboxEntry, Target, FAMILY_V4, FAMILY_V6,
-    MAX_CGROUP_DEPTH, MAX_SANDBOX_SLOTS, PROTO_TCP, PROTO_UDP, REASON_EGRESS, REASON_SOCKET, REASON_SOCKET_KILLED,
+    MAX_CGROUP_DEPTH, MAX_SANDBOX_SLOTS, MAX_TASKS, TaskMark, PROTO_TCP, PROTO_UDP, REASON_EGRESS, REASON_SOCKET,
     REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
 };
 
@@ -84,6 +86,9 @@ static ENFORCED_PARENTS: HashMap<u64, Target> = HashMap::with_max_entries(64, 0)
 /// it; nothing a sandbox does reaches it.
 #[map]
 static EXEMPT: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SANDBOX_SLOTS, 0);
+/// Which sandbox each task belongs to (see `guard`).
+#[map]
+static TASKS: HashMap<u32, TaskMark> = HashMap::with_max_entries(MAX_TASKS, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -504,39 +509,6 @@ pub fn sluice_sock_create(ctx: SockContext) -> i32 {
         return ALLOW;
     }
     refuse_socket(family, sock_type, protocol)
-}
-
-const SYS_SOCKET: i64 = 41;
-
-/// Backstop for kernels whose BPF LSM cannot be used: `socket(2)` of a
-/// family no sandbox may have (packet, vsock, ...) by a process under an
-/// enforced parent (and not in an exempted container) gets the process
-/// killed before it returns. `sluice run`
-/// refuses such sockets earlier with a seccomp filter (EPERM); this covers
-/// processes that entered a sandbox cgroup some other way. Runs for every
-/// syscall on the host, so it leaves at the first check for all but socket().
-#[btf_tracepoint(function = "sys_enter")]
-pub fn sluice_sys_enter(ctx: BtfTracePointContext) -> i32 {
-    let id: i64 = ctx.arg(1);
-    if id != SYS_SOCKET {
-        return 0;
-    }
-    let regs: *const u64 = ctx.arg(0);
-    // pt_regs.di (the first syscall argument) is the 15th word on x86_64.
-    // SAFETY: tp_btf arguments are BTF-typed pointers the verifier checks.
-    let family = unsafe { read_volatile(regs.add(14)) } as i32;
-    let sock_type = unsafe { read_volatile(regs.add(13)) } as i32;
-    if matches!(family, AF_UNIX | AF_INET | AF_INET6 | AF_NETLINK) {
-        return 0;
-    }
-    // SAFETY: plain helper calls.
-    if let Caller::Sandbox(sandbox_cgroup, entry) =
-        caller_of(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
-    {
-        emit_socket_refusal((sandbox_cgroup, entry), family, sock_type & 0xf, 0, REASON_SOCKET_KILLED);
-        unsafe { bpf_send_signal(9) };
-    }
-    0
 }
 
 /// Drops every packet leaving a sandbox that is not addressed to sluice

@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
 use sluice_common::{
-    words_to_ip, RefusedEvent, REASON_EGRESS, REASON_SOCKET, REASON_SOCKET_KILLED, REASON_TRANSPORT,
-    REASON_UDP_CONNECT, REASON_UDP_SEND,
+    words_to_ip, RefusedEvent, REASON_BPF, REASON_CGROUP_MOVE, REASON_CLONE, REASON_EGRESS, REASON_ESCAPED,
+    REASON_IO_URING, REASON_KERNEL_LOAD, REASON_MOUNT, REASON_PERF, REASON_PTRACE, REASON_SOCKET, REASON_SOCKET_KILLED,
+    REASON_TASKS_FULL, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -20,6 +21,17 @@ pub enum RefusalReason {
     SocketKilled,
     Egress,
     Transport,
+    /// The tamper guard's kills.
+    Bpf,
+    Ptrace,
+    PerfEvent,
+    KernelLoad,
+    Mount,
+    Escaped,
+    CgroupMove,
+    TasksFull,
+    Clone,
+    IoUring,
     Unknown,
 }
 
@@ -32,6 +44,16 @@ impl RefusalReason {
             REASON_SOCKET_KILLED => Self::SocketKilled,
             REASON_EGRESS => Self::Egress,
             REASON_TRANSPORT => Self::Transport,
+            REASON_BPF => Self::Bpf,
+            REASON_PTRACE => Self::Ptrace,
+            REASON_PERF => Self::PerfEvent,
+            REASON_KERNEL_LOAD => Self::KernelLoad,
+            REASON_MOUNT => Self::Mount,
+            REASON_ESCAPED => Self::Escaped,
+            REASON_CGROUP_MOVE => Self::CgroupMove,
+            REASON_TASKS_FULL => Self::TasksFull,
+            REASON_CLONE => Self::Clone,
+            REASON_IO_URING => Self::IoUring,
             _ => Self::Unknown,
         }
     }
@@ -45,6 +67,16 @@ impl RefusalReason {
             Self::SocketKilled => "sandboxes may only create TCP, UDP, Unix and netlink sockets; the process asked for another family and was killed",
             Self::Egress => "packet not addressed to sluice dropped on egress",
             Self::Transport => "transport cannot be proxied",
+            Self::Bpf => "sandboxes may not call bpf(): sluice's kernel programs and maps are out of their reach; the process was killed",
+            Self::Ptrace => "sandboxes may trace or read only their own processes; the process reached for one outside and was killed",
+            Self::PerfEvent => "sandboxes may not open perf events; the process was killed",
+            Self::KernelLoad => "sandboxes may not load kernel modules or kexec images; the process was killed",
+            Self::Mount => "sandboxes may not mount a bpf file system; the process was killed",
+            Self::Escaped => "the process left its sandbox's cgroup and stays bound to its sandbox; it asked for a socket and was killed",
+            Self::CgroupMove => "the process moved itself out of its sandbox's cgroup and was killed",
+            Self::TasksFull => "the guard could not bind a new process to its sandbox (too many processes); the parent was killed",
+            Self::Clone => "sandboxes may not make processes that share a descriptor table without being threads, or that are born in another cgroup; the process was killed",
+            Self::IoUring => "sandboxes may not use io_uring; the process was killed",
             Self::Unknown => "refused in the kernel",
         }
     }
@@ -61,17 +93,50 @@ pub struct KernelEvent {
     pub destination: Option<SocketAddr>,
     /// Socket family/type/protocol numbers, for refused sockets.
     pub socket: Option<(u16, u16, u16)>,
+    /// The guard's detail: `bpf()` command, ptrace access mode, kernel
+    /// load id.
+    pub detail: Option<u32>,
+}
+
+impl RefusalReason {
+    /// Whether the refusal came from the tamper guard rather than from the
+    /// redirection.
+    pub fn is_tamper(self) -> bool {
+        matches!(
+            self,
+            Self::Bpf
+                | Self::Ptrace
+                | Self::PerfEvent
+                | Self::KernelLoad
+                | Self::Mount
+                | Self::Escaped
+                | Self::CgroupMove
+                | Self::TasksFull
+                | Self::Clone
+                | Self::IoUring
+        )
+    }
 }
 
 impl From<&RefusedEvent> for KernelEvent {
     fn from(raw: &RefusedEvent) -> Self {
         let reason = RefusalReason::from_code(raw.reason);
-        let (destination, socket) = if matches!(reason, RefusalReason::Socket | RefusalReason::SocketKilled) {
-            (None, Some((raw.family, raw.sock_type, raw.protocol)))
+        let (destination, socket, detail) = if matches!(reason, RefusalReason::Socket | RefusalReason::SocketKilled) {
+            (None, Some((raw.family, raw.sock_type, raw.protocol)), None)
+        } else if reason.is_tamper() {
+            (None, None, Some(raw.detail))
         } else {
-            (Some(SocketAddr::new(words_to_ip(raw.dst_ip), raw.dst_port)), None)
+            (Some(SocketAddr::new(words_to_ip(raw.dst_ip), raw.dst_port)), None, None)
         };
-        Self { sandbox_cgroup: raw.sandbox_cgroup, cgroup: raw.cgroup, pid: raw.pid, reason, destination, socket }
+        Self {
+            sandbox_cgroup: raw.sandbox_cgroup,
+            cgroup: raw.cgroup,
+            pid: raw.pid,
+            reason,
+            destination,
+            socket,
+            detail,
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        LsmCgroup, SockOps,
+        LsmCgroup, SockOps, TracePoint,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -68,8 +68,9 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     names::GETPEERNAME4,
     names::GETPEERNAME6,
 ];
-const MAPS: [&str; 9] = [
+const MAPS: [&str; 10] = [
     names::ENFORCED_PARENTS,
+    names::TASKS,
     names::EXEMPT,
     names::SANDBOXES,
     names::FLOWS_BY_COOKIE,
@@ -126,7 +127,14 @@ impl Datapath {
         for dir in [&links_dir, &maps_dir] {
             std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         }
-        let mut ebpf = EbpfLoader::new().load(KERNEL_OBJECT).map_err(ebpf_err("loading sluice's kernel programs"))?;
+        let (pidns_dev, pidns_ino) = sys::init_pid_namespace()?;
+        let fork_child_pid = sys::fork_child_pid_offset()?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("INIT_PIDNS_DEV", &pidns_dev, true)
+            .override_global("INIT_PIDNS_INO", &pidns_ino, true)
+            .override_global("FORK_CHILD_PID_OFFSET", &fork_child_pid, true)
+            .load(KERNEL_OBJECT)
+            .map_err(ebpf_err("loading sluice's kernel programs"))?;
 
         // Maps first, so a partial failure below leaves something teardown
         // can find and remove.
@@ -157,6 +165,7 @@ impl Datapath {
         let cgroup =
             File::open(cgroup_parent).map_err(io_err(format!("opening cgroup {}", cgroup_parent.display())))?;
         let lsm_enabled = attach_all(&mut ebpf, &cgroup, &links_dir)?;
+        attach_guard(&mut ebpf, &links_dir)?;
         Self::from_maps(pin_dir, Origin::Loaded, lsm_enabled, |name| {
             ebpf.take_map(name).ok_or_else(|| DatapathError::Setup(format!("map {name} missing")))
         })
@@ -164,8 +173,10 @@ impl Datapath {
 
     fn adopt(pin_dir: &Path) -> Result<Self, DatapathError> {
         let links_dir = pin_dir.join("links");
-        for name in
-            SOCK_ADDR_PROGRAMS.iter().chain(&[names::SOCK_OPS, names::SOCK_CREATE, names::EGRESS, names::SYS_ENTER])
+        for name in SOCK_ADDR_PROGRAMS
+            .iter()
+            .chain(&[names::SOCK_OPS, names::SOCK_CREATE, names::EGRESS, names::SYS_ENTER])
+            .chain(&GUARD_PROGRAMS)
         {
             let pin = links_dir.join(name);
             if !pin.exists() {
@@ -487,6 +498,34 @@ fn attach_lsm(ebpf: &mut Ebpf, cgroup: &File, btf: &Btf) -> Result<FdLink, Datap
     prog.load("socket_create", btf).map_err(ebpf_err("loading the LSM socket_create hook"))?;
     let id = prog.attach(cgroup).map_err(ebpf_err("attaching the LSM socket_create hook"))?;
     Ok(prog.take_link(id).map_err(ebpf_err("socket_create link"))?.into())
+}
+
+/// The guard's programs besides `sys_enter` (see the kernel crate's `guard`
+/// module), all attached to the whole host.
+const GUARD_PROGRAMS: [&str; 3] = [names::GUARD_FORK, names::GUARD_EXIT, names::GUARD_CGROUP_MOVE];
+
+/// Loads the rest of the tamper guard and pins its links. Any failure is an
+/// error: a guard that is half there would be believed.
+fn attach_guard(ebpf: &mut Ebpf, links_dir: &Path) -> Result<(), DatapathError> {
+    let btf = Btf::from_sys_fs().map_err(ebpf_err("reading kernel BTF"))?;
+    let mut links: Vec<(&str, FdLink)> = Vec::new();
+    for (name, function) in
+        [(names::GUARD_EXIT, "sched_process_exit"), (names::GUARD_CGROUP_MOVE, "cgroup_attach_task")]
+    {
+        let prog: &mut BtfTracePoint = program(ebpf, name)?.try_into().map_err(ebpf_err(name))?;
+        prog.load(function, &btf).map_err(ebpf_err(format!("loading guard program {name}")))?;
+        let id = prog.attach().map_err(ebpf_err(format!("attaching guard program {name}")))?;
+        links.push((name, prog.take_link(id).map_err(ebpf_err(name))?.into()));
+    }
+    let fork: &mut TracePoint = program(ebpf, names::GUARD_FORK)?.try_into().map_err(ebpf_err(names::GUARD_FORK))?;
+    fork.load().map_err(ebpf_err("loading the guard's fork tracepoint"))?;
+    let id = fork.attach("sched", "sched_process_fork").map_err(ebpf_err("attaching the guard's fork tracepoint"))?;
+    let link = fork.take_link(id).map_err(ebpf_err(names::GUARD_FORK))?;
+    links.push((names::GUARD_FORK, link.try_into().map_err(ebpf_err("the guard's fork tracepoint link"))?));
+    for (name, link) in links {
+        link.pin(links_dir.join(name)).map_err(ebpf_err(format!("pinning link {name}")))?;
+    }
+    Ok(())
 }
 
 /// Removes every pin under `pin_dir`: links first (which detaches the

@@ -1,0 +1,276 @@
+//! A sandboxed process that attacks sluice itself, with every capability a
+//! root process has (written into its sandbox's cgroup by hand, with no
+//! seccomp filter or dropped capability to help): it must neither switch
+//! enforcement off nor reach what sluice guards. Judged by a canary host in
+//! its own network namespace, which must receive nothing, and by a second
+//! connect from the sandbox, which must still be redirected. The attacker is
+//! tests/fixtures/attack.c, built static. Needs root, gcc and the BPF LSM.
+
+mod harness;
+
+use std::{
+    net::SocketAddr,
+    os::unix::process::ExitStatusExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::OnceLock,
+};
+
+use harness::{Daemon, EchoServer, Sandbox, TestNet};
+use sluice::audit::{Decision, Verdict};
+
+/// Allows a host nobody serves: every connect these tests make is denied.
+const CLOSED_PROFILE: &str = r#"
+name = "closed"
+[[rule]]
+name = "elsewhere"
+action = "allow"
+hosts = ["elsewhere.test"]
+ports = [443]
+"#;
+
+/// The attacker, compiled once per test binary.
+fn attacker() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("sluice-attack-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let binary = dir.join("attack");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/attack.c");
+        let out = Command::new("gcc").args(["-static", "-O1", "-o"]).arg(&binary).arg(&source).output().unwrap();
+        assert!(out.status.success(), "building the attacker: {}", String::from_utf8_lossy(&out.stderr));
+        binary
+    })
+}
+
+/// Root, BPF, and a kernel whose BPF LSM sluice can use.
+fn ready() -> bool {
+    if !harness::privileged() {
+        return false;
+    }
+    if Command::new("gcc").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: needs gcc to build the attacker (`cargo xtask setup` installs it)");
+        return false;
+    }
+    true
+}
+
+/// A test network with a canary, a daemon, and one closed sandbox.
+struct World {
+    _net: TestNet,
+    canary: EchoServer,
+    canary_addr: SocketAddr,
+    daemon: Daemon,
+    sandbox: Sandbox,
+}
+
+impl World {
+    fn new() -> Self {
+        let net = TestNet::new();
+        let canary_addr = SocketAddr::new(net.add_host(3), 443);
+        let canary = EchoServer::start(net.tcp_listener(canary_addr));
+        let daemon = Daemon::start(None);
+        let sandbox = daemon.sandbox("attacker", CLOSED_PROFILE);
+        Self { _net: net, canary, canary_addr, daemon, sandbox }
+    }
+
+    fn config(&self) -> sluice::daemon::DaemonConfig {
+        sluice::daemon::DaemonConfig::new(&self.daemon.instance).unwrap()
+    }
+
+    /// Runs one attack step inside the sandbox, as root or as `uid`
+    /// (dropped by setpriv, inside the sandbox's cgroup).
+    fn attack(&self, uid: Option<u32>, args: &[&str]) -> Attack {
+        let attacker = attacker().to_str().unwrap();
+        let mut command = match uid {
+            None => self.sandbox.command(attacker),
+            Some(uid) => {
+                let mut command = self.sandbox.command("setpriv");
+                let id = uid.to_string();
+                command.args(["--reuid", &id, "--regid", &id, "--clear-groups", attacker]);
+                command
+            }
+        };
+        command.args(args).stdin(Stdio::null());
+        Attack(command.output().unwrap())
+    }
+
+    /// The sandbox is still enforced: a fresh process's connect to the
+    /// canary is redirected (and denied by the proxy), and the canary has
+    /// received nothing at all.
+    fn assert_still_enforced(&self) {
+        let before = self.denied_connects();
+        let probe = self.attack(None, &["connect", &self.canary_addr.ip().to_string(), "443"]);
+        let destination = self.canary_addr;
+        self.daemon.wait_decisions("the probe's connect denied by the proxy", |decisions| {
+            decisions.iter().filter(|d| is_denied_connect(d, destination)).count() > before
+        });
+        assert_eq!(self.canary.accepted(), 0, "the canary was reached; probe said:\n{}", probe.text());
+    }
+
+    fn denied_connects(&self) -> usize {
+        self.daemon.decisions().iter().filter(|d| is_denied_connect(d, self.canary_addr)).count()
+    }
+
+    fn wait_tamper_record(&self, rule: &str) -> Decision {
+        let decisions = self.daemon.wait_decisions(rule, |decisions| decisions.iter().any(|d| d.rule == rule));
+        let record = decisions.into_iter().find(|d| d.rule == rule).unwrap();
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert_eq!(record.sandbox.as_deref(), Some("attacker"), "{record}");
+        record
+    }
+}
+
+fn is_denied_connect(decision: &Decision, destination: SocketAddr) -> bool {
+    decision.verdict == Verdict::Deny
+        && decision.destination == Some(destination)
+        && !decision.rule.starts_with("tamper")
+}
+
+/// What one attack step printed.
+struct Attack(Output);
+
+impl Attack {
+    fn text(&self) -> String {
+        format!(
+            "status {:?}\n{}{}",
+            self.0.status,
+            String::from_utf8_lossy(&self.0.stdout),
+            String::from_utf8_lossy(&self.0.stderr)
+        )
+    }
+
+    /// Lines of `step`.
+    fn steps(&self, step: &str) -> Vec<String> {
+        let prefix = format!("{step}: ");
+        String::from_utf8_lossy(&self.0.stdout).lines().filter(|l| l.starts_with(&prefix)).map(str::to_owned).collect()
+    }
+
+    /// The guard killed it (SIGKILL) before `step` got anywhere: no line
+    /// of that step says ok.
+    fn assert_killed_before(&self, step: &str) {
+        assert_eq!(self.0.status.signal(), Some(libc::SIGKILL), "not killed:\n{}", self.text());
+        let lines = self.steps(step);
+        assert!(lines.iter().all(|l| l.contains("refused")), "{step} got through:\n{}", self.text());
+    }
+
+    fn assert_ok(&self, step: &str) {
+        let lines = self.steps(step);
+        assert!(!lines.is_empty() && lines.iter().all(|l| l.ends_with(": ok")), "{step} failed:\n{}", self.text());
+    }
+}
+
+fn cgroup_id(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+}
+
+#[test]
+fn a_sandboxed_process_cannot_detach_or_rewrite_sluices_kernel_objects() {
+    if !ready() {
+        return;
+    }
+    let world = World::new();
+    let config = world.config();
+    let links = config.pin_dir().join("links");
+    let exempt_map = config.pin_dir().join("maps/EXEMPT");
+    let parent_id = cgroup_id(&config.cgroup_parent()).to_string();
+    let sandbox_id = cgroup_id(&world.sandbox.cgroup).to_string();
+    let bpffs = std::env::temp_dir().join(format!("sluice-attack-bpffs-{}", std::process::id()));
+    std::fs::create_dir_all(&bpffs).unwrap();
+    let pinned_links = std::fs::read_dir(&links).unwrap().count();
+
+    // As root with every capability, then as an ordinary user.
+    for uid in [None, Some(65534)] {
+        world.attack(uid, &["detach-pinned", links.to_str().unwrap()]).assert_killed_before("link-detach");
+        world.attack(uid, &["detach-by-id", &parent_id]).assert_killed_before("link-detach");
+        world
+            .attack(uid, &["map-update", exempt_map.to_str().unwrap(), &sandbox_id])
+            .assert_killed_before("map-update");
+        world.attack(uid, &["map-by-id"]).assert_killed_before("map-next-id");
+        world.attack(uid, &["compat"]).assert_killed_before("bpf-32");
+        world.attack(uid, &["mount-bpf", bpffs.to_str().unwrap()]).assert_killed_before("mount-bpf");
+        // What would let a helper keep a killed attacker's descriptors, or
+        // make sockets unseen by system call hooks.
+        world.attack(uid, &["clone-files"]).assert_killed_before("clone-files");
+        world.attack(uid, &["io-uring"]).assert_killed_before("io-uring");
+        world.assert_still_enforced();
+    }
+    let record = world.wait_tamper_record("tamper-bpf");
+    assert!(record.reason.contains("bpf()"), "{record}");
+    world.wait_tamper_record("tamper-clone");
+    world.wait_tamper_record("tamper-io-uring");
+    world.wait_tamper_record("tamper-mount");
+    let _ = std::fs::remove_dir(&bpffs);
+    // Every link is still pinned, and nothing was exempted.
+    assert_eq!(std::fs::read_dir(&links).unwrap().count(), pinned_links);
+    assert!(config.pin_dir().join("maps/EXEMPT").exists());
+}
+
+#[test]
+fn a_process_that_leaves_its_sandbox_cgroup_is_killed() {
+    if !ready() {
+        return;
+    }
+    let world = World::new();
+    let root = sluice::datapath::cgroup2_mount().unwrap();
+    let (ip, port) = (world.canary_addr.ip().to_string(), "443");
+
+    // Writing itself into the root cgroup kills it before it returns.
+    let moved = world.attack(None, &["move-self", root.to_str().unwrap(), &ip, port]);
+    moved.assert_killed_before("connect");
+    assert!(moved.steps("connect").is_empty(), "{}", moved.text());
+    world.wait_tamper_record("tamper-cgroup-escape");
+
+    // Moved by a helper, it stays bound to its sandbox: its next socket()
+    // kills it.
+    let helped = world.attack(None, &["move-parent", root.to_str().unwrap(), &ip, port]);
+    helped.assert_ok("cgroup-move-parent");
+    helped.assert_killed_before("connect");
+
+    assert_eq!(world.canary.accepted(), 0);
+    world.assert_still_enforced();
+}
+
+#[test]
+fn a_sandboxed_process_can_trace_only_its_own_sandbox() {
+    if !ready() {
+        return;
+    }
+    let world = World::new();
+    let daemon_pid = world.daemon.pid().to_string();
+    // A host process that is none of the sandbox's business.
+    let outsider =
+        Outsider(Command::new("sleep").arg("30").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let outsider_pid = outsider.0.id().to_string();
+
+    for uid in [None, Some(65534)] {
+        world.attack(uid, &["ptrace-attach", &outsider_pid]).assert_killed_before("ptrace-attach");
+        world.attack(uid, &["ptrace-seize", &daemon_pid]).assert_killed_before("ptrace-seize");
+        for target in [&daemon_pid, &outsider_pid] {
+            world.attack(uid, &["vm-read", target]).assert_killed_before("vm-read");
+        }
+        world.attack(uid, &["perf"]).assert_killed_before("perf-open");
+    }
+    let record = world.wait_tamper_record("tamper-ptrace");
+    assert!(record.reason.contains("outside"), "{record}");
+    world.wait_tamper_record("tamper-perf");
+
+    // Its own children remain traceable: debuggers keep working.
+    let own = world.attack(None, &["ptrace-child"]);
+    own.assert_ok("ptrace-attach");
+    own.assert_ok("vm-read");
+
+    drop(outsider);
+    world.assert_still_enforced();
+}
+
+/// A host process the test started, killed however the test ends (a
+/// tracer killed by the guard may leave it stopped).
+struct Outsider(std::process::Child);
+
+impl Drop for Outsider {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
