@@ -402,6 +402,52 @@ fn labels_pick_profiles_and_docker_exec_is_enforced() {
 }
 
 #[test]
+fn privileged_containers_are_not_registered_and_cannot_switch_enforcement_off() {
+    if !docker::available() {
+        return;
+    }
+    let world = World::new(true);
+    let attack_dir = harness::attacker().parent().unwrap().display().to_string();
+    let mount = format!("{attack_dir}:/attack:ro");
+    let parent = world.cgroup_parent();
+    let config = sluice::daemon::DaemonConfig::new(&world.daemon.instance).unwrap();
+    let enforced_parent = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(config.cgroup_parent()).unwrap());
+    let canary_ip = world.net.v4(3).to_string();
+    for flags in [&["--privileged"][..], &["--cap-add", "SYS_ADMIN", "--cap-add", "BPF"]] {
+        let mut args = vec!["run", "-d", &parent, "--network", &world.engine.network, "-v", &mount];
+        args.extend(flags);
+        args.extend(["--label", "sluice.profile=web", world.engine.image.as_str(), "/bin/sleep", "300"]);
+        let id = world.engine.run(&args);
+        // Refused registration, it stays an unknown sandbox, denied everything.
+        let decisions = world.daemon.wait_decisions("the privileged container refused", |d| {
+            d.iter().any(|d| d.rule == "container-unregistered" && d.reason.contains(&id[..12]))
+        });
+        let refusal = decisions.iter().find(|d| d.rule == "container-unregistered").unwrap();
+        assert!(refusal.reason.contains("CAP_SYS_ADMIN") && refusal.reason.contains("CAP_BPF"), "{refusal}");
+        assert!(world.daemon.statuses().iter().all(|s| s.record.container.as_ref().is_none_or(|c| c.id != id)));
+        // With every capability it has, it tries to detach sluice's links:
+        // the guard kills it at its first bpf() (exit 137).
+        let attack =
+            world.engine.output(&["exec", &id, "/attack/attack", "detach-by-id", &enforced_parent.to_string()]);
+        assert_eq!(attack.status.code(), Some(137), "{}", text(&attack));
+        assert!(!text(&attack).contains("link-detach: ok"), "{}", text(&attack));
+        let connect = world.engine.output(&["exec", &id, "/attack/attack", "connect", &canary_ip, "443"]);
+        assert_eq!(world.canary.accepted(), 0, "{}", text(&connect));
+        world.engine.run(&["rm", "-f", &id]);
+    }
+    world.daemon.wait_decisions("the guard's kills recorded", |d| d.iter().any(|d| d.rule == "tamper-bpf"));
+    // A default container after them is registered and still enforced.
+    let after = world.start_container(&["sluice.profile=web"]);
+    world.sandbox_of(&after);
+    let connect = world.engine.output(&["exec", &after, "/attack/attack", "connect", &canary_ip, "443"]);
+    let after_name = world.sandbox_of(&after).record.name;
+    world.daemon.wait_decisions("the default container's connect denied", |d| {
+        has(d, &after_name, Kind::Connect, Verdict::Deny, "") || has(d, &after_name, Kind::Request, Verdict::Deny, "")
+    });
+    assert_eq!(world.canary.accepted(), 0, "{}", text(&connect));
+}
+
+#[test]
 fn containers_are_cut_off_while_sluice_is_down_and_rediscovered_after() {
     if !docker::available() {
         return;

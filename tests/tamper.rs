@@ -11,12 +11,11 @@ mod harness;
 use std::{
     net::SocketAddr,
     os::unix::process::ExitStatusExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output, Stdio},
-    sync::OnceLock,
 };
 
-use harness::{Daemon, EchoServer, Sandbox, TestNet};
+use harness::{attacker, Daemon, EchoServer, Sandbox, TestNet};
 use sluice::audit::{Decision, Verdict};
 
 /// Allows a host nobody serves: every connect these tests make is denied.
@@ -29,21 +28,7 @@ hosts = ["elsewhere.test"]
 ports = [443]
 "#;
 
-/// The attacker, compiled once per test binary.
-fn attacker() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("sluice-attack-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let binary = dir.join("attack");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/attack.c");
-        let out = Command::new("gcc").args(["-static", "-O1", "-o"]).arg(&binary).arg(&source).output().unwrap();
-        assert!(out.status.success(), "building the attacker: {}", String::from_utf8_lossy(&out.stderr));
-        binary
-    })
-}
-
-/// Root, BPF, and a kernel whose BPF LSM sluice can use.
+/// Root, BPF, and gcc for the attacker.
 fn ready() -> bool {
     if !harness::privileged() {
         return false;
@@ -110,6 +95,12 @@ impl World {
 
     fn denied_connects(&self) -> usize {
         self.daemon.decisions().iter().filter(|d| is_denied_connect(d, self.canary_addr)).count()
+    }
+
+    /// A record of `rule` that belongs to no sandbox.
+    fn wait_tamper_record_unattributed(&self, rule: &str) -> Decision {
+        let decisions = self.daemon.wait_decisions(rule, |decisions| decisions.iter().any(|d| d.rule == rule));
+        decisions.into_iter().find(|d| d.rule == rule).unwrap()
     }
 
     fn wait_tamper_record(&self, rule: &str) -> Decision {
@@ -273,4 +264,25 @@ impl Drop for Outsider {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+#[test]
+fn links_detached_from_outside_are_attached_again_and_the_sandbox_stays_closed() {
+    if !ready() {
+        return;
+    }
+    let world = World::new();
+    let config = world.config();
+    let parent_id = cgroup_id(&config.cgroup_parent()).to_string();
+    // A host root process (not sandboxed: the guard does not stop it)
+    // detaches every cgroup link of the daemon.
+    let out = Command::new(attacker()).args(["detach-by-id", &parent_id]).output().unwrap();
+    let detached = Attack(out);
+    assert!(detached.steps("link-detach").len() >= 10, "{}", detached.text());
+    detached.assert_ok("link-detach");
+    let started = std::time::Instant::now();
+    let record = world.wait_tamper_record_unattributed("kernel-links-healed");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "healed only after {:?}", started.elapsed());
+    assert!(record.reason.contains("sluice_connect4"), "{record}");
+    world.assert_still_enforced();
 }

@@ -635,3 +635,19 @@ pub fn write_file(path: &Path, text: &str) {
     let mut file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o644).open(path).unwrap();
     file.write_all(text.as_bytes()).unwrap();
 }
+
+/// tests/fixtures/attack.c built static (so it runs in any container
+/// image), once per test binary: what a hostile sandboxed process tries
+/// against sluice itself.
+pub fn attacker() -> &'static Path {
+    static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("sluice-attack-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let binary = dir.join("attack");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/attack.c");
+        let out = Command::new("gcc").args(["-static", "-O1", "-o"]).arg(&binary).arg(&source).output().unwrap();
+        assert!(out.status.success(), "building the attacker: {}", String::from_utf8_lossy(&out.stderr));
+        binary
+    })
+}

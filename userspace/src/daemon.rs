@@ -89,6 +89,9 @@ pub struct DaemonConfig {
     /// Enforce only containers with this label; discovery exempts the
     /// others. None: every container under the container parent.
     pub enforce_label: Option<crate::containers::exempt::EnforceLabel>,
+    /// Register discovered containers that hold capabilities reaching past
+    /// what sluice can confine (privileged ones); refused by default.
+    pub allow_privileged_containers: bool,
 }
 
 /// A proxy listener for connections an iptables/nftables REDIRECT rule sends
@@ -136,6 +139,7 @@ impl DaemonConfig {
             containerd_namespaces: crate::containers::containerd::Namespaces::default(),
             profiles_dir: None,
             enforce_label: None,
+            allow_privileged_containers: false,
         })
     }
 
@@ -354,6 +358,7 @@ impl Daemon {
             daemon.spawn(forward_kernel_events(events, registry, log));
         }
         daemon.readopt().await;
+        daemon.spawn(watch_links(datapath.clone(), log.clone()));
         daemon.watch_profile_files();
         daemon.start_discovery()?;
         if daemon.config.serve_control {
@@ -1340,6 +1345,42 @@ async fn forward_kernel_events(mut events: datapath::EventStream, registry: Arc<
         for event in batch {
             log.record(kernel_decision(&event, &registry));
         }
+    }
+}
+
+/// Checks twice a second that no one detached sluice's cgroup links, and
+/// attaches them again if someone did (see `datapath::Datapath::heal`).
+async fn watch_links(datapath: Arc<Datapath>, log: Arc<DecisionLog>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_failure = None;
+    loop {
+        tick.tick().await;
+        let outcome = {
+            let datapath = datapath.clone();
+            tokio::task::spawn_blocking(move || datapath.heal()).await
+        };
+        let (verdict, reason) = match outcome {
+            Ok(Ok(healed)) if healed.is_empty() => continue,
+            Ok(Ok(healed)) => (
+                Verdict::Info,
+                format!(
+                    "kernel links {} were detached by someone else; attached again, with every sandbox frozen in between",
+                    healed.join(", ")
+                ),
+            ),
+            Ok(Err(error)) => (Verdict::Deny, format!("checking or healing the kernel links failed: {error}")),
+            Err(error) => (Verdict::Deny, format!("the link watchdog failed: {error}")),
+        };
+        // A failure that persists is recorded once.
+        if verdict == Verdict::Deny {
+            if last_failure.as_ref() == Some(&reason) {
+                continue;
+            }
+            last_failure = Some(reason.clone());
+        }
+        tracing::error!("{reason}");
+        log.record(Decision::new(Kind::Kernel, verdict, "kernel-links-healed", reason));
     }
 }
 

@@ -75,6 +75,12 @@ pub struct DaemonArgs {
     /// container under the container parent.
     #[arg(long, value_name = "KEY=VALUE", requires = "container_address")]
     pub enforce_label: Option<crate::containers::exempt::EnforceLabel>,
+    /// Also register discovered containers that hold CAP_SYS_ADMIN, CAP_BPF,
+    /// CAP_SYS_PTRACE, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_PERFMON or
+    /// CAP_DAC_READ_SEARCH (`--privileged`, `--cap-add`). By default they
+    /// stay unknown sandboxes, denied everything: sluice cannot confine them.
+    #[arg(long, requires = "container_address")]
+    pub allow_privileged_containers: bool,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
@@ -94,6 +100,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     config.containerd_namespaces = Namespaces(args.containerd_namespaces);
     config.profiles_dir = args.profiles_dir;
     config.enforce_label = args.enforce_label;
+    config.allow_privileged_containers = args.allow_privileged_containers;
     if let Some(path) = args.decision_log {
         config.decision_log = Some(path);
     }

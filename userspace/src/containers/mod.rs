@@ -64,6 +64,38 @@ pub async fn started(daemon: &Daemon, found: Discovered) {
     }
 }
 
+/// Capabilities with which a container could reach past sluice: the kernel
+/// guard kills a sandboxed `bpf()` or `ptrace` of outsiders, but not reads
+/// of another process's memory through /proc (`CAP_SYS_PTRACE`), file
+/// handles that open the host's files (`CAP_DAC_READ_SEARCH`), raw I/O,
+/// or what a full `CAP_SYS_ADMIN` can do.
+const PRIVILEGED_CAPABILITIES: [(u32, &str); 7] = [
+    (2, "CAP_DAC_READ_SEARCH"),
+    (16, "CAP_SYS_MODULE"),
+    (17, "CAP_SYS_RAWIO"),
+    (19, "CAP_SYS_PTRACE"),
+    (21, "CAP_SYS_ADMIN"),
+    (38, "CAP_PERFMON"),
+    (39, "CAP_BPF"),
+];
+
+/// Which of [`PRIVILEGED_CAPABILITIES`] process `pid` may hold (its
+/// bounding set, which limits what anything it execs can gain).
+fn privileged_capabilities(pid: u32) -> anyhow::Result<Vec<&'static str>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading the capabilities of pid {pid}"))?;
+    let bounding = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapBnd:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .with_context(|| format!("no capability bounding set for pid {pid}"))?;
+    Ok(held_capabilities(bounding))
+}
+
+fn held_capabilities(bounding: u64) -> Vec<&'static str> {
+    PRIVILEGED_CAPABILITIES.iter().filter(|(bit, _)| bounding & (1 << bit) != 0).map(|(_, name)| *name).collect()
+}
+
 async fn try_started(daemon: &Daemon, found: &Discovered) -> anyhow::Result<()> {
     let config = daemon.config();
     let relative = cgroup::of_pid(found.pid).with_context(|| format!("reading the cgroup of pid {}", found.pid))?;
@@ -100,6 +132,15 @@ async fn try_started(daemon: &Daemon, found: &Discovered) -> anyhow::Result<()> 
     let cgroup_id = cgroup::id(&absolute)?;
     if let Some(label) = config.enforce_label.as_ref().filter(|label| !label.matches(&found.info.labels)) {
         return exempt(daemon, found, absolute, cgroup_id, &label.to_string());
+    }
+    if !config.allow_privileged_containers {
+        let held = privileged_capabilities(found.pid)?;
+        anyhow::ensure!(
+            held.is_empty(),
+            "it holds {} (privileged, or started with --cap-add), which reach past what sluice can confine; \
+             start it without them, or start the daemon with --allow-privileged-containers",
+            held.join(", ")
+        );
     }
     daemon.exemptions().lift(cgroup_id)?;
     let profile = profile_for(&found.info.labels, config.profiles_dir.as_deref())?;
@@ -275,5 +316,21 @@ mod tests {
         assert!(traversal.to_string().contains("not a profile name"), "{traversal}");
         assert!(profile_for(&labels("web"), None).unwrap_err().to_string().contains("--profiles-dir"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod privilege_tests {
+    #[test]
+    fn a_default_container_holds_none_of_the_privileged_capabilities() {
+        // Docker's default bounding set: chown, dac_override, fowner,
+        // fsetid, kill, setgid, setuid, setpcap, net_bind_service, net_raw,
+        // sys_chroot, mknod, audit_write, setfcap.
+        assert!(super::held_capabilities(0x0000_0000_a804_25fb).is_empty());
+        // --privileged: everything.
+        assert_eq!(super::held_capabilities(0x0000_01ff_ffff_ffff).len(), 7);
+        // --cap-add SYS_ADMIN --cap-add BPF.
+        let held = super::held_capabilities(0x0000_0000_a804_25fb | 1 << 21 | 1 << 39);
+        assert_eq!(held, ["CAP_SYS_ADMIN", "CAP_BPF"]);
     }
 }

@@ -9,6 +9,7 @@
 
 mod events;
 mod sys;
+mod watch;
 
 use std::{
     fs::File,
@@ -93,6 +94,8 @@ pub enum Origin {
 /// Handles to the pinned maps.
 pub struct Datapath {
     pin_dir: PathBuf,
+    /// The cgroup the programs are attached to.
+    cgroup_parent: PathBuf,
     origin: Origin,
     lsm_enabled: bool,
     default_target: Target,
@@ -113,7 +116,7 @@ impl Datapath {
     pub fn open(cgroup_parent: &Path, pin_dir: &Path, default_target: Target) -> Result<Self, DatapathError> {
         ensure_bpffs()?;
         if pin_dir.join("maps").join(names::SANDBOXES).exists() {
-            return Self::adopt(pin_dir);
+            return Self::adopt(cgroup_parent, pin_dir);
         }
         Self::load(cgroup_parent, pin_dir, default_target).inspect_err(|_| {
             // Half-attached state would keep redirecting to nobody: remove it.
@@ -166,12 +169,12 @@ impl Datapath {
             File::open(cgroup_parent).map_err(io_err(format!("opening cgroup {}", cgroup_parent.display())))?;
         let lsm_enabled = attach_all(&mut ebpf, &cgroup, &links_dir)?;
         attach_guard(&mut ebpf, &links_dir)?;
-        Self::from_maps(pin_dir, Origin::Loaded, lsm_enabled, |name| {
+        Self::from_maps(cgroup_parent, pin_dir, Origin::Loaded, lsm_enabled, |name| {
             ebpf.take_map(name).ok_or_else(|| DatapathError::Setup(format!("map {name} missing")))
         })
     }
 
-    fn adopt(pin_dir: &Path) -> Result<Self, DatapathError> {
+    fn adopt(cgroup_parent: &Path, pin_dir: &Path) -> Result<Self, DatapathError> {
         let links_dir = pin_dir.join("links");
         for name in SOCK_ADDR_PROGRAMS
             .iter()
@@ -188,7 +191,7 @@ impl Datapath {
         }
         let lsm_enabled = links_dir.join(names::SOCKET_CREATE_LSM).exists();
         let maps_dir = pin_dir.join("maps");
-        let datapath = Self::from_maps(pin_dir, Origin::Adopted, lsm_enabled, |name| {
+        let datapath = Self::from_maps(cgroup_parent, pin_dir, Origin::Adopted, lsm_enabled, |name| {
             if !maps_dir.join(name).exists() {
                 return Err(DatapathError::Setup(format!(
                     "pinned state under {} was made by another sluice build (no map {name}); \
@@ -204,6 +207,7 @@ impl Datapath {
     }
 
     fn from_maps(
+        cgroup_parent: &Path,
         pin_dir: &Path,
         origin: Origin,
         lsm_enabled: bool,
@@ -214,6 +218,7 @@ impl Datapath {
         let default_target = default_map.get(&0, 0).map_err(ebpf_err("reading the default target"))?;
         Ok(Self {
             pin_dir: pin_dir.to_owned(),
+            cgroup_parent: cgroup_parent.to_owned(),
             origin,
             lsm_enabled,
             default_target,
@@ -355,6 +360,31 @@ impl Datapath {
             refused: sum.refused + c.refused,
             dropped_packets: sum.dropped_packets + c.dropped_packets,
         })
+    }
+
+    /// Attaches again every cgroup link someone detached, with every
+    /// sandbox frozen until all are back; returns the links it healed.
+    pub fn heal(&self) -> Result<Vec<String>, DatapathError> {
+        let links_dir = self.pin_dir.join("links");
+        let detached = watch::detached_links(&links_dir).map_err(io_err("checking the pinned links"))?;
+        if detached.is_empty() {
+            return Ok(Vec::new());
+        }
+        let parent = &self.cgroup_parent;
+        watch::freeze(parent, true).map_err(io_err(format!("freezing {}", parent.display())))?;
+        let healed = detached
+            .iter()
+            .map(|link| {
+                watch::reattach(link, parent).map_err(io_err(format!("attaching {} again", link.name())))?;
+                Ok(link.name())
+            })
+            .collect::<Result<Vec<_>, DatapathError>>();
+        // Thawed only when every link is back: a failure keeps the
+        // sandboxes frozen, which is closed.
+        if healed.is_ok() {
+            watch::freeze(parent, false).map_err(io_err(format!("thawing {}", parent.display())))?;
+        }
+        healed
     }
 
     /// The stream of refused attempts. Can be taken once.
