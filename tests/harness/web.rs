@@ -4,7 +4,9 @@
 //!
 //! Endpoints: `/echo` (describes the request), `/big?bytes=N` (streams N
 //! bytes), `/upload` (counts and hashes the body), `/grpc` (echoes the body
-//! with gRPC trailers), `/ws` (WebSocket echo).
+//! with gRPC trailers), `/ws` (WebSocket echo; a text frame `authorization?`
+//! is answered with the upgrade request's Authorization header, as a
+//! server that reflects what it got would).
 
 use std::{
     convert::Infallible,
@@ -95,6 +97,8 @@ pub struct SeenRequest {
 pub struct WebServer {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<SeenRequest>>>,
+    /// Payloads of the WebSocket frames clients sent, unmasked.
+    frames: Frames,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -102,9 +106,11 @@ impl WebServer {
     /// Serves on `addr` inside `net`, with TLS when `tls` is given.
     pub fn start(net: &TestNet, addr: SocketAddr, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let frames = Frames::default();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let recorder = seen.clone();
+        let frame_recorder = frames.clone();
         net.spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             runtime.block_on(async move {
@@ -113,15 +119,15 @@ impl WebServer {
                 let serve = async {
                     loop {
                         let Ok((stream, _)) = listener.accept().await else { continue };
-                        let (tls, recorder) = (tls.clone(), recorder.clone());
+                        let (tls, recorder, frames) = (tls.clone(), recorder.clone(), frame_recorder.clone());
                         tokio::spawn(async move {
                             match tls {
                                 Some(config) => {
                                     if let Ok(stream) = tokio_rustls::TlsAcceptor::from(config).accept(stream).await {
-                                        serve_http(stream, recorder).await;
+                                        serve_http(stream, recorder, frames).await;
                                     }
                                 }
-                                None => serve_http(stream, recorder).await,
+                                None => serve_http(stream, recorder, frames).await,
                             }
                         });
                     }
@@ -133,11 +139,16 @@ impl WebServer {
             });
         });
         let addr = ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        Self { addr, seen, stop: Some(stop) }
+        Self { addr, seen, frames, stop: Some(stop) }
     }
 
     pub fn seen(&self) -> Vec<SeenRequest> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// The WebSocket frame payloads received so far (unmasked).
+    pub fn ws_frames(&self) -> Vec<Vec<u8>> {
+        self.frames.lock().unwrap().clone()
     }
 }
 
@@ -150,14 +161,15 @@ impl Drop for WebServer {
 }
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+type Frames = Arc<Mutex<Vec<Vec<u8>>>>;
 
-async fn serve_http<S>(stream: S, seen: Arc<Mutex<Vec<SeenRequest>>>)
+async fn serve_http<S>(stream: S, seen: Arc<Mutex<Vec<SeenRequest>>>, frames: Frames)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |request| {
-        let seen = seen.clone();
-        async move { Ok::<_, Infallible>(respond(request, &seen).await) }
+        let (seen, frames) = (seen.clone(), frames.clone());
+        async move { Ok::<_, Infallible>(respond(request, &seen, frames).await) }
     });
     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -168,7 +180,11 @@ fn full(text: impl Into<Bytes>) -> Body {
     Full::new(text.into()).boxed()
 }
 
-async fn respond(mut request: Request<hyper::body::Incoming>, seen: &Mutex<Vec<SeenRequest>>) -> Response<Body> {
+async fn respond(
+    mut request: Request<hyper::body::Incoming>,
+    seen: &Mutex<Vec<SeenRequest>>,
+    frames: Frames,
+) -> Response<Body> {
     let method = request.method().to_string();
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or("").to_owned();
@@ -195,7 +211,7 @@ async fn respond(mut request: Request<hyper::body::Incoming>, seen: &Mutex<Vec<S
     };
     if path == "/ws" {
         record(&[]);
-        return websocket(&mut request);
+        return websocket(&mut request, frames);
     }
     let body = request.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
     record(&body);
@@ -239,8 +255,9 @@ async fn respond(mut request: Request<hyper::body::Incoming>, seen: &Mutex<Vec<S
     }
 }
 
-/// Answers a WebSocket handshake and echoes text frames back.
-fn websocket(request: &mut Request<hyper::body::Incoming>) -> Response<Body> {
+/// Answers a WebSocket handshake and echoes text frames back, recording
+/// each payload; `authorization?` gets the handshake's Authorization.
+fn websocket(request: &mut Request<hyper::body::Incoming>, frames: Frames) -> Response<Body> {
     use base64::Engine as _;
     use sha1::Digest as _;
     let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
@@ -250,6 +267,7 @@ fn websocket(request: &mut Request<hyper::body::Incoming>) -> Response<Body> {
     hasher.update(key.as_bytes());
     hasher.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
     let accept = base64::engine::general_purpose::STANDARD.encode(hasher.finalize());
+    let authorization = request.headers().get("authorization").map(|v| v.as_bytes().to_vec()).unwrap_or_default();
     let upgrade = hyper::upgrade::on(request);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
@@ -280,6 +298,10 @@ fn websocket(request: &mut Request<hyper::body::Incoming>) -> Response<Body> {
             }
             for (i, byte) in payload.iter_mut().enumerate() {
                 *byte ^= mask[i % 4];
+            }
+            frames.lock().unwrap().push(payload.clone());
+            if payload == b"authorization?" {
+                payload.clone_from(&authorization);
             }
             if opcode == 8 {
                 let _ = io.write_all(&[0x88, 0]).await;

@@ -263,6 +263,18 @@ impl BodyRules {
         self.table.iter().any(|(_, outcome)| outcome.is_ok())
     }
 
+    /// (secret, placeholder) pairs of every placeholder that would be
+    /// swapped here: what a stream carrying them must scrub on the way back.
+    pub fn swappable(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.table
+            .iter()
+            .filter_map(|(placeholder, outcome)| {
+                let (_, secret) = outcome.as_ref().ok()?;
+                Some((secret.expose().as_bytes().to_vec(), placeholder.as_bytes().to_vec()))
+            })
+            .collect()
+    }
+
     pub fn placeholder_of(&self, name: &str) -> Option<&String> {
         self.table.iter().find(|(_, o)| o.as_ref().is_ok_and(|(n, _)| n == name)).map(|(p, _)| p)
     }

@@ -3,7 +3,9 @@
 //! policy as it is now (a profile changed at runtime applies to the next
 //! request on a kept-alive connection), and allowed ones are forwarded on one
 //! upstream connection that mirrors the client's protocol (HTTP/1.1 or h2).
-//! Bodies stream both ways; trailers (gRPC) and WebSocket upgrades pass.
+//! Bodies stream both ways; trailers (gRPC) pass. Only WebSocket upgrades are
+//! honoured, and their frames stay under the credential checks
+//! ([`super::websocket`]).
 
 use std::{
     convert::Infallible,
@@ -36,7 +38,7 @@ use crate::{
     sandbox::Sandbox,
 };
 
-use super::ProxyContext;
+use super::{authority, websocket, ProxyContext};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 /// What is sent upstream: the client's body, possibly cut off by a rule's
@@ -208,34 +210,17 @@ impl Connection {
         decision.destination = Some(self.destination);
         decision.method = Some(method.clone());
         decision.path = Some(path.clone());
-        decision.protocol = Some(if self.sni.is_some() { "https" } else { "http" }.to_owned());
+        let tls = self.upstream.tls.is_some();
+        decision.protocol = Some(if tls { "https" } else { "http" }.to_owned());
 
         if let Some(refusal) = &self.refusal {
             decision.host.clone_from(&self.sni);
             return self.refuse(decision, refusal.status, &refusal.rule, &refusal.reason);
         }
-        let Some(host) = request_host(&request) else {
-            return self.refuse(
-                decision,
-                StatusCode::BAD_REQUEST,
-                "no-host",
-                "the request names no host (no Host header or authority)",
-            );
+        let (authority, believed, verdict) = match self.judge_head(&request, &mut decision, &method, &path) {
+            Ok(judged) => judged,
+            Err(refusal) => return self.refuse(decision, refusal.status, &refusal.rule, &refusal.reason),
         };
-        decision.host = Some(host.clone());
-        decision.host_source = Some(if self.sni.is_some() { HostSource::Sni } else { HostSource::Http });
-        if let Err(reason) = self.check_host(&host) {
-            return self.refuse(decision, StatusCode::MISDIRECTED_REQUEST, "host-mismatch", &reason);
-        }
-        let query = ConnectQuery {
-            host: host.parse::<IpAddr>().is_err().then_some(host.as_str()),
-            ip: self.destination.ip(),
-            port: self.destination.port(),
-        };
-        let scheme = if self.sni.is_some() { Scheme::Https } else { Scheme::Http };
-        let body_len = hyper::body::Body::size_hint(request.body()).exact();
-        let info = RequestInfo { method: &method, path: &path, scheme, headers: Some(request.headers()), body_len };
-        let verdict = self.sandbox.policy.load().evaluate_request(&query, &info);
         decision.bundle = verdict.bundle.as_deref().map(str::to_owned);
         decision.rule = verdict.rule.to_string();
         decision.reason = verdict.reason.to_string();
@@ -252,11 +237,20 @@ impl Connection {
         }
         decision.would_deny = verdict.would_deny;
 
-        let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let upgrade = match upgrade_of(&request) {
+            Upgrade::None => None,
+            Upgrade::WebSocket => Some(hyper::upgrade::on(&mut request)),
+            Upgrade::Refused(reason) => {
+                return self.refuse(decision, StatusCode::FORBIDDEN, "upgrade-refused", &reason);
+            }
+        };
+        // Credentials follow the name that is tied to the address, never a
+        // claimed one: an unproven name binds nothing.
+        let bound_host = believed.unwrap_or_else(|| self.destination.ip().to_string());
         let limit = verdict.max_body.filter(|_| info_len_unknown(&request)).map(BodyLimit::new);
-        let upstream_request = self.upstream_request(request, &host, upgrade.is_some(), limit.clone());
+        let upstream_request = self.upstream_request(request, &authority, upgrade.is_some(), limit.clone());
         let (upstream_request, mut applied, streamed) =
-            match self.inject_credentials(upstream_request, &host, &method, &path, &decision).await {
+            match self.inject_credentials(upstream_request, &bound_host, &method, &path, &decision).await {
                 Ok(injected) => injected,
                 Err((status, rule, reason)) => return self.refuse(decision, status, rule, &reason),
             };
@@ -287,21 +281,22 @@ impl Connection {
                 return self.refuse(decision, StatusCode::BAD_GATEWAY, "upstream-failed", &error);
             }
         };
-        decision.verdict = Verdict::Allow;
-        self.ctx.log.record(decision);
+        if let Some(refusal) = unscrubbable(&response, &applied, upgrade.is_some()) {
+            return self.refuse(decision, refusal.status, &refusal.rule, &refusal.reason);
+        }
 
         let (mut parts, body) = response.into_parts();
         if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, parts.status) {
-            // WebSocket: hand the two upgraded streams to each other. The
-            // upstream's response carries the upgrade future.
+            let checks = self.frame_checks(&bound_host, &method, &path, &applied);
             let upstream_upgrade = hyper::upgrade::on(Response::from_parts(parts.clone(), ()));
-            tokio::spawn(async move {
-                if let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
-                }
-            });
+            let record = decision.clone();
+            decision.verdict = Verdict::Allow;
+            self.ctx.log.record(decision);
+            tokio::spawn(relay_websocket(self.ctx.log.clone(), record, client_upgrade, upstream_upgrade, checks));
             return Response::from_parts(parts, Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
         }
+        decision.verdict = Verdict::Allow;
+        self.ctx.log.record(decision);
         strip_hop_by_hop(&mut parts.headers, false);
         if applied.scrub.is_empty() {
             return Response::from_parts(parts, body.boxed());
@@ -316,6 +311,60 @@ impl Connection {
         }
         parts.headers.remove(header::CONTENT_LENGTH);
         Response::from_parts(parts, ScrubBody::new(body, pairs).boxed())
+    }
+
+    /// What the frames of an upgraded connection are checked against: the
+    /// placeholders this request's bindings allow (swapped) or refuse, and
+    /// every secret that may go upstream, scrubbed on the way back.
+    fn frame_checks(&self, host: &str, method: &str, path: &str, applied: &Applied) -> websocket::FrameChecks {
+        let policy = self.sandbox.policy.load();
+        let placeholders = self.sandbox.placeholders();
+        let secrets = self.ctx.secrets.load();
+        let credentials = RequestCredentials {
+            specs: policy.credentials(),
+            placeholders: &placeholders,
+            secrets: &secrets,
+            target: Target { host, method, path, tls: self.upstream.tls.is_some() },
+        };
+        let rules = credentials.body_rules();
+        let mut scrub = applied.scrub.clone();
+        scrub.extend(rules.swappable());
+        websocket::FrameChecks { rules, scrub }
+    }
+
+    /// The request-head phase: the authority the request names (which is
+    /// what the upstream will get), the name among it that is tied to the
+    /// connection's address (`None`: the address alone decides), and the
+    /// policy's verdict. `decision` gets the host it is recorded under.
+    fn judge_head(
+        &self,
+        request: &Request<Incoming>,
+        decision: &mut Decision,
+        method: &str,
+        path: &str,
+    ) -> Result<(authority::Authority, Option<String>, crate::policy::Decision), Refusal> {
+        let authority = authority::request_authority(request)?;
+        let host = authority.host.clone();
+        decision.host = Some(host.clone());
+        decision.host_source = Some(if self.sni.is_some() { HostSource::Sni } else { HostSource::Http });
+        let ip = self.destination.ip();
+        let believed = authority::believe_request_host(&self.sandbox.names, self.sni.as_deref(), &host, ip)?;
+        if believed.is_none() {
+            // Decided by the address alone: that is what the record (and an
+            // operator's approval) names; the reason keeps the claim.
+            decision.host = Some(ip.to_string());
+            decision.host_source = Some(HostSource::Ip);
+        }
+        let scheme = if self.upstream.tls.is_some() { Scheme::Https } else { Scheme::Http };
+        let body_len = hyper::body::Body::size_hint(request.body()).exact();
+        let info = RequestInfo { method, path, scheme, headers: Some(request.headers()), body_len };
+        let policy = self.sandbox.policy.load();
+        let claimed = host.parse::<IpAddr>().is_err().then_some(host.as_str());
+        let verdict = authority::decide(claimed, believed.is_some(), ip, |name| {
+            let query = ConnectQuery { host: name, ip, port: self.destination.port() };
+            policy.evaluate_request(&query, &info)
+        });
+        Ok((authority, believed, verdict))
     }
 
     /// Holds the request `decision` describes for an operator's answer.
@@ -357,6 +406,12 @@ impl Connection {
         let mut applied = Applied::default();
         credentials.apply_to_head(&mut parts, &mut applied).map_err(refused)?;
         let signer = credentials.sigv4().map_err(refused)?;
+        if !applied.is_empty() || signer.is_some() || credentials.body_rules().may_swap() {
+            // A secret may go in: the answer must come back in a form the
+            // scrub can read, so no compression is asked for (before any
+            // signing, which covers the headers).
+            parts.headers.remove(header::ACCEPT_ENCODING);
+        }
         let declared = signer.as_ref().and_then(|_| sigv4::declared_payload(&Request::from_parts(parts.clone(), ())));
         let content_length =
             parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -440,28 +495,13 @@ impl Connection {
         Ok((request, applied, streamed))
     }
 
-    /// TLS: the request's host must be the server name of the handshake
-    /// (domain fronting is refused). Plain HTTP: it must agree with what the
-    /// sandbox resolved for this address, when it resolved anything.
-    fn check_host(&self, host: &str) -> Result<(), String> {
-        if let Some(sni) = &self.sni {
-            if !host.eq_ignore_ascii_case(sni) {
-                return Err(format!("the request names {host:?} but the TLS handshake named {sni:?}"));
-            }
-            return Ok(());
-        }
-        if host.parse::<IpAddr>().is_ok() {
-            return Ok(());
-        }
-        self.sandbox.names.agrees(self.destination.ip(), host).map_err(|_| {
-            format!("the request names {host:?} but the sandbox resolved {} for another name", self.destination.ip())
-        })
-    }
-
+    /// The request as the upstream gets it: hop-by-hop headers gone, and
+    /// the authority that was checked as its Host (h1) or `:authority` (h2),
+    /// whatever the client wrote there.
     fn upstream_request(
         &self,
         request: Request<Incoming>,
-        host: &str,
+        authority: &authority::Authority,
         upgrade: bool,
         limit: Option<BodyLimit>,
     ) -> Request<UpstreamBody> {
@@ -469,22 +509,24 @@ impl Connection {
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
         strip_hop_by_hop(&mut parts.headers, upgrade);
         parts.headers.remove(header::EXPECT);
+        if upgrade {
+            // Extensions (permessage-deflate) would hide frame payloads from
+            // the credential checks.
+            parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+        }
+        parts.headers.remove(header::HOST);
         if self.h2() {
             let scheme = if self.upstream.tls.is_some() { "https" } else { "http" };
-            let authority = parts.uri.authority().map_or_else(|| host.to_owned(), ToString::to_string);
             parts.uri = Uri::builder()
                 .scheme(scheme)
-                .authority(authority)
+                .authority(authority.value.as_str())
                 .path_and_query(path_and_query)
                 .build()
                 .unwrap_or_default();
-            parts.headers.remove(header::HOST);
             parts.version = Version::HTTP_2;
         } else {
-            if !parts.headers.contains_key(header::HOST) {
-                if let Ok(value) = HeaderValue::from_str(parts.uri.authority().map_or(host, |a| a.as_str())) {
-                    parts.headers.insert(header::HOST, value);
-                }
+            if let Ok(value) = HeaderValue::from_str(&authority.value) {
+                parts.headers.insert(header::HOST, value);
             }
             parts.uri = path_and_query.parse().unwrap_or_default();
             parts.version = Version::HTTP_11;
@@ -526,6 +568,25 @@ impl Connection {
         reason.clone_into(&mut decision.reason);
         self.ctx.log.record(decision);
         refusal_response(status, rule, reason)
+    }
+}
+
+/// WebSocket: relays the two upgraded streams frame by frame under
+/// `checks`; a cut is recorded as a denial of the upgrade's request.
+async fn relay_websocket(
+    log: Arc<crate::audit::DecisionLog>,
+    mut record: Decision,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    checks: websocket::FrameChecks,
+) {
+    let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else { return };
+    if let Some(cut) = websocket::relay(TokioIo::new(client), TokioIo::new(upstream), checks).await {
+        record.verdict = Verdict::Deny;
+        cut.rule().clone_into(&mut record.rule);
+        record.reason = format!("WebSocket connection cut: {cut}");
+        record.credentials.clear();
+        log.record(record);
     }
 }
 
@@ -640,27 +701,64 @@ async fn read_body(mut body: UpstreamBody, limit: usize) -> Result<Option<Bytes>
     Ok(Some(whole.freeze()))
 }
 
-/// The host a request names: the h2 `:authority` / absolute-form authority,
-/// else the Host header; without port, lower case.
-fn request_host<B>(request: &Request<B>) -> Option<String> {
-    let authority = if let Some(authority) = request.uri().authority() {
-        authority.host().to_owned()
-    } else {
-        let value = request.headers().get(header::HOST)?.to_str().ok()?;
-        value.parse::<hyper::http::uri::Authority>().ok()?.host().to_owned()
-    };
-    let host = authority.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase();
-    (!host.is_empty()).then_some(host)
+/// What a request asks to upgrade to.
+enum Upgrade {
+    None,
+    WebSocket,
+    /// Any other protocol (h2c, raw tunnels): sluice could not inspect it.
+    Refused(String),
 }
 
-fn is_upgrade<B>(request: &Request<B>) -> bool {
-    request.version() == Version::HTTP_11
-        && request.headers().get(header::UPGRADE).is_some()
-        && request
-            .headers()
-            .get(header::CONNECTION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+/// Only WebSocket is honoured: its frames stay under the credential checks.
+fn upgrade_of<B>(request: &Request<B>) -> Upgrade {
+    let asks = request
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let tokens: Vec<String> = request
+        .headers()
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_owned()).collect::<Vec<_>>())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if !asks || tokens.is_empty() {
+        // Without `Connection: upgrade` an Upgrade header is dropped as hop-by-hop.
+        return Upgrade::None;
+    }
+    if request.version() == Version::HTTP_11 && tokens.len() == 1 && tokens[0].eq_ignore_ascii_case("websocket") {
+        return Upgrade::WebSocket;
+    }
+    let named = tokens.iter().map(|t| format!("{:?}", super::header_safe(t))).collect::<Vec<_>>().join(", ");
+    Upgrade::Refused(format!(
+        "an upgrade to {named} was asked for; sluice only relays WebSocket upgrades, whose frames it can inspect"
+    ))
+}
+
+/// A response sluice cannot scrub although the request carried a secret:
+/// compressed (an upstream that ignored the missing Accept-Encoding), or an
+/// upgrade whose answer turned on a WebSocket extension.
+fn unscrubbable<B>(response: &Response<B>, applied: &Applied, upgrade: bool) -> Option<Refusal> {
+    let refusal =
+        |reason: String| Refusal { status: StatusCode::BAD_GATEWAY, rule: "unscrubbable-response".into(), reason };
+    if upgrade && response.headers().contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+        return Some(refusal("the upstream turned on a WebSocket extension that sluice did not offer".into()));
+    }
+    if applied.scrub.is_empty() {
+        return None;
+    }
+    let encoding = response.headers().get_all(header::CONTENT_ENCODING).iter().find_map(|v| {
+        let v = v.to_str().unwrap_or("?").trim();
+        (!v.is_empty() && !v.eq_ignore_ascii_case("identity")).then(|| super::header_safe(v))
+    })?;
+    Some(refusal(format!(
+        "the upstream answered a request that carried a secret with a {encoding:?}-encoded body although sluice \
+         asked for none; sluice passes on only what it can scrub"
+    )))
 }
 
 /// Headers that belong to one hop, not the request (RFC 9110 7.6.1). An
@@ -721,12 +819,20 @@ mod tests {
     }
 
     #[test]
-    fn the_request_host_comes_from_authority_or_host() {
-        let request = Request::builder().uri("https://API.Example.test:8443/x").body(()).unwrap();
-        assert_eq!(request_host(&request).as_deref(), Some("api.example.test"));
-        let request = Request::builder().uri("/x").header("host", "[fd00::1]:80").body(()).unwrap();
-        assert_eq!(request_host(&request).as_deref(), Some("fd00::1"));
-        let request = Request::builder().uri("/x").body(()).unwrap();
-        assert_eq!(request_host(&request), None);
+    fn only_websocket_upgrades_are_honoured() {
+        let upgrade = |connection: &str, token: &str| {
+            let request = Request::builder()
+                .header(header::CONNECTION, connection)
+                .header(header::UPGRADE, token)
+                .body(())
+                .unwrap();
+            upgrade_of(&request)
+        };
+        assert!(matches!(upgrade("Upgrade", "WebSocket"), Upgrade::WebSocket));
+        assert!(matches!(upgrade("keep-alive, upgrade", "websocket"), Upgrade::WebSocket));
+        assert!(matches!(upgrade("Upgrade, HTTP2-Settings", "h2c"), Upgrade::Refused(r) if r.contains("h2c")));
+        assert!(matches!(upgrade("upgrade", "websocket, x-tunnel"), Upgrade::Refused(_)));
+        // Without `Connection: upgrade` the header is dropped, nothing upgrades.
+        assert!(matches!(upgrade("keep-alive", "h2c"), Upgrade::None));
     }
 }

@@ -4,25 +4,27 @@
 //!    sandbox and the pid (or, on a listener for iptables/nftables REDIRECT,
 //!    conntrack gives the original destination and the listener names the
 //!    sandbox, see [`Attribution`]);
-//! 2. classify: the first bytes say TLS (SNI), HTTP/1 (Host) or other;
-//! 3. name: SNI, Host, else the name the sandbox resolved for this address
-//!    through sluice, else the bare address; a claimed name that contradicts
-//!    what the sandbox resolved for the address is refused;
+//! 2. classify: the first bytes say TLS (SNI), HTTP/1 (Host) or other. A
+//!    client that is slow to speak is waited for (a late `ClientHello` is
+//!    still intercepted); one that stays silent is refused, unless a
+//!    passthrough rule lets the server speak first;
+//! 3. name ([`authority`]): SNI, Host, else the name the sandbox resolved
+//!    for this address through sluice, else the bare address; a claimed
+//!    name that contradicts what the sandbox resolved is refused, and one
+//!    nothing ties to the address decides nothing;
 //! 4. decide: the sandbox's policy, by host, address and port;
 //! 5. relay or refuse, and log the decision either way.
 
+mod authority;
 pub mod classify;
 mod http;
 mod intercept;
 mod prefixed;
 mod redirected;
 mod relay;
+mod websocket;
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -48,8 +50,11 @@ pub struct ProxyContext {
     pub log: Arc<DecisionLog>,
     /// sluice's own listening addresses: a sandbox may not loop back into them.
     pub own_addrs: Vec<SocketAddr>,
-    /// How long to wait for a client's first bytes before treating the
-    /// protocol as server-speaks-first.
+    /// How long a client may stay silent before the server may speak first,
+    /// where a passthrough rule allows the destination.
+    pub server_first_after: Duration,
+    /// How long to wait for a client's first bytes; a client silent this
+    /// long is refused (nothing unclassified is relayed).
     pub first_bytes_timeout: Duration,
     /// How long a client has to send a complete `ClientHello` or request head.
     pub prefix_timeout: Duration,
@@ -76,7 +81,8 @@ impl ProxyContext {
             registry,
             log,
             own_addrs,
-            first_bytes_timeout: Duration::from_secs(1),
+            server_first_after: Duration::from_secs(1),
+            first_bytes_timeout: Duration::from_secs(10),
             prefix_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             upstream_roots,
@@ -133,7 +139,16 @@ async fn handle(ctx: &Arc<ProxyContext>, attribution: &Attribution, mut client: 
     }
 
     let mut prefix = Vec::with_capacity(4096);
-    let classified = read_prefix(ctx, &mut client, &mut prefix).await;
+    let Some(classified) = classify_client(ctx, &sandbox, destination, &mut client, &mut prefix).await else {
+        decision.rule = "client-silent".into();
+        decision.reason = format!(
+            "the client sent nothing within {} s; sluice decides a connection on its first bytes and relays none \
+             it could not classify (where the server speaks first, a `tls = \"passthrough\"` rule allows it)",
+            ctx.first_bytes_timeout.as_secs()
+        );
+        ctx.log.record(decision);
+        return;
+    };
     decision.protocol = Some(classified.protocol().to_owned());
     if let Classified::Malformed(why) = classified {
         decision.rule = "malformed-request".into();
@@ -142,26 +157,26 @@ async fn handle(ctx: &Arc<ProxyContext>, attribution: &Attribution, mut client: 
         return;
     }
 
-    let (host, source) = match name_connection(&sandbox, &classified, destination.ip()) {
+    let mut named = match authority::name_connection(&sandbox.names, &classified, destination.ip()) {
         Ok(named) => named,
         Err(reason) => {
-            decision.rule = "host-mismatch".into();
+            decision.rule = authority::MISMATCH_RULE.into();
             decision.reason = reason;
             ctx.log.record(decision.clone());
             refuse(ctx, Refused { sandbox, pid, destination, client, prefix, classified, decision }).await;
             return;
         }
     };
-    decision.host = Some(host.clone().unwrap_or_else(|| destination.ip().to_string()));
-    decision.host_source = Some(source);
+    decision.host = Some(named.name.clone().unwrap_or_else(|| destination.ip().to_string()));
+    decision.host_source = Some(named.source);
 
-    // Plain HTTP and TLS are inspected request by request, so rules with
-    // request conditions may let them through to that check.
-    let inspected = matches!(classified, Classified::Http { .. } | Classified::Tls { .. });
-    let query = ConnectQuery { host: host.as_deref(), ip: destination.ip(), port: destination.port() };
-    let policy = sandbox.policy.load();
-    let verdict = if inspected { policy.evaluate_inspected(&query) } else { policy.evaluate(&query) };
-    drop(policy);
+    let verdict = decide_connection(&sandbox, &mut named, &classified, destination);
+    if named.proof == authority::Proof::Claimed {
+        // What an operator approves, and what `--always` remembers, is the
+        // address: the name is only the client's word.
+        decision.host = Some(destination.ip().to_string());
+        decision.host_source = Some(HostSource::Ip);
+    }
     decision.rule = verdict.rule.to_string();
     decision.reason = verdict.reason.to_string();
     decision.bundle = verdict.bundle.as_deref().map(str::to_owned);
@@ -194,6 +209,41 @@ async fn handle(ctx: &Arc<ProxyContext>, attribution: &Attribution, mut client: 
         }
         _ => splice_through(ctx, &sandbox, pid, destination, client, &prefix).await,
     }
+}
+
+/// The connect-level decision for a named connection. A TLS server name
+/// counts as proven only if the connection is intercepted (the upstream's
+/// certificate is then verified for it); spliced, or claimed over plain
+/// HTTP for an address the sandbox did not resolve it to, the name decides
+/// nothing and `named` says so.
+fn decide_connection(
+    sandbox: &Sandbox,
+    named: &mut authority::Named,
+    classified: &Classified,
+    destination: SocketAddr,
+) -> crate::policy::Decision {
+    // Plain HTTP and TLS are inspected request by request, so rules with
+    // request conditions may let them through to that check.
+    let inspected = matches!(classified, Classified::Http { .. } | Classified::Tls { .. });
+    let policy = sandbox.policy.load();
+    let evaluate = |host: Option<&str>| {
+        let query = ConnectQuery { host, ip: destination.ip(), port: destination.port() };
+        if inspected {
+            policy.evaluate_inspected(&query)
+        } else {
+            policy.evaluate(&query)
+        }
+    };
+    let verdict = evaluate(named.believed());
+    if verdict.passthrough && named.proof == authority::Proof::Certificate {
+        // Spliced, the upstream's certificate is never checked by sluice:
+        // the server name is only the client's word.
+        named.proof = authority::Proof::Claimed;
+    }
+    if named.proof != authority::Proof::Claimed {
+        return verdict;
+    }
+    authority::decide(named.name.as_deref(), false, destination.ip(), evaluate)
 }
 
 /// Waits for an operator's answer on a held connection or request, logging
@@ -318,63 +368,64 @@ async fn refuse(ctx: &Arc<ProxyContext>, refused: Refused) {
     }
 }
 
-/// Reads the client's first bytes until they can be classified. A client
-/// that says nothing within `first_bytes_timeout` speaks second (SSH, SMTP):
-/// its connection is opaque and keeps an empty prefix.
-async fn read_prefix(ctx: &ProxyContext, client: &mut TcpStream, prefix: &mut Vec<u8>) -> Classified {
+/// Classifies the client's first bytes, waiting generously for them: a
+/// client slow to send its `ClientHello` is still intercepted. After
+/// `server_first_after` of silence the server may speak first (SSH banners,
+/// SMTP) only where a passthrough rule allows the destination, which is not
+/// inspected anyway; elsewhere sluice keeps waiting, and `None` says the
+/// client stayed silent for `first_bytes_timeout`.
+async fn classify_client(
+    ctx: &ProxyContext,
+    sandbox: &Sandbox,
+    destination: SocketAddr,
+    client: &mut TcpStream,
+    prefix: &mut Vec<u8>,
+) -> Option<Classified> {
+    let start = Instant::now();
+    if let Some(classified) = read_prefix(ctx, client, prefix, start + ctx.server_first_after).await {
+        return Some(classified);
+    }
+    let resolved = sandbox.names.names_for(destination.ip());
+    let query = ConnectQuery { host: resolved.last().map(|n| &**n), ip: destination.ip(), port: destination.port() };
+    let spliced = sandbox.policy.load().evaluate(&query);
+    if spliced.is_allowed() && spliced.passthrough {
+        return Some(Classified::Opaque);
+    }
+    read_prefix(ctx, client, prefix, start + ctx.first_bytes_timeout).await
+}
+
+/// Reads the client's first bytes until they can be classified; `None` if
+/// nothing arrived before `silent_until`.
+async fn read_prefix(
+    ctx: &ProxyContext,
+    client: &mut TcpStream,
+    prefix: &mut Vec<u8>,
+    silent_until: Instant,
+) -> Option<Classified> {
     let start = Instant::now();
     let mut chunk = [0u8; 4096];
     loop {
-        let deadline = if prefix.is_empty() { start + ctx.first_bytes_timeout } else { start + ctx.prefix_timeout };
+        let deadline = if prefix.is_empty() { silent_until } else { start + ctx.prefix_timeout };
         match timeout_at(deadline, client.read(&mut chunk)).await {
-            Err(_) if prefix.is_empty() => return Classified::Opaque,
-            Err(_) => return Classified::Malformed("client stopped before its first message was complete"),
-            Ok(Ok(0)) if prefix.is_empty() => return Classified::Malformed("client closed without sending anything"),
-            Ok(Ok(0)) => return Classified::Malformed("client closed in the middle of its first message"),
-            Ok(Err(_)) => return Classified::Malformed("client connection failed"),
+            Err(_) if prefix.is_empty() => return None,
+            Err(_) => return Some(Classified::Malformed("client stopped before its first message was complete")),
+            Ok(Ok(0)) if prefix.is_empty() => {
+                return Some(Classified::Malformed("client closed without sending anything"))
+            }
+            Ok(Ok(0)) => return Some(Classified::Malformed("client closed in the middle of its first message")),
+            Ok(Err(_)) => return Some(Classified::Malformed("client connection failed")),
             Ok(Ok(n)) => {
                 let room = MAX_PREFIX - prefix.len();
                 prefix.extend_from_slice(&chunk[..n.min(room)]);
                 let classified = classify(prefix);
                 if classified != Classified::NeedMore {
-                    return classified;
+                    return Some(classified);
                 }
                 if prefix.len() >= MAX_PREFIX {
-                    return Classified::Malformed("first message larger than 16 KiB");
+                    return Some(Classified::Malformed("first message larger than 16 KiB"));
                 }
             }
         }
-    }
-}
-
-/// Picks the name the policy sees. A name the client claims (SNI, Host) must
-/// agree with the names the sandbox resolved for this address, if it resolved
-/// any through sluice: otherwise a client could present an allowed name while
-/// connecting to any address.
-fn name_connection(
-    sandbox: &Sandbox,
-    classified: &Classified,
-    ip: IpAddr,
-) -> Result<(Option<String>, HostSource), String> {
-    let claimed = match classified {
-        Classified::Tls { sni: Some(name), .. } => Some((name.clone(), HostSource::Sni)),
-        Classified::Http { host: Some(name) } if name.parse::<IpAddr>().is_err() => {
-            Some((name.clone(), HostSource::Http))
-        }
-        _ => None,
-    };
-    match claimed {
-        Some((name, source)) => match sandbox.names.agrees(ip, &name) {
-            Ok(()) => Ok((Some(name), source)),
-            Err(resolved) => Err(format!(
-                "the client named {name:?} but the sandbox resolved {ip} for {}",
-                resolved.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
-            )),
-        },
-        None => match sandbox.names.names_for(ip).last() {
-            Some(name) => Ok((Some(name.to_string()), HostSource::Dns)),
-            None => Ok((None, HostSource::Ip)),
-        },
     }
 }
 
