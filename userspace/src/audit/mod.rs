@@ -18,6 +18,10 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::sandbox::ContainerInfo;
 
+pub mod escape;
+
+pub use escape::terminal_safe;
+
 /// What was decided about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -134,16 +138,29 @@ impl Decision {
 }
 
 impl fmt::Display for Decision {
-    /// The one-line form `sluice run` prints.
+    /// The one-line form `sluice run` prints. Names, paths and reasons come
+    /// from the sandbox, so the line is made terminal-safe as a whole.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let verdict = match self.verdict {
-            Verdict::Allow if self.would_deny => "DRYRUN",
+        let mut line = String::with_capacity(128);
+        fmt::Write::write_fmt(&mut line, format_args!("{}", Line(self)))?;
+        f.write_str(&escape::terminal_safe(&line))
+    }
+}
+
+/// A decision's line before escaping.
+struct Line<'a>(&'a Decision);
+
+impl fmt::Display for Line<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let this = self.0;
+        let verdict = match this.verdict {
+            Verdict::Allow if this.would_deny => "DRYRUN",
             Verdict::Allow => "ALLOW",
             Verdict::Deny => "DENY ",
             Verdict::Ask => "ASK  ",
             Verdict::Info => "INFO ",
         };
-        let kind = match self.kind {
+        let kind = match this.kind {
             Kind::Connect => "connect",
             Kind::Request => "request",
             Kind::Dns => "dns    ",
@@ -151,32 +168,32 @@ impl fmt::Display for Decision {
             Kind::Lifecycle => "sandbox",
         };
         write!(f, "{verdict} {kind}")?;
-        if let Some(pid) = self.pid {
+        if let Some(pid) = this.pid {
             write!(f, " pid={pid}")?;
         }
-        if let (Some(method), Some(path)) = (&self.method, &self.path) {
+        if let (Some(method), Some(path)) = (&this.method, &this.path) {
             write!(f, " {method} {path}")?;
-            if let Some(host) = &self.host {
+            if let Some(host) = &this.host {
                 write!(f, " on {host}")?;
             }
         } else {
-            match (&self.host, self.destination) {
+            match (&this.host, this.destination) {
                 (Some(host), Some(dst)) if host != &dst.ip().to_string() => write!(f, " {host} ({dst})")?,
                 (Some(host), None) => write!(f, " {host}")?,
                 (_, Some(dst)) => write!(f, " {dst}")?,
                 (None, None) => {}
             }
         }
-        if let Some(protocol) = &self.protocol {
+        if let Some(protocol) = &this.protocol {
             write!(f, " [{protocol}]")?;
         }
-        if !self.credentials.is_empty() {
-            write!(f, " [injected {}]", self.credentials.join(", "))?;
+        if !this.credentials.is_empty() {
+            write!(f, " [injected {}]", this.credentials.join(", "))?;
         }
-        if self.would_deny {
+        if this.would_deny {
             write!(f, " [dry run: would deny]")?;
         }
-        write!(f, " rule={}: {}", self.rule, self.reason)
+        write!(f, " rule={}: {}", this.rule, this.reason)
     }
 }
 
@@ -273,6 +290,17 @@ mod tests {
             d.to_string(),
             "DENY  connect pid=42 intranet.test (10.0.0.1:80) [http] rule=deny-internal-networks: internal networks"
         );
+    }
+
+    #[test]
+    fn display_escapes_what_the_sandbox_chose() {
+        let mut d = Decision::new(Kind::Request, Verdict::Deny, "default-deny", "no rule allows GET /\x1b on evil");
+        d.method = Some("GET".into());
+        d.path = Some("/a\x1b]0;pwned\x07".into());
+        d.host = Some("evil\x1b[2J.test".into());
+        let line = d.to_string();
+        assert!(!line.bytes().any(|b| b.is_ascii_control()), "{line:?}");
+        assert!(line.contains("GET /a\\x1b]0;pwned\\x07 on evil\\x1b[2J.test"), "{line}");
     }
 
     #[tokio::test]

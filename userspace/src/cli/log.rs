@@ -4,7 +4,7 @@
 use clap::Args;
 
 use super::InstanceArgs;
-use crate::audit::{Decision, Verdict};
+use crate::audit::{terminal_safe, Decision, Verdict};
 
 #[derive(Debug, Args)]
 pub struct LogArgs {
@@ -39,7 +39,10 @@ pub async fn run(args: LogArgs) -> anyhow::Result<()> {
         if args.json {
             println!("{}", serde_json::to_string(d).unwrap_or_default());
         } else {
-            println!("{} {}{}", d.time, d.sandbox.as_deref().map(|s| format!("[{s}] ")).unwrap_or_default(), d);
+            // The decision escapes itself; its time and sandbox name are
+            // read from a file, so they are escaped here.
+            let sandbox = d.sandbox.as_deref().map(|s| format!("[{}] ", terminal_safe(s))).unwrap_or_default();
+            println!("{} {sandbox}{d}", terminal_safe(&d.time));
         }
     };
     if args.follow {
