@@ -367,3 +367,27 @@ print(data.split(b"\r\n", 1)[0].split()[1].decode())
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).trim().parse().unwrap()
 }
+
+#[test]
+fn sluice_log_reads_rotated_files_oldest_first() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(None);
+    let log = daemon.decision_log();
+    let record = |rule: &str| {
+        let decision =
+            sluice::audit::Decision::new(sluice::audit::Kind::Connect, sluice::audit::Verdict::Deny, rule, "old");
+        format!("{}\n", serde_json::to_string(&decision).unwrap())
+    };
+    // What rotation leaves behind: FILE.2 is older than FILE.1.
+    harness::write_file(&std::path::PathBuf::from(format!("{}.2", log.display())), &record("oldest-rotated"));
+    harness::write_file(&std::path::PathBuf::from(format!("{}.1", log.display())), &record("newer-rotated"));
+    let _sandbox = daemon.sandbox("agent", ALLOW_ACME);
+    daemon.wait_decisions("the current file has a record", |d| d.iter().any(|d| d.rule == "registered"));
+    let output = daemon.cli(&["log"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    let at = |needle: &str| text.find(needle).unwrap_or_else(|| panic!("{needle} missing in:\n{text}"));
+    assert!(at("oldest-rotated") < at("newer-rotated") && at("newer-rotated") < at("rule=registered"), "{text}");
+}
