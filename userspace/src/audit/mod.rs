@@ -6,7 +6,6 @@
 
 use std::{
     fmt,
-    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, OnceLock},
@@ -14,12 +13,18 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
 use crate::sandbox::ContainerInfo;
 
+pub mod escape;
+mod writer;
+
+pub use escape::terminal_safe;
+pub use writer::{log_files, LogCounters, LogLimits};
+
 /// What was decided about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     /// A TCP connection reaching the proxy.
@@ -102,6 +107,10 @@ pub struct Decision {
     /// The approval a held request or connection waited on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<u64>,
+    /// A summary record: this many more refusals like it were counted, not
+    /// written one by one (or, for `decision-log-dropped`, were lost).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeated: u64,
     pub verdict: Verdict,
     /// The rule that decided, or a built-in reason name.
     pub rule: String,
@@ -125,6 +134,7 @@ impl Decision {
             credentials: Vec::new(),
             bundle: None,
             approval: None,
+            repeated: 0,
             would_deny: false,
             verdict,
             rule: rule.into(),
@@ -134,16 +144,29 @@ impl Decision {
 }
 
 impl fmt::Display for Decision {
-    /// The one-line form `sluice run` prints.
+    /// The one-line form `sluice run` prints. Names, paths and reasons come
+    /// from the sandbox, so the line is made terminal-safe as a whole.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let verdict = match self.verdict {
-            Verdict::Allow if self.would_deny => "DRYRUN",
+        let mut line = String::with_capacity(128);
+        fmt::Write::write_fmt(&mut line, format_args!("{}", Line(self)))?;
+        f.write_str(&escape::terminal_safe(&line))
+    }
+}
+
+/// A decision's line before escaping.
+struct Line<'a>(&'a Decision);
+
+impl fmt::Display for Line<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let this = self.0;
+        let verdict = match this.verdict {
+            Verdict::Allow if this.would_deny => "DRYRUN",
             Verdict::Allow => "ALLOW",
             Verdict::Deny => "DENY ",
             Verdict::Ask => "ASK  ",
             Verdict::Info => "INFO ",
         };
-        let kind = match self.kind {
+        let kind = match this.kind {
             Kind::Connect => "connect",
             Kind::Request => "request",
             Kind::Dns => "dns    ",
@@ -151,32 +174,35 @@ impl fmt::Display for Decision {
             Kind::Lifecycle => "sandbox",
         };
         write!(f, "{verdict} {kind}")?;
-        if let Some(pid) = self.pid {
+        if let Some(pid) = this.pid {
             write!(f, " pid={pid}")?;
         }
-        if let (Some(method), Some(path)) = (&self.method, &self.path) {
+        if let (Some(method), Some(path)) = (&this.method, &this.path) {
             write!(f, " {method} {path}")?;
-            if let Some(host) = &self.host {
+            if let Some(host) = &this.host {
                 write!(f, " on {host}")?;
             }
         } else {
-            match (&self.host, self.destination) {
+            match (&this.host, this.destination) {
                 (Some(host), Some(dst)) if host != &dst.ip().to_string() => write!(f, " {host} ({dst})")?,
                 (Some(host), None) => write!(f, " {host}")?,
                 (_, Some(dst)) => write!(f, " {dst}")?,
                 (None, None) => {}
             }
         }
-        if let Some(protocol) = &self.protocol {
+        if let Some(protocol) = &this.protocol {
             write!(f, " [{protocol}]")?;
         }
-        if !self.credentials.is_empty() {
-            write!(f, " [injected {}]", self.credentials.join(", "))?;
+        if !this.credentials.is_empty() {
+            write!(f, " [injected {}]", this.credentials.join(", "))?;
         }
-        if self.would_deny {
+        if this.would_deny {
             write!(f, " [dry run: would deny]")?;
         }
-        write!(f, " rule={}: {}", self.rule, self.reason)
+        if this.repeated > 0 {
+            write!(f, " [x{} more]", this.repeated)?;
+        }
+        write!(f, " rule={}: {}", this.rule, this.reason)
     }
 }
 
@@ -185,44 +211,82 @@ impl fmt::Display for Decision {
 pub type ContainerOf = dyn Fn(&str) -> Option<ContainerInfo> + Send + Sync;
 
 /// Appends decisions to a file off the hot path and broadcasts them.
+/// Repeated refusals are aggregated and the file rotates ([`LogLimits`]);
+/// a record that cannot be written is counted ([`LogCounters`]), never
+/// waited for.
 pub struct DecisionLog {
-    file_tx: Option<mpsc::UnboundedSender<Arc<Decision>>>,
+    file_tx: Option<std::sync::mpsc::SyncSender<Arc<Decision>>>,
     live: broadcast::Sender<Arc<Decision>>,
     path: Option<PathBuf>,
     containers: OnceLock<Box<ContainerOf>>,
+    aggregator: Arc<writer::Aggregator>,
+    counters: Arc<LogCounters>,
+    /// The writer thread, joined on drop so that what was queued is written
+    /// and the file is closed.
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for DecisionLog {
+    fn drop(&mut self) {
+        self.file_tx = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl DecisionLog {
-    /// A log that writes to `path` (created 0600, appended) if given.
-    /// Must be called inside a tokio runtime.
+    /// A log that writes to `path` (created 0600, appended) if given, with
+    /// the default [`LogLimits`].
     pub fn open(path: Option<&Path>) -> std::io::Result<Self> {
+        Self::open_with(path, LogLimits::default())
+    }
+
+    /// A log with its own limits.
+    pub fn open_with(path: Option<&Path>, limits: LogLimits) -> std::io::Result<Self> {
         let (live, _) = broadcast::channel(4096);
+        let aggregator = Arc::new(writer::Aggregator::new(&limits));
+        let counters = Arc::new(LogCounters::default());
         let Some(path) = path else {
-            return Ok(Self { file_tx: None, live, path: None, containers: OnceLock::new() });
+            return Ok(Self {
+                file_tx: None,
+                live,
+                path: None,
+                containers: OnceLock::new(),
+                aggregator,
+                counters,
+                writer: None,
+            });
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?
-        };
-        let (tx, mut rx) = mpsc::unbounded_channel::<Arc<Decision>>();
-        // A blocking thread: file writes must not stall the proxy's workers.
-        std::thread::Builder::new().name("sluice-decision-log".into()).spawn(move || {
-            let mut out = std::io::BufWriter::new(file);
-            while let Some(first) = rx.blocking_recv() {
-                let mut next = Some(first);
-                while let Some(decision) = next {
-                    if let Ok(line) = serde_json::to_string(&*decision) {
-                        let _ = writeln!(out, "{line}");
-                    }
-                    next = rx.try_recv().ok();
-                }
-                let _ = out.flush();
-            }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Decision>>(limits.queue.max(1));
+        let file = writer::LogFile::open(path, limits)?;
+        let (thread_aggregator, thread_counters, thread_live) = (aggregator.clone(), counters.clone(), live.clone());
+        // A thread of its own: file writes must not stall the proxy's workers.
+        let writer = std::thread::Builder::new().name("sluice-decision-log".into()).spawn(move || {
+            writer::run(file, rx, thread_aggregator, thread_counters, thread_live);
         })?;
-        Ok(Self { file_tx: Some(tx), live, path: Some(path.to_owned()), containers: OnceLock::new() })
+        Ok(Self {
+            file_tx: Some(tx),
+            live,
+            path: Some(path.to_owned()),
+            containers: OnceLock::new(),
+            aggregator,
+            counters,
+            writer: Some(writer),
+        })
+    }
+
+    /// Records lost and refusals aggregated so far.
+    pub fn counters(&self) -> &LogCounters {
+        &self.counters
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -241,6 +305,17 @@ impl DecisionLog {
                 decision.container = containers(sandbox);
             }
         }
+        if self.file_tx.is_none() {
+            // No writer thread to end the intervals: end them here.
+            for summary in self.aggregator.roll(std::time::Instant::now()) {
+                let _ = self.live.send(Arc::new(summary));
+            }
+        }
+        if !self.aggregator.admit(&decision) {
+            // Counted; the summary at the end of the interval stands for it.
+            self.counters.aggregated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
         if decision.verdict == Verdict::Deny {
             tracing::info!(target: "sluice::decision", "{decision}");
         } else {
@@ -248,7 +323,10 @@ impl DecisionLog {
         }
         let decision = Arc::new(decision);
         if let Some(tx) = &self.file_tx {
-            let _ = tx.send(decision.clone());
+            // Never wait for the disk: a full queue loses the record, counted.
+            if tx.try_send(decision.clone()).is_err() {
+                self.counters.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         let _ = self.live.send(decision);
     }
@@ -273,6 +351,17 @@ mod tests {
             d.to_string(),
             "DENY  connect pid=42 intranet.test (10.0.0.1:80) [http] rule=deny-internal-networks: internal networks"
         );
+    }
+
+    #[test]
+    fn display_escapes_what_the_sandbox_chose() {
+        let mut d = Decision::new(Kind::Request, Verdict::Deny, "default-deny", "no rule allows GET /\x1b on evil");
+        d.method = Some("GET".into());
+        d.path = Some("/a\x1b]0;pwned\x07".into());
+        d.host = Some("evil\x1b[2J.test".into());
+        let line = d.to_string();
+        assert!(!line.bytes().any(|b| b.is_ascii_control()), "{line:?}");
+        assert!(line.contains("GET /a\\x1b]0;pwned\\x07 on evil\\x1b[2J.test"), "{line}");
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 use clap::Args;
 
 use super::InstanceArgs;
-use crate::audit::{Decision, Verdict};
+use crate::audit::{log_files, terminal_safe, Decision, Verdict};
 
 #[derive(Debug, Args)]
 pub struct LogArgs {
@@ -39,7 +39,10 @@ pub async fn run(args: LogArgs) -> anyhow::Result<()> {
         if args.json {
             println!("{}", serde_json::to_string(d).unwrap_or_default());
         } else {
-            println!("{} {}{}", d.time, d.sandbox.as_deref().map(|s| format!("[{s}] ")).unwrap_or_default(), d);
+            // The decision escapes itself; its time and sandbox name are
+            // read from a file, so they are escaped here.
+            let sandbox = d.sandbox.as_deref().map(|s| format!("[{}] ", terminal_safe(s))).unwrap_or_default();
+            println!("{} {sandbox}{d}", terminal_safe(&d.time));
         }
     };
     if args.follow {
@@ -56,11 +59,23 @@ pub async fn run(args: LogArgs) -> anyhow::Result<()> {
     let Some(path) = health.decision_log else {
         anyhow::bail!("this daemon keeps no decision log file; use --follow");
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    for line in text.lines() {
-        if let Ok(decision) = serde_json::from_str::<Decision>(line) {
-            if wanted(&decision) {
-                print(&decision);
+    // Rotated files first, oldest to newest, then the current one.
+    let files = log_files(&path);
+    if files.is_empty() {
+        anyhow::bail!("reading {}: no such file", path.display());
+    }
+    for file in files {
+        let text = match std::fs::read(&file) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            // Rotated away between listing and reading: its records are in the next file.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => anyhow::bail!("reading {}: {error}", file.display()),
+        };
+        for line in text.lines() {
+            if let Ok(decision) = serde_json::from_str::<Decision>(line) {
+                if wanted(&decision) {
+                    print(&decision);
+                }
             }
         }
     }

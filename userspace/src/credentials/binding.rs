@@ -144,8 +144,13 @@ pub struct PathScope {
 }
 
 impl PathScope {
+    /// Whether a request for `path` (raw, as the sandbox sent it) is in
+    /// scope: every way an upstream may read the path must match
+    /// ([`crate::policy::path::readings`]), so `/repos/acme/../other` is
+    /// not in a `/repos/acme/**` scope. A malformed path is in no scope.
     pub fn matches(&self, path: &str) -> bool {
-        self.set.is_match(path)
+        crate::policy::path::readings(path)
+            .is_ok_and(|readings| readings.iter().all(|reading| self.set.is_match(reading.as_str())))
     }
 }
 
@@ -251,6 +256,21 @@ mod tests {
         assert!(!scope.matches("/v2/a"));
         assert!(PathScope::try_from(vec!["nope".to_owned()]).is_err());
         assert!(PathScope::try_from(Vec::new()).is_err());
+        // Matched as the upstream reads the path, never looser.
+        let acme = PathScope::try_from(vec!["/repos/acme/**".to_owned()]).unwrap();
+        assert!(acme.matches("/repos/acme/x"));
+        assert!(acme.matches("/repos/acme/./x"));
+        assert!(acme.matches("/repos/%61cme/x"));
+        for outside in [
+            "/repos/acme/../other/x",
+            "/repos/acme/%2e%2e/other/x",
+            "/repos/acme%2F..%2Fother/x",
+            "/repos/acme/..;/other/x",
+            "/repos/acme//../../other/x",
+            "/repos/acme/%zz",
+        ] {
+            assert!(!acme.matches(outside), "{outside}");
+        }
         let back: Vec<String> = scope.into();
         assert_eq!(back, ["/repos/*/issues", "/v1/**"]);
     }

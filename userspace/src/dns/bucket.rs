@@ -9,7 +9,10 @@ use super::RateLimit;
 /// A token bucket shared by a sandbox's UDP and TCP listeners.
 #[derive(Debug)]
 pub(crate) struct TokenBucket {
-    limit: RateLimit,
+    /// Tokens added per second.
+    rate: f64,
+    /// Most tokens held.
+    capacity: f64,
     state: Mutex<BucketState>,
 }
 
@@ -22,22 +25,39 @@ struct BucketState {
 impl TokenBucket {
     /// A bucket that starts full, so a sandbox's first burst is not refused.
     pub(crate) fn new(limit: RateLimit, now: Instant) -> Self {
-        Self { limit, state: Mutex::new(BucketState { tokens: f64::from(limit.burst), last_refill: now }) }
+        Self::with(f64::from(limit.per_second), f64::from(limit.burst), now)
+    }
+
+    /// A budget of `amount` per minute, refilled continuously; it starts
+    /// full, so a minute's worth may be spent at once and then no more
+    /// than the refill.
+    pub(crate) fn per_minute(amount: u32, now: Instant) -> Self {
+        Self::with(f64::from(amount) / 60.0, f64::from(amount), now)
+    }
+
+    fn with(rate: f64, capacity: f64, now: Instant) -> Self {
+        Self { rate, capacity, state: Mutex::new(BucketState { tokens: capacity, last_refill: now }) }
     }
 
     /// Takes one token if there is one.
     pub(crate) fn try_take(&self, now: Instant) -> bool {
+        self.try_take_n(1, now)
+    }
+
+    /// Takes `n` tokens if there are that many; takes nothing otherwise.
+    pub(crate) fn try_take_n(&self, n: usize, now: Instant) -> bool {
         // A panic elsewhere while holding the lock leaves plain numbers
         // behind, which are still usable.
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let elapsed = now.saturating_duration_since(state.last_refill);
-        let refilled = state.tokens + elapsed.as_secs_f64() * f64::from(self.limit.per_second);
-        state.tokens = refilled.min(f64::from(self.limit.burst));
+        let refilled = state.tokens + elapsed.as_secs_f64() * self.rate;
+        state.tokens = refilled.min(self.capacity);
         if now > state.last_refill {
             state.last_refill = now;
         }
-        if state.tokens >= 1.0 {
-            state.tokens -= 1.0;
+        let wanted = n as f64;
+        if state.tokens >= wanted {
+            state.tokens -= wanted;
             true
         } else {
             false
@@ -80,5 +100,18 @@ mod tests {
         assert!(bucket.try_take(start));
         assert!(!bucket.try_take(start - Duration::from_secs(5)));
         assert!(!bucket.try_take(start));
+    }
+
+    #[test]
+    fn a_per_minute_budget_is_spent_in_amounts_and_refills_over_the_minute() {
+        let start = Instant::now();
+        let bucket = TokenBucket::per_minute(600, start);
+        assert!(bucket.try_take_n(500, start));
+        assert!(!bucket.try_take_n(101, start), "only 100 are left");
+        assert!(bucket.try_take_n(100, start));
+        assert!(!bucket.try_take_n(1, start));
+        // 600 per minute refills 10 per second.
+        assert!(bucket.try_take_n(50, start + Duration::from_secs(5)));
+        assert!(!bucket.try_take_n(1, start + Duration::from_secs(5)));
     }
 }

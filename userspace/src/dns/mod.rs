@@ -20,8 +20,12 @@
 //! 5. **type**: class `IN`; ordinary lookup types pass; `NULL`, `ANY`, zone
 //!    transfers and the rest are refused.
 //! 6. **shape**: names that look like DNS tunnelling (long labels, long
-//!    names, non-hostname bytes, labels that look like encoded data); then
-//!    the sandbox's separate, smaller budget for `TXT`.
+//!    names, non-hostname bytes, labels that look like encoded data, and
+//!    the same for the short labels left of a name's last two, read
+//!    together, so data split into many short labels is caught too); the
+//!    sandbox's budget of name bytes per minute
+//!    ([`Limits::name_bytes_per_minute`]); then the sandbox's separate,
+//!    smaller budget for `TXT`.
 //! 7. **policy**: [`DnsPolicy::check_name`]; a deny never reaches upstream.
 //! 8. **forward**: the original query bytes go to [`Upstream`], the reply
 //!    comes back unchanged, and its A/AAAA answers go to
@@ -113,6 +117,8 @@ pub enum Budget {
     AllQueries,
     /// [`Limits::txt_queries`]
     Txt,
+    /// [`Limits::name_bytes_per_minute`]
+    NameBytes { per_minute: u32 },
 }
 
 impl fmt::Display for Refusal {
@@ -135,6 +141,10 @@ impl fmt::Display for Refusal {
             }
             Self::RateLimited { budget: Budget::AllQueries } => f.write_str("rate limited: too many queries"),
             Self::RateLimited { budget: Budget::Txt } => f.write_str("rate limited: too many TXT queries"),
+            Self::RateLimited { budget: Budget::NameBytes { per_minute } } => write!(
+                f,
+                "rate limited (tunnelling-shaped volume): the sandbox's names passed {per_minute} bytes in a minute"
+            ),
             Self::QueryTypeRefused { qtype } => write!(f, "query type {qtype} refused"),
             Self::QueryClassRefused { class } => write!(f, "query class {class} refused"),
             Self::OpcodeRefused { opcode } => write!(f, "opcode {opcode} not supported"),
@@ -189,6 +199,12 @@ pub struct Limits {
     /// Budget for TXT queries. Default 10/s, burst 20: TXT carries the most
     /// payload per answer and is the favourite of tunnels.
     pub txt_queries: RateLimit,
+    /// Budget for the bytes of query names a sandbox sends per minute,
+    /// whatever their type and shape. Default 65536 (64 KiB): thousands of
+    /// ordinary lookups a minute, while a tunnel that fills its names is
+    /// held to about 1 KiB/s of payload. Refused queries count too: a
+    /// tunnel probing the shape check still spends its volume.
+    pub name_bytes_per_minute: u32,
     /// How a policy deny is answered. Default `NXDOMAIN`.
     pub deny_rcode: DenyRcode,
     /// UDP queries being forwarded at once; more are answered `SERVFAIL`.
@@ -211,6 +227,7 @@ impl Default for Limits {
             max_tcp_message_bytes: 4096,
             all_queries: RateLimit { per_second: 200, burst: 400 },
             txt_queries: RateLimit { per_second: 10, burst: 20 },
+            name_bytes_per_minute: 64 * 1024,
             deny_rcode: DenyRcode::NxDomain,
             max_udp_in_flight: 64,
             max_tcp_connections: 16,

@@ -61,6 +61,7 @@ impl SandboxResolver {
             upstream,
             all_queries: TokenBucket::new(limits.all_queries, now),
             txt_queries: TokenBucket::new(limits.txt_queries, now),
+            name_bytes: TokenBucket::per_minute(limits.name_bytes_per_minute, now),
             limits,
         });
         let tasks =
@@ -124,6 +125,8 @@ struct Resolver {
     limits: Limits,
     all_queries: TokenBucket,
     txt_queries: TokenBucket,
+    /// Bytes of query names, per minute.
+    name_bytes: TokenBucket,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,6 +258,13 @@ impl Resolver {
         let udp_reply_max = self.check_size(bytes.len(), edns_payload, transport)?;
         let message = incoming.parsed.as_ref().map_err(|&detail| Refusal::Malformed { detail })?;
         let question = check_form(&incoming.header, message)?;
+        // Volume before type and shape: a tunnel probing those checks
+        // spends its budget as well. Wire length: labels and their length bytes.
+        let name_bytes = question.name().iter().map(|label| label.len() + 1).sum::<usize>() + 1;
+        if !self.name_bytes.try_take_n(name_bytes, Instant::now()) {
+            let per_minute = self.limits.name_bytes_per_minute;
+            return Err(Refusal::RateLimited { budget: Budget::NameBytes { per_minute } });
+        }
 
         if question.query_class() != DNSClass::IN {
             return Err(Refusal::QueryClassRefused { class: question.query_class().to_string() });

@@ -96,7 +96,30 @@ pub(crate) fn check_shape(name: &Name, canonical: &CanonicalName, limits: &Limit
     if let Some(label) = canonical.text.split('.').find(|label| looks_encoded(label, limits.encoded_label_min_len)) {
         return Err(Refusal::EncodedLabel { label: label.to_owned() });
     }
+    if let Some(labels) = split_payload(&canonical.text, limits.encoded_label_min_len) {
+        return Err(Refusal::EncodedLabel { label: labels.to_owned() });
+    }
     Ok(())
+}
+
+/// Data split into many short labels (`mzxw6.ytboi.2gk3t.attacker.test`)
+/// dodges a check that reads one label at a time. The labels left of a
+/// name's last two (the registrable domain, roughly) are read together:
+/// when they look encoded, returns them. Reverse-lookup names (`.arpa`),
+/// whose labels are digits or nibbles by design, are left alone.
+fn split_payload(name: &str, min_len: usize) -> Option<&str> {
+    // `name` is canonical, so already lower case.
+    if name.rsplit('.').next() == Some("arpa") {
+        return None;
+    }
+    let mut dots = name.rmatch_indices('.');
+    let (_, second_last) = (dots.next()?, dots.next()?);
+    let left = &name[..second_last.0];
+    if !left.contains('.') {
+        return None;
+    }
+    let joined: String = left.split('.').collect();
+    looks_encoded(&joined, min_len).then_some(left)
 }
 
 /// Below this many bits per character a label is too repetitive to carry

@@ -485,6 +485,80 @@ async fn tunnelling_shaped_names_are_refused_before_upstream() {
 }
 
 #[tokio::test]
+async fn data_split_into_short_labels_is_refused_and_ordinary_names_pass() {
+    let h = Harness::start().await;
+    // base32 of a secret, 5 characters a label: each label alone is short.
+    let split = "mzxw6.ytboi.2gk3t.fmzxw.6ytbo.example.test.";
+    let hex = "6aa30f8b.08e16409.b46e0173.d6de2f56.example.test.";
+    for qname in [split, hex] {
+        let reply = udp_ask(h.addr(), &query(qname, RecordType::A)).await;
+        assert_eq!(reply.response_code(), ResponseCode::Refused, "{qname}");
+    }
+    assert!(h.upstream.seen().is_empty(), "upstream saw {:?}", h.upstream.seen());
+    let refusals = h.policy.refusals();
+    assert!(
+        matches!(&refusals[0].3, Refusal::EncodedLabel { label } if label == "mzxw6.ytboi.2gk3t.fmzxw.6ytbo"),
+        "{refusals:?}"
+    );
+    assert!(refusals[0].3.to_string().contains("tunnelling-shaped"), "the record says why");
+    assert!(matches!(&refusals[1].3, Refusal::EncodedLabel { .. }), "{refusals:?}");
+
+    // Names made of words, numbers and reverse lookups still go out.
+    let ordinary = [
+        "eu.west.storage.example.test.",
+        "my-service.my-namespace.svc.example.test.",
+        "ec2-203-0-113-25.compute-1.example.test.",
+        "a.b.c.d.e.f.example.test.",
+        "_http._tcp.www.example.test.",
+        "0.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.",
+    ];
+    for qname in ordinary {
+        let reply = udp_ask(h.addr(), &query(qname, RecordType::A)).await;
+        assert_eq!(reply.response_code(), ResponseCode::NXDomain, "{qname} should be forwarded");
+    }
+    assert_eq!(h.upstream.seen().len(), ordinary.len());
+}
+
+#[tokio::test]
+async fn bytes_of_names_per_minute_are_budgeted_and_the_record_says_so() {
+    // www.example.test is 18 bytes on the wire: 11 queries fit in 200.
+    let limits = Limits { name_bytes_per_minute: 200, ..Limits::default() };
+    let h = Harness::with_limits(limits).await;
+    let mut answered = 0;
+    for _ in 0..15 {
+        let reply = udp_ask(h.addr(), &query("www.example.test.", RecordType::A)).await;
+        match reply.response_code() {
+            ResponseCode::NoError => answered += 1,
+            ResponseCode::Refused => {}
+            other => panic!("unexpected rcode {other}"),
+        }
+    }
+    // 200 per minute refills 3.3 bytes a second: no more than one more query.
+    assert!((11..=12).contains(&answered), "answered {answered}");
+    assert_eq!(h.upstream.seen_for("www.example.test").len(), answered, "refused queries never reached upstream");
+    let refusals = h.policy.refusals();
+    assert!(!refusals.is_empty());
+    for (_, name, _, why) in &refusals {
+        assert_eq!(name, "www.example.test");
+        assert_eq!(*why, Refusal::RateLimited { budget: Budget::NameBytes { per_minute: 200 } });
+        assert!(why.to_string().contains("200 bytes in a minute"), "{why}");
+    }
+    // Over TCP the same budget is spent.
+    let mut tcp = TcpClient::connect(h.addr()).await;
+    assert_eq!(tcp.ask(&query("www.example.test.", RecordType::A)).await.response_code(), ResponseCode::Refused);
+}
+
+#[test]
+fn the_default_name_budget_leaves_room_for_real_work() {
+    let limits = Limits::default();
+    // A thousand distinct 40-byte names, A and AAAA each, fit in a minute.
+    assert!(limits.name_bytes_per_minute >= 1000 * 2 * 32);
+    // A tunnel at the full query rate with 180-byte names would send 2 MiB.
+    let tunnel = u64::from(limits.all_queries.per_second) * 60 * 180;
+    assert!(u64::from(limits.name_bytes_per_minute) * 20 < tunnel);
+}
+
+#[tokio::test]
 async fn txt_flood_beyond_burst_is_refused() {
     let h = Harness::start().await;
     let mut answered = 0;

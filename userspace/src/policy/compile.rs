@@ -124,6 +124,9 @@ struct Compiled {
     /// In file order; indexes below refer to positions here.
     rules: Vec<CompiledRule>,
     hosts: HostIndex,
+    /// Some allow or ask rule in force has a host condition. Without one no
+    /// name is resolved: names would only be a channel out.
+    names_hosts: bool,
 }
 
 struct CompiledRule {
@@ -166,15 +169,32 @@ impl CompiledRule {
             && self.schemes.as_ref().is_none_or(|schemes| schemes.contains(&request.scheme))
             && self.headers.as_ref().is_none_or(|wanted| {
                 wanted.iter().all(|(name, value)| {
-                    request.headers.is_some_and(|headers| {
-                        headers
-                            .get_all(name)
-                            .iter()
-                            .any(|v| value.as_ref().is_none_or(|glob| v.to_str().is_ok_and(|text| glob.is_match(text))))
-                    })
+                    request.headers.is_some_and(|headers| self.header_holds(headers, name, value.as_ref()))
                 })
             })
             && self.max_body.is_none_or(|max| request.body_len.is_none_or(|len| len <= max))
+    }
+
+    /// One header condition. A header sent several times is read the
+    /// strict way for this rule: a deny rule matches when any value does
+    /// (read leniently, so odd bytes cannot dodge it); an allow or ask rule
+    /// needs at least one value and every value to match.
+    fn header_holds(
+        &self,
+        headers: &hyper::HeaderMap,
+        name: &hyper::header::HeaderName,
+        glob: Option<&globset::GlobMatcher>,
+    ) -> bool {
+        let mut values = headers.get_all(name).iter().peekable();
+        if values.peek().is_none() {
+            return false;
+        }
+        let Some(glob) = glob else { return true };
+        if self.action == Action::Deny {
+            values.any(|value| glob.is_match(&*String::from_utf8_lossy(value.as_bytes())))
+        } else {
+            values.all(|value| value.to_str().is_ok_and(|text| glob.is_match(text)))
+        }
     }
 
     fn has_request_conditions(&self) -> bool {
@@ -200,6 +220,31 @@ impl CompiledRule {
             max_body: self.max_body,
         }
     }
+}
+
+/// The rule name of a DNS query refused because the profile names no hosts.
+pub const NO_HOSTS_NAMED: &str = "no-hosts-named";
+
+/// The rule name of a request refused for a path that cannot be read.
+pub const INVALID_PATH: &str = "invalid-path";
+
+/// Of two decisions on readings of one request, the one to enforce: the
+/// stricter verdict (a dry run's would-be denial counts as a denial); on a
+/// tie the first, with the smaller body limit of the two.
+fn stricter(first: Decision, second: Decision) -> Decision {
+    let rank = |d: &Decision| match (d.verdict, d.would_deny) {
+        (Verdict::Deny, _) | (_, true) => 2,
+        (Verdict::Ask, false) => 1,
+        (Verdict::Allow, false) => 0,
+    };
+    if rank(&second) > rank(&first) {
+        return second;
+    }
+    let max_body = match (first.max_body, second.max_body) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Decision { max_body, ..first }
 }
 
 /// A rule to compile: the profile's own, or one a bundle brings.
@@ -278,6 +323,7 @@ impl Policy {
 
         let mut rules = Vec::with_capacity(sources.len());
         let mut hosts = HostIndexBuilder::new();
+        let mut names_hosts = false;
         for (index, source) in sources.iter().enumerate() {
             let spec = source.spec;
             let name = source.name.clone();
@@ -301,6 +347,7 @@ impl Policy {
                 Some(wanted) => labels_match(wanted, labels).map_err(&rule_error)?,
                 None => true,
             };
+            names_hosts |= applies && spec.action != Action::Deny && spec.hosts.is_some();
             match &spec.hosts {
                 _ if !applies => {}
                 None => match spec.ips.as_deref() {
@@ -347,6 +394,7 @@ impl Policy {
                 bundles: bundles.into_iter().map(|(name, _)| name).collect(),
                 rules,
                 hosts,
+                names_hosts,
             }),
         })
     }
@@ -379,9 +427,27 @@ impl Policy {
         self.decide(q, None, true)
     }
 
-    /// One request on an inspected connection.
+    /// One request on an inspected connection. The path is decided on
+    /// every way an upstream may read it ([`super::path::readings`]) and the
+    /// strictest outcome stands: deny over ask over allow. A path no
+    /// upstream could read cleanly is refused as `invalid-path`.
     pub fn evaluate_request(&self, q: &ConnectQuery<'_>, request: &RequestInfo<'_>) -> Decision {
-        self.decide(q, Some(request), true)
+        let readings = match super::path::readings(request.path) {
+            Ok(readings) => readings,
+            Err(error) => {
+                let reason = format!("{error}; sluice cannot tell which path the upstream would read");
+                return self.dry_run(Decision { rule: Arc::from(INVALID_PATH), ..Decision::default_deny(reason) });
+            }
+        };
+        let mut strictest: Option<Decision> = None;
+        for path in &readings {
+            let decision = self.decide(q, Some(&RequestInfo { path, ..*request }), true);
+            strictest = Some(match strictest {
+                None => decision,
+                Some(so_far) => stricter(so_far, decision),
+            });
+        }
+        strictest.unwrap_or_else(|| self.decide(q, Some(request), true))
     }
 
     fn decide(&self, q: &ConnectQuery<'_>, request: Option<&RequestInfo<'_>>, inspected: bool) -> Decision {
@@ -465,6 +531,9 @@ impl Policy {
             _ => None,
         };
         let ip = q.ip.to_canonical();
+        let path = request.map(|r| super::path::normalize(r.path).unwrap_or_else(|_| r.path.to_owned()));
+        let request = request.zip(path.as_deref()).map(|(r, path)| RequestInfo { path, ..*r });
+        let request = request.as_ref();
         self.inner
             .hosts
             .candidates(host.as_deref(), Some(ip))
@@ -480,6 +549,9 @@ impl Policy {
     /// condition matches, or it has none), unless a deny rule that depends on
     /// the host alone (no `ips`, no `ports`; a rule with no conditions counts)
     /// matches the name, since every connection to it would be denied anyway.
+    /// A profile whose allow and ask rules name no hosts at all resolves no
+    /// names (`no-hosts-named`): its connections go to addresses, and every
+    /// query would only carry data out to some name server.
     pub fn may_resolve(&self, name: &str) -> Decision {
         self.dry_run(self.may_resolve_enforced(name))
     }
@@ -493,6 +565,16 @@ impl Policy {
             }
         };
         let inner = &*self.inner;
+        if !inner.names_hosts {
+            return Decision {
+                rule: Arc::from(NO_HOSTS_NAMED),
+                ..Decision::default_deny(format!(
+                    "profile {:?} names no hosts, so no name is resolved (asked for {name}); \
+                     give a rule a `hosts` condition to resolve names",
+                    inner.name
+                ))
+            };
+        }
         let mut first_allow = None;
         for index in inner.hosts.candidates(host.as_deref(), None) {
             let rule = &inner.rules[index];
@@ -537,19 +619,29 @@ fn compile_headers(wanted: &std::collections::BTreeMap<String, String>) -> Resul
         .map(|(name, value)| {
             let header = hyper::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("{name:?} is not an HTTP header name"))?;
-            Ok((header, value_glob(value, || "header value".to_owned())?))
+            // Media types are case-insensitive (RFC 9110 section 8.3.1).
+            let fold_case = MEDIA_TYPE_HEADERS.contains(&header.as_str());
+            Ok((header, value_glob(value, fold_case, || "header value".to_owned())?))
         })
         .collect()
 }
 
+/// Headers whose values are media types, compared case-insensitively.
+const MEDIA_TYPE_HEADERS: [&str; 2] = ["content-type", "accept"];
+
 /// A header or label value condition: `"*"` (None) matches any value;
-/// anything else is a glob over the value. `what` names it in errors.
-fn value_glob(glob: &str, what: impl Fn() -> String) -> Result<Option<globset::GlobMatcher>, String> {
+/// anything else is a glob over the value, ignoring ASCII case when
+/// `fold_case`. `what` names it in errors.
+fn value_glob(glob: &str, fold_case: bool, what: impl Fn() -> String) -> Result<Option<globset::GlobMatcher>, String> {
     match glob {
         "*" => Ok(None),
-        glob => {
-            Ok(Some(GlobBuilder::new(glob).build().map_err(|e| format!("{} {glob:?}: {e}", what()))?.compile_matcher()))
-        }
+        glob => Ok(Some(
+            GlobBuilder::new(glob)
+                .case_insensitive(fold_case)
+                .build()
+                .map_err(|e| format!("{} {glob:?}: {e}", what()))?
+                .compile_matcher(),
+        )),
     }
 }
 
@@ -563,7 +655,7 @@ pub type Labels = std::collections::BTreeMap<String, String>;
 /// (`"*"`: any value).
 fn labels_match(wanted: &Labels, labels: &Labels) -> Result<bool, String> {
     for (name, glob) in wanted {
-        let matcher = value_glob(glob, || format!("label {name:?} value"))?;
+        let matcher = value_glob(glob, false, || format!("label {name:?} value"))?;
         let value_matches = |value: &String| matcher.as_ref().is_none_or(|m| m.is_match(value));
         if !labels.get(name).is_some_and(value_matches) {
             return Ok(false);

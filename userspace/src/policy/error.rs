@@ -51,6 +51,11 @@ pub enum PolicyError {
     /// A problem with the profile as a whole.
     #[error("{origin}: {message}")]
     Profile { origin: String, message: String },
+
+    /// A profile file (or one it includes, or their directory) that someone
+    /// other than root could change: a sandbox could write its own policy.
+    #[error("refusing profile {}: {problem}, so someone other than root could change this sandbox's policy; fix: {fix}", path.display())]
+    Untrusted { path: PathBuf, problem: String, fix: String },
 }
 
 impl PolicyError {

@@ -19,6 +19,15 @@
 //!   unknown; an IP literal given as the name counts as unknown. A name that is
 //!   not a valid DNS name is denied outright.
 //! - IPs are the real destination, with IPv4-mapped IPv6 treated as IPv4.
+//! - Request paths are matched as an upstream would read them (see
+//!   [`path`]): normalised (escapes of unreserved characters decoded, dot
+//!   segments removed, duplicate slashes merged), and decided on every
+//!   reading a server may apply (`%2F` as `/`, `;params` cut); the strictest
+//!   outcome stands. A malformed path is refused (`invalid-path`).
+//! - Header conditions: names compare case-insensitively; the values of
+//!   media-type headers (`Content-Type`, `Accept`) too, others exactly. A
+//!   header sent more than once is read strictly: an allow or ask rule's
+//!   condition needs every value to match, a deny rule's any value.
 //!
 //! ```toml
 //! name = "example"
@@ -35,12 +44,15 @@ mod error;
 mod explain;
 mod host_glob;
 mod model;
+pub mod path;
 
 use std::path::Path;
 
 use serde::Deserialize;
 
-pub use compile::{ConnectQuery, Decision, Labels, Policy, RequestInfo, Revoked, Verdict};
+pub use compile::{
+    ConnectQuery, Decision, Labels, Policy, RequestInfo, Revoked, Verdict, INVALID_PATH, NO_HOSTS_NAMED,
+};
 pub use error::{Location, PolicyError, RuleRef};
 pub use explain::{explain_url, parse_verdict, Explanation, ASSUMED_IP};
 pub use model::{
@@ -85,9 +97,90 @@ fn locate_rule(text: &str, index: usize) -> Option<Location> {
 /// directory, at most 8 deep, no cycles) merged in: their rules follow its
 /// own, and bundles, aliases and credentials are added. Rule names must stay
 /// unique across all of them.
+///
+/// Every file read must be one only root can change (see
+/// [`check_trusted`]); this is the load the daemon and `sluice run` use.
 pub fn load_profile(path: &Path) -> Result<Profile, PolicyError> {
+    load_checked(path, Trust::Required)
+}
+
+/// [`load_profile`] without the ownership checks, for tools that only read
+/// a profile to report on it (`sluice policy check`, `test`, `replay`).
+pub fn load_profile_untrusted(path: &Path) -> Result<Profile, PolicyError> {
+    load_checked(path, Trust::NotRequired)
+}
+
+/// Whether profile files must pass [`check_trusted`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    Required,
+    NotRequired,
+}
+
+/// Refuses a profile file that anyone but root (or the user sluice runs
+/// as) could change: the file must be owned by root and not writable by
+/// group or others, and its directory not writable by group or others (a
+/// writable directory lets the file be replaced). The error names the file
+/// and the command that fixes it.
+pub fn check_trusted(path: &Path) -> Result<(), PolicyError> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: plain syscall without arguments.
+    let own_uid = unsafe { libc::geteuid() };
+    let untrusted = |problem: String, fix: String| PolicyError::Untrusted { path: path.to_owned(), problem, fix };
+    let meta = std::fs::metadata(path).map_err(|source| PolicyError::Read { path: path.to_owned(), source })?;
+    if meta.uid() != 0 && meta.uid() != own_uid {
+        return Err(untrusted(
+            format!("it is owned by uid {}, not root", meta.uid()),
+            format!("`chown root {}`", path.display()),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(untrusted(
+            format!("it is writable by {} (mode {:o})", writable_by(meta.mode()), meta.mode() & 0o7777),
+            format!("`chmod go-w {}`", path.display()),
+        ));
+    }
+    // The directory the name is in, and the one the file really is in.
+    let parent = |p: &Path| match p.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let mut dirs = vec![parent(path)];
+    if let Ok(real) = path.canonicalize() {
+        let real_dir = parent(&real);
+        if !dirs.contains(&real_dir) {
+            dirs.push(real_dir);
+        }
+    }
+    for dir in &dirs {
+        let dir_meta = std::fs::metadata(dir).map_err(|source| PolicyError::Read { path: dir.clone(), source })?;
+        if dir_meta.mode() & 0o022 == 0 {
+            continue;
+        }
+        return Err(untrusted(
+            format!(
+                "its directory {} is writable by {} (mode {:o}), so the file can be replaced",
+                dir.display(),
+                writable_by(dir_meta.mode()),
+                dir_meta.mode() & 0o7777
+            ),
+            format!("`chmod go-w {}` or move the profile to a directory only root can write", dir.display()),
+        ));
+    }
+    Ok(())
+}
+
+fn writable_by(mode: u32) -> &'static str {
+    match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        (true, true) => "group and others",
+        (true, false) => "its group",
+        _ => "others",
+    }
+}
+
+fn load_checked(path: &Path, trust: Trust) -> Result<Profile, PolicyError> {
     let mut chain = Vec::new();
-    let profile = load_resolved(path, &mut chain)?;
+    let profile = load_resolved(path, &mut chain, trust)?;
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).unwrap_or_default();
     Policy::compile_located(
@@ -102,7 +195,10 @@ pub fn load_profile(path: &Path) -> Result<Profile, PolicyError> {
 
 const MAX_INCLUDE_DEPTH: usize = 8;
 
-fn load_resolved(path: &Path, chain: &mut Vec<std::path::PathBuf>) -> Result<Profile, PolicyError> {
+fn load_resolved(path: &Path, chain: &mut Vec<std::path::PathBuf>, trust: Trust) -> Result<Profile, PolicyError> {
+    if trust == Trust::Required {
+        check_trusted(path)?;
+    }
     let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read { path: path.to_owned(), source })?;
     let origin = path.display().to_string();
     let mut profile = parse_unresolved(&text, &origin)?;
@@ -121,7 +217,7 @@ fn load_resolved(path: &Path, chain: &mut Vec<std::path::PathBuf>) -> Result<Pro
     let dir = path.parent().unwrap_or(Path::new("."));
     for include in std::mem::take(&mut profile.include) {
         let included_path = dir.join(&include);
-        let included = load_resolved(&included_path, chain)?;
+        let included = load_resolved(&included_path, chain, trust)?;
         merge(&mut profile, included, &origin, &included_path.display().to_string())?;
     }
     chain.pop();
@@ -612,13 +708,31 @@ ports = [443]
         assert_eq!(&*p.may_resolve("example.org").reason, "no rule allows connections to example.org");
         assert_eq!(resolve("bad name"), deny("default-deny"));
 
-        // An allow rule without a host condition could match any name.
-        let open = policy("name = \"p\"\n[[rule]]\nname = \"ips\"\naction = \"allow\"\nips = [\"198.18.0.0/15\"]\n");
+        // An allow rule without a host condition could match any name, in a
+        // profile that names hosts.
+        let open = policy(
+            "name = \"p\"\n[[rule]]\nname = \"ips\"\naction = \"allow\"\nips = [\"198.18.0.0/15\"]\n\
+             [[rule]]\nname = \"api\"\naction = \"allow\"\nhosts = [\"api.test\"]\n",
+        );
         assert_eq!(open.may_resolve("anything.test").verdict, Verdict::Allow);
+
+        // A profile whose rules name no hosts resolves no names.
+        for text in [
+            "name = \"p\"\n[[rule]]\nname = \"ips\"\naction = \"allow\"\nips = [\"198.18.0.0/15\"]\n",
+            "name = \"p\"\n[[rule]]\nname = \"ssh\"\naction = \"ask\"\nports = [22]\n",
+            "name = \"p\"\n[[rule]]\nname = \"all\"\naction = \"allow\"\n\
+             [[rule]]\nname = \"no-x\"\naction = \"deny\"\nhosts = [\"x.test\"]\n",
+            "name = \"p\"\n",
+        ] {
+            let d = policy(text).may_resolve("anything.test");
+            assert_eq!((d.verdict, d.rule.as_ref()), (Verdict::Deny, NO_HOSTS_NAMED), "{text}");
+            assert!(d.reason.contains("names no hosts"), "{}", d.reason);
+        }
 
         // A deny rule with no conditions denies every connection, so every name.
         let closed = policy(
-            "name = \"p\"\n[[rule]]\nname = \"web\"\naction = \"allow\"\n[[rule]]\nname = \"nothing\"\naction = \"deny\"\n",
+            "name = \"p\"\n[[rule]]\nname = \"web\"\naction = \"allow\"\nhosts = [\"*\"]\n\
+             [[rule]]\nname = \"nothing\"\naction = \"deny\"\n",
         );
         assert_eq!(closed.may_resolve("a.test").rule.as_ref(), "nothing");
     }
@@ -879,6 +993,95 @@ tls = "passthrough"
     }
 
     #[test]
+    fn paths_are_matched_as_the_upstream_reads_them() {
+        let allow_acme = policy(
+            "name = \"p\"\n[[rule]]\nname = \"acme\"\naction = \"allow\"\npaths = [\"/repos/acme/**\"]\nmax_body = 100\n",
+        );
+        let on = |p: &Policy, path: &str| decide(p, "api.test", &req("GET", path, None, Some(0)));
+        for inside in ["/repos/acme/x", "/repos/acme/./x", "/repos/%61cme/x", "/repos//acme/x"] {
+            assert_eq!(on(&allow_acme, inside), allow("acme"), "{inside}");
+        }
+        for outside in [
+            "/repos/acme/../other/x",
+            "/repos/acme/%2e%2e/other",
+            "/repos/acme/%2E%2E/other",
+            "/repos/acme/.%2e/other",
+            "/repos/acme%2F..%2Fother/x",
+            "/repos/acme/..;/other/x",
+            "/repos/acme/..%5Cother/x",
+            "/repos/acme//../../other/x",
+        ] {
+            assert_eq!(on(&allow_acme, outside).1, "default-deny", "{outside}");
+        }
+        let no_admin = policy(
+            "name = \"p\"\n[[rule]]\nname = \"no-admin\"\naction = \"deny\"\npaths = [\"/admin/**\"]\n\
+             [[rule]]\nname = \"rest\"\naction = \"allow\"\npaths = [\"/**\"]\n",
+        );
+        for denied in [
+            "/admin/x",
+            "//admin/x",
+            "/%61dmin/x",
+            "/admin;x/y",
+            "/./admin/x",
+            "/x/../admin/x",
+            "/admin%2Fx",
+            "/admin%2fx",
+            "/admin\\x",
+            "/%2e/admin/x",
+        ] {
+            assert_eq!(on(&no_admin, denied), deny("no-admin"), "{denied}");
+        }
+        assert_eq!(on(&no_admin, "/administrator"), allow("rest"));
+        let bad = on(&no_admin, "/admin%zz");
+        assert_eq!(bad, deny(INVALID_PATH));
+        // The reason names the path as it was matched.
+        let d = allow_acme.evaluate_request(
+            &ConnectQuery { host: Some("api.test"), ip: ip("198.18.0.1"), port: 443 },
+            &req("GET", "/repos/acme/../other", None, Some(0)),
+        );
+        assert!(d.reason.contains("/repos/other"), "{}", d.reason);
+        let limited = allow_acme.evaluate_request(
+            &ConnectQuery { host: Some("api.test"), ip: ip("198.18.0.1"), port: 443 },
+            &req("POST", "/repos/acme/a;b", None, None),
+        );
+        assert_eq!((limited.verdict, limited.max_body), (Verdict::Allow, Some(100)));
+    }
+
+    #[test]
+    fn header_conditions_fold_case_where_http_does_and_read_duplicates_strictly() {
+        let p = policy(
+            r#"name = "p"
+[[rule]]
+name = "no-debug"
+action = "deny"
+headers = { "X-Debug" = "on" }
+[[rule]]
+name = "json"
+action = "allow"
+headers = { "content-type" = "application/json*", "X-Agent" = "a?" }
+"#,
+        );
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("Content-Type", "Application/JSON; charset=utf-8".parse().unwrap());
+        headers.insert("x-agent", "a1".parse().unwrap());
+        assert_eq!(decide(&p, "a.test", &req("POST", "/", Some(&headers), Some(1))), allow("json"));
+        // Values of other headers keep their case.
+        headers.insert("x-agent", "A1".parse().unwrap());
+        assert_eq!(decide(&p, "a.test", &req("POST", "/", Some(&headers), Some(1))).1, "default-deny");
+        headers.insert("x-agent", "a1".parse().unwrap());
+        // A second value that does not match: the allow rule does not hold.
+        headers.append("content-type", "text/plain".parse().unwrap());
+        assert_eq!(decide(&p, "a.test", &req("POST", "/", Some(&headers), Some(1))).1, "default-deny");
+        headers.remove("content-type");
+        headers.insert("content-type", "application/json".parse().unwrap());
+        assert_eq!(decide(&p, "a.test", &req("POST", "/", Some(&headers), Some(1))), allow("json"));
+        // A deny rule matches on any one value.
+        headers.insert("x-debug", "off".parse().unwrap());
+        headers.append("x-debug", "on".parse().unwrap());
+        assert_eq!(decide(&p, "a.test", &req("POST", "/", Some(&headers), Some(1))), deny("no-debug"));
+    }
+
+    #[test]
     fn request_rules_only_open_connections_that_are_inspected() {
         let p = policy(API);
         let q = ConnectQuery { host: Some("api.test"), ip: ip("198.18.0.1"), port: 443 };
@@ -963,7 +1166,14 @@ paths = ["/admin/**"]
         let opaque = policy("name = \"p\"\n[[rule]]\nname = \"ssh\"\naction = \"ask\"\nports = [22]\n");
         let d = opaque.evaluate(&ConnectQuery { host: None, ip: ip("198.18.0.1"), port: 22 });
         assert_eq!((d.verdict, d.rule.as_ref()), (Verdict::Ask, "ssh"));
-        assert_eq!(opaque.may_resolve("x.test").verdict, Verdict::Allow, "asked-about names resolve");
+        let asked =
+            policy("name = \"p\"\n[[rule]]\nname = \"ssh\"\naction = \"ask\"\nhosts = [\"*.test\"]\nports = [22]\n");
+        assert_eq!(asked.may_resolve("x.test").verdict, Verdict::Allow, "asked-about names resolve");
+        assert_eq!(
+            opaque.may_resolve("x.test").rule.as_ref(),
+            NO_HOSTS_NAMED,
+            "a profile naming no hosts resolves none"
+        );
     }
 
     #[test]
@@ -1086,6 +1296,55 @@ pypi = ["pypi.mirror.test", "*.files.mirror.test"]
         assert!(broken.contains("base.toml:3:10"), "errors point into the included file: {broken}");
         let text_only = parse_err("name = \"x\"\ninclude = [\"a.toml\"]\n");
         assert!(text_only.contains("`include` is resolved when a profile is loaded from its file"), "{text_only}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn profiles_others_could_change_are_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sluice-trust-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("shared")).unwrap();
+        let set_mode =
+            |path: &Path, mode: u32| std::fs::set_permissions(path, PermissionsExt::from_mode(mode)).unwrap();
+        set_mode(&dir, 0o755);
+        set_mode(&dir.join("shared"), 0o755);
+        let base = dir.join("shared/base.toml");
+        let agent = dir.join("agent.toml");
+        std::fs::write(&base, "name = \"base\"\n").unwrap();
+        std::fs::write(&agent, "name = \"agent\"\ninclude = [\"shared/base.toml\"]\n").unwrap();
+        set_mode(&base, 0o644);
+        set_mode(&agent, 0o644);
+        load_profile(&agent).unwrap();
+
+        set_mode(&agent, 0o664);
+        let err = load_profile(&agent).unwrap_err().to_string();
+        assert!(err.contains(&agent.display().to_string()) && err.contains("writable by its group"), "{err}");
+        assert!(err.contains(&format!("chmod go-w {}", agent.display())), "{err}");
+        // Tools that only report on a file still read it.
+        assert_eq!(load_profile_untrusted(&agent).unwrap().name, "agent");
+        set_mode(&agent, 0o644);
+
+        // An include is held to the same standard.
+        set_mode(&base, 0o646);
+        let err = load_profile(&agent).unwrap_err().to_string();
+        assert!(err.contains("base.toml") && err.contains("writable by others"), "{err}");
+        set_mode(&base, 0o644);
+
+        // A directory others can write lets them replace the file.
+        set_mode(&dir.join("shared"), 0o777);
+        let err = load_profile(&agent).unwrap_err().to_string();
+        assert!(err.contains("its directory") && err.contains("chmod go-w"), "{err}");
+        set_mode(&dir.join("shared"), 0o755);
+
+        // SAFETY: geteuid has no arguments.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&base, Some(65534), None).unwrap();
+            let err = load_profile(&agent).unwrap_err().to_string();
+            assert!(err.contains("owned by uid 65534") && err.contains("chown root"), "{err}");
+        } else {
+            eprintln!("SKIPPED: the ownership case needs root");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
