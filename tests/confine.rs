@@ -1,6 +1,6 @@
 //! `sluice run` confines its command: as the default user and with
 //! `--as-root`, with a running daemon and with the embedded one, a command
-//! that attacks sluice from inside (bpf(), pins, a fresh bpffs or cgroup2,
+//! that attacks sluice from inside (`bpf()`, pins, a fresh bpffs or cgroup2,
 //! its cgroup namespace, ptrace of the daemon, the daemon's /proc files,
 //! the CA keys, the secrets file, secret variables) gets nowhere: every
 //! attempt is refused, the synthetic secret of the run appears in nothing
@@ -28,7 +28,11 @@ fn synthetic_secret() -> String {
     let mut random = [0u8; 16];
     // SAFETY: getrandom fills the buffer.
     assert_eq!(unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) }, 16);
-    format!("synthetic-{}", random.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    random.iter().fold(String::from("synthetic-"), |mut text, b| {
+        use std::fmt::Write as _;
+        let _ = write!(text, "{b:02x}");
+        text
+    })
 }
 
 /// The attacks, in Python (ctypes for raw syscalls). Prints `label=result`
@@ -153,6 +157,10 @@ const REFUSED: &[&str] = &[
 /// Capabilities that must be gone from the bounding and effective sets.
 const DROPPED: &[u32] = &[21, 39, 38, 12, 19, 16, 17, 22, 25, 33, 32, 34, 24, 2, 9, 40, 13, 27];
 
+/// An attack run: sandbox name, `sluice run` flags, environment, whether
+/// the command runs as root.
+type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], bool);
+
 struct Attack {
     /// Keeps the canary's network namespace alive.
     _net: TestNet,
@@ -234,11 +242,11 @@ fn judge(attack: &Attack, output: &Output, as_root: bool, secret: &str, logs: &[
     // Its own cgroup namespace: the sandbox is the root of what it sees, and
     // writing to "the root" leaves it where it is.
     // (cgroup v2 is the last line, `0::PATH`; a v1 hierarchy is namespaced too.)
-    let at_root =
-        |result: &str| result.starts_with("OK:") && result.ends_with("\\n0::/\\n'") || result == "OK:'0::/\\n'";
-    assert!(at_root(&got["cgroup_view"]), "{context}");
+    let sees_itself_as_root =
+        |result: &str| (result.starts_with("OK:") && result.ends_with("\\n0::/\\n'")) || result == "OK:'0::/\\n'";
+    assert!(sees_itself_as_root(&got["cgroup_view"]), "{context}");
     if as_root {
-        assert!(at_root(&got["cgroup_root_procs"]), "{context}");
+        assert!(sees_itself_as_root(&got["cgroup_root_procs"]), "{context}");
         assert_eq!(got["uid"], "0");
     } else {
         assert!(got["cgroup_root_procs"].starts_with("refused:"), "{context}");
@@ -301,7 +309,7 @@ fn with_a_running_daemon_neither_root_nor_the_default_user_reaches_what_sluice_g
     let secrets = daemon.dir.join("secrets");
     let daemon_log = daemon.dir.join("daemon.log");
     let pid = daemon.pid().to_string();
-    let cases: [(&str, &[&str], &[(&str, &str)], bool); 3] = [
+    let cases: [Case; 3] = [
         ("atk-root", &["--as-root"], &[], true),
         ("atk-nobody", &["--user", "nobody"], &[], false),
         // What sudo sets for the user who ran it.

@@ -1230,7 +1230,7 @@ fn remembered_rule(pending: &crate::approvals::Pending, allow: bool) -> policy::
 }
 
 /// Makes this process not dumpable: its /proc files (environ, mem, fd,
-/// maps) belong to root and need CAP_SYS_PTRACE, which no sandbox has, and
+/// maps) belong to root and need `CAP_SYS_PTRACE`, which no sandbox has, and
 /// it cannot be ptraced by its own sandboxed children. For `sluice daemon`
 /// and the embedded daemon of `sluice run` alike.
 pub fn not_dumpable() -> anyhow::Result<()> {

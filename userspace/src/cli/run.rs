@@ -46,12 +46,12 @@ pub struct RunArgs {
     #[arg(long = "upstream-ca", value_name = "PEM")]
     pub upstream_ca: Vec<PathBuf>,
     /// Run the command as this user (names or numeric ids). Default: the
-    /// user who ran `sudo sluice run` (SUDO_UID, SUDO_GID).
+    /// user who ran `sudo sluice run` (`SUDO_UID`, `SUDO_GID`).
     #[arg(long, value_name = "USER[:GROUP]", conflicts_with = "as_root")]
     pub user: Option<confine::UserSpec>,
     /// Run the command as root, still without the capabilities that reach
-    /// sluice or the kernel (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN,
-    /// CAP_SYS_PTRACE, ...), in its own cgroup and mount namespaces.
+    /// sluice or the kernel (`CAP_SYS_ADMIN`, `CAP_BPF`, `CAP_NET_ADMIN`,
+    /// `CAP_SYS_PTRACE`, ...), in its own cgroup and mount namespaces.
     #[arg(long)]
     pub as_root: bool,
     /// A resolv.conf the command sees as /etc/resolv.conf (sluice answers

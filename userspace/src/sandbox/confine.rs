@@ -187,8 +187,8 @@ pub enum RunAs {
 pub fn choose(
     as_root: bool,
     user: Option<&UserSpec>,
-    sudo_uid: Option<&str>,
-    sudo_gid: Option<&str>,
+    sudo_user: Option<&str>,
+    sudo_group: Option<&str>,
 ) -> Result<RunAs, ConfineError> {
     if as_root {
         return Ok(RunAs::Root);
@@ -196,7 +196,7 @@ pub fn choose(
     if let Some(spec) = user {
         return Ok(RunAs::User(spec.clone()));
     }
-    let Some(uid) = sudo_uid else { return Err(ConfineError::NoIdentity) };
+    let Some(uid) = sudo_user else { return Err(ConfineError::NoIdentity) };
     let id = |variable, value: &str| {
         value.parse::<u32>().map_err(|_| ConfineError::Sudo { variable, value: value.to_owned() })
     };
@@ -204,7 +204,7 @@ pub fn choose(
     if uid == 0 {
         return Err(ConfineError::NoIdentity);
     }
-    let group = sudo_gid.map(|gid| id("SUDO_GID", gid)).transpose()?.map(Who::Id);
+    let group = sudo_group.map(|gid| id("SUDO_GID", gid)).transpose()?.map(Who::Id);
     Ok(RunAs::User(UserSpec { user: Who::Id(uid), group }))
 }
 
@@ -252,7 +252,7 @@ struct PasswdEntry {
     home: PathBuf,
 }
 
-/// getpwnam_r / getpwuid_r, growing the buffer as the C library asks.
+/// `getpwnam_r` / `getpwuid_r`, growing the buffer as the C library asks.
 fn passwd_lookup(
     call: impl Fn(*mut libc::passwd, *mut libc::c_char, usize, *mut *mut libc::passwd) -> libc::c_int,
 ) -> Option<PasswdEntry> {
@@ -555,23 +555,20 @@ impl Confinement {
         // SAFETY: plain syscalls; raw ones, so only this (the only) thread
         // changes credentials.
         unsafe {
-            match &self.user {
-                Some((uid, gid, groups)) => {
-                    check_long(libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()))?;
-                    check_long(libc::syscall(libc::SYS_setresgid, *gid, *gid, *gid))?;
-                    check_long(libc::syscall(libc::SYS_setresuid, *uid, *uid, *uid))?;
-                }
-                None => {
-                    let kept = kept_mask();
-                    let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
-                    let low = kept as u32;
-                    let high = (kept >> 32) as u32;
-                    let data = [
-                        CapData { effective: low, permitted: low, inheritable: low },
-                        CapData { effective: high, permitted: high, inheritable: high },
-                    ];
-                    check_long(libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()))?;
-                }
+            if let Some((uid, gid, groups)) = &self.user {
+                check_long(libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()))?;
+                check_long(libc::syscall(libc::SYS_setresgid, *gid, *gid, *gid))?;
+                check_long(libc::syscall(libc::SYS_setresuid, *uid, *uid, *uid))?;
+            } else {
+                let kept = kept_mask();
+                let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+                let low = kept as u32;
+                let high = (kept >> 32) as u32;
+                let data = [
+                    CapData { effective: low, permitted: low, inheritable: low },
+                    CapData { effective: high, permitted: high, inheritable: high },
+                ];
+                check_long(libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()))?;
             }
             check(libc::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0))?;
         }
@@ -717,7 +714,7 @@ fn proc_fd_path(fd: libc::c_int, buffer: &mut [u8; 32]) -> *const libc::c_char {
 }
 
 /// Covers `dir` with a tmpfs and binds the `keep` files back read-only:
-/// they are opened (O_PATH) before the cover, so they stay reachable
+/// they are opened (`O_PATH`) before the cover, so they stay reachable
 /// through /proc/self/fd.
 fn hide_except(dir: &CStr, parents: &[CString], keep: &[CString]) -> std::io::Result<()> {
     const MAX_KEPT: usize = 8;
