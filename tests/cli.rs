@@ -43,7 +43,18 @@ fn run_passes_streams_and_exit_codes_through_and_cleans_up() {
     let instance = instance("streams");
     let prefix = format!("{instance}-run-");
     let mut child = sluice()
-        .args(["run", "--instance", &instance, "--quiet", "--", "sh", "-c", "tr a-z A-Z; echo to-stderr >&2; exit 7"])
+        .args([
+            "run",
+            "--instance",
+            &instance,
+            "--quiet",
+            "--user",
+            "nobody",
+            "--",
+            "sh",
+            "-c",
+            "tr a-z A-Z; echo to-stderr >&2; exit 7",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -56,11 +67,14 @@ fn run_passes_streams_and_exit_codes_through_and_cleans_up() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("to-stderr"));
     assert_no_leftovers(&prefix);
 
-    let killed =
-        sluice().args(["run", "--instance", &instance, "-q", "--", "sh", "-c", "kill -9 $$"]).output().unwrap();
+    let killed = sluice()
+        .args(["run", "--instance", &instance, "-q", "--as-root", "--", "sh", "-c", "kill -9 $$"])
+        .output()
+        .unwrap();
     assert_eq!(killed.status.code(), Some(137), "128 + SIGKILL");
 
-    let missing = sluice().args(["run", "--instance", &instance, "-q", "--", "/nonexistent/tool"]).output().unwrap();
+    let missing =
+        sluice().args(["run", "--instance", &instance, "-q", "--as-root", "--", "/nonexistent/tool"]).output().unwrap();
     assert_eq!(missing.status.code(), Some(127));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot run /nonexistent/tool"));
     assert_no_leftovers(&prefix);
@@ -77,7 +91,7 @@ fn run_forwards_signals_and_kills_what_the_command_left_behind() {
         marker = marker.display()
     );
     let mut child = sluice()
-        .args(["run", "--instance", &instance("signals"), "-q", "--", "sh", "-c", &script])
+        .args(["run", "--instance", &instance("signals"), "-q", "--as-root", "--", "sh", "-c", &script])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -115,7 +129,7 @@ fn a_broken_profile_is_refused_with_line_and_column_before_anything_runs() {
     std::fs::write(&profile, "name = \"x\"\n[[rule]]\naction = \"allow\"\nports = [0]\n").unwrap();
     let marker = dir.join("ran");
     let output = sluice()
-        .args(["run", "--instance", &instance("broken"), "--profile"])
+        .args(["run", "--instance", &instance("broken"), "--as-root", "--profile"])
         .arg(&profile)
         .args(["--", "touch"])
         .arg(&marker)

@@ -267,7 +267,7 @@ attempt("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
     assert!(killed.stdout.is_empty(), "the packet socket was created: {killed:?}");
     // The same through `sluice run` (which talks to this daemon): a clean EPERM.
     let mut run = std::process::Command::new(harness::SLUICE);
-    run.args(["run", "--instance", &daemon.instance, "--quiet", "--name", "packet-run", "--", "python3"]);
+    run.args(["run", "--instance", &daemon.instance, "--quiet", "--as-root", "--name", "packet-run", "--", "python3"]);
     let output = harness::run_python(run, "import socket\ntry:\n socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0); print('packet=created')\nexcept PermissionError: print('packet=EPERM')");
     assert_eq!(fields(&output)["packet"], "EPERM");
     assert!(!daemon.statuses().iter().any(|s| s.record.name == "packet-run"), "sluice run left its sandbox behind");

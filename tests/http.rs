@@ -411,7 +411,7 @@ fn sandbox_cas_are_unique_survive_a_restart_and_sluice_run_trusts_them() {
     // overriding what it inherits.
     std::fs::write(world.daemon.dir.join("run-profile.toml"), PROFILE).unwrap();
     let output = std::process::Command::new(harness::SLUICE)
-        .args(["run", "--instance", &world.daemon.instance, "-q", "--profile"])
+        .args(["run", "--instance", &world.daemon.instance, "-q", "--user", "nobody", "--profile"])
         .arg(world.daemon.dir.join("run-profile.toml"))
         .args(["--", "curl", "-sS", "--max-time", "10", "--resolve", &resolve, "https://web.test/echo"])
         .env("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")

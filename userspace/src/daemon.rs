@@ -266,6 +266,7 @@ impl Daemon {
     /// earlier daemon of this instance left them.
     pub async fn start(config: DaemonConfig) -> anyhow::Result<Arc<Self>> {
         preflight()?;
+        not_dumpable()?;
         let parent = config.cgroup_parent();
         cgroup::create(&parent).with_context(|| format!("creating the enforced cgroup parent {}", parent.display()))?;
         let log = Arc::new(
@@ -467,6 +468,8 @@ impl Daemon {
             cgroup_parent: self.config.cgroup_parent(),
             proxy_port: self.target.proxy_port,
             decision_log: self.log.path().map(Path::to_owned),
+            secrets_file: self.config.secrets_file.clone(),
+            secrets_dir: self.config.secrets_dir.clone(),
         }
     }
 
@@ -718,7 +721,7 @@ impl Daemon {
         let revoked: Vec<&String> = sources.1.revoked().collect();
         let path = self.config.revoked_secrets_file();
         let saved = std::fs::create_dir_all(self.config.runtime_dir())
-            .and_then(|()| std::fs::write(&path, serde_json::to_vec(&revoked).unwrap_or_default()));
+            .and_then(|()| write_private(&path, &serde_json::to_vec(&revoked).unwrap_or_default()));
         drop(sources);
         let reason = match rule {
             "secret-revoked" => format!("secret {name} revoked through the control API"),
@@ -910,7 +913,7 @@ impl Daemon {
             }
             let path = self.config.revoked_file();
             std::fs::create_dir_all(self.config.runtime_dir())?;
-            std::fs::write(&path, serde_json::to_vec(&*revoked)?)
+            write_private(&path, &serde_json::to_vec(&*revoked)?)
                 .with_context(|| format!("saving {}", path.display()))?;
         }
         let revoked = self.revoked();
@@ -991,7 +994,7 @@ impl Daemon {
         let result = (|| -> std::io::Result<()> {
             std::fs::create_dir_all(self.config.runtime_dir())?;
             let tmp = path.with_extension("json.tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&self.registry.records())?)?;
+            write_private(&tmp, &serde_json::to_vec_pretty(&self.registry.records())?)?;
             std::fs::rename(tmp, &path)
         })();
         if let Err(error) = result {
@@ -1224,6 +1227,27 @@ fn remembered_rule(pending: &crate::approvals::Pending, allow: bool) -> policy::
         labels: None,
         reason: Some(format!("answered by an operator (approval {})", pending.id)),
     }
+}
+
+/// Makes this process not dumpable: its /proc files (environ, mem, fd,
+/// maps) belong to root and need `CAP_SYS_PTRACE`, which no sandbox has, and
+/// it cannot be ptraced by its own sandboxed children. For `sluice daemon`
+/// and the embedded daemon of `sluice run` alike.
+pub fn not_dumpable() -> anyhow::Result<()> {
+    // SAFETY: plain prctl.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        bail!("cannot make the daemon non-dumpable: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes a runtime state file readable by root only (0600), also when an
+/// older daemon left it with another mode.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    std::io::Write::write_all(&mut file, bytes)
 }
 
 /// Checks what sluice needs before touching the kernel, with what to do.

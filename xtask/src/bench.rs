@@ -190,7 +190,7 @@ impl Setup<'_> {
                 let n = self.runs.get() + 1;
                 self.runs.set(n);
                 let mut run = Command::new(&self.sluice);
-                run.args(["run", "--quiet", "--instance", net::INSTANCE, "--name", &format!("bench-{n}")]);
+                run.args(["run", "--quiet", "--as-root", "--instance", net::INSTANCE, "--name", &format!("bench-{n}")]);
                 run.arg("--profile").arg(&self.profile).arg("--").arg(&self.client);
                 (run, None, Some(self.daemon.pid()))
             }

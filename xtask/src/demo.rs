@@ -52,15 +52,14 @@ pub fn run() -> anyhow::Result<()> {
 
     step("running a shell under `sluice run` with the built-in profile");
     eprintln!("  (the profile: `sluice policy default`; every line below marked 'sluice:' is a decision)\n");
-    let inner = format!(
-        "mount --bind {} /etc/resolv.conf && exec sh {}",
-        dir.join("resolv.conf").display(),
-        dir.join("demo.sh").display()
-    );
     let status = Command::new(&sluice)
-        .args(["run", "--name", "demo", "--upstream-dns", "198.18.0.53:53", "--upstream-ca"])
+        .args(["run", "--as-root", "--name", "demo", "--upstream-dns", "198.18.0.53:53", "--upstream-ca"])
         .arg(dir.join("demo-ca.pem"))
-        .args(["--", "unshare", "-m", "sh", "-c", &inner])
+        .arg("--resolv-conf")
+        .arg(dir.join("resolv.conf"))
+        .arg("--")
+        .arg("sh")
+        .arg(dir.join("demo.sh"))
         .status()
         .context("running sluice")?;
     eprintln!();

@@ -1,7 +1,7 @@
 //! `sluice run`: a command in a fresh sandbox, with what it did shown live.
 
 use std::{
-    ffi::{CString, OsString},
+    ffi::OsString,
     os::unix::process::{CommandExt as _, ExitStatusExt as _},
     path::PathBuf,
 };
@@ -16,7 +16,10 @@ use crate::{
     control::{client::ControlClient, RegisterRequest},
     daemon::{self, Daemon, DaemonConfig},
     policy,
-    sandbox::{Placement, ProfileSource},
+    sandbox::{
+        confine::{self, Hidden},
+        Placement, ProfileSource,
+    },
 };
 
 #[derive(Debug, Args)]
@@ -42,6 +45,19 @@ pub struct RunArgs {
     /// Extra CA (PEM) upstream certificates may chain to (embedded daemon only).
     #[arg(long = "upstream-ca", value_name = "PEM")]
     pub upstream_ca: Vec<PathBuf>,
+    /// Run the command as this user (names or numeric ids). Default: the
+    /// user who ran `sudo sluice run` (`SUDO_UID`, `SUDO_GID`).
+    #[arg(long, value_name = "USER[:GROUP]", conflicts_with = "as_root")]
+    pub user: Option<confine::UserSpec>,
+    /// Run the command as root, still without the capabilities that reach
+    /// sluice or the kernel (`CAP_SYS_ADMIN`, `CAP_BPF`, `CAP_NET_ADMIN`,
+    /// `CAP_SYS_PTRACE`, ...), in its own cgroup and mount namespaces.
+    #[arg(long)]
+    pub as_root: bool,
+    /// A resolv.conf the command sees as /etc/resolv.conf (sluice answers
+    /// its DNS queries whatever server it names).
+    #[arg(long, value_name = "FILE")]
+    pub resolv_conf: Option<PathBuf>,
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -49,12 +65,36 @@ pub struct RunArgs {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     daemon::preflight()?;
+    // Whom the command runs as is settled before anything is set up.
+    let run_as = confine::choose(
+        args.as_root,
+        args.user.as_ref(),
+        std::env::var("SUDO_UID").ok().as_deref(),
+        std::env::var("SUDO_GID").ok().as_deref(),
+    )?;
+    let account = match &run_as {
+        confine::RunAs::Root => None,
+        confine::RunAs::User(spec) => Some(confine::Account::resolve(spec)?),
+    };
+    if let Some(resolv) = &args.resolv_conf {
+        anyhow::ensure!(resolv.is_file(), "--resolv-conf {} is not a file", resolv.display());
+    }
+    // sluice run holds a root-only control connection or is the daemon.
+    daemon::not_dumpable()?;
     let profile = profile_source(args.profile.as_deref())?;
     let name = args.name.clone().unwrap_or_else(|| format!("run-{}", std::process::id()));
     let request = RegisterRequest { name: name.clone(), cgroup: None, profile, placement: Placement::Host };
     let show = !args.quiet;
 
     if let Some(client) = ControlClient::connect(&args.instance.control_socket()).await {
+        let health = client.health().await?;
+        let hidden = Hidden {
+            runtime_dirs: vec![daemon::runtime_dir(&args.instance.instance)],
+            files: health.decision_log.into_iter().chain(health.secrets_file).collect(),
+            dirs: health.secrets_dir.into_iter().collect(),
+            keep: Vec::new(),
+        };
+        let launch = Launch { account: account.as_ref(), hidden, resolv_conf: args.resolv_conf.as_deref() };
         let status = client.register(&request).await?;
         let tally = Tally::default();
         let follower = show.then(|| {
@@ -62,7 +102,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
             let (name, tally) = (name.clone(), tally.clone());
             tokio::spawn(async move { client.follow(Some(&name), |d| tally.print(&d)).await })
         });
-        let result = spawn_and_wait(&status.record, &status.env, &args.command).await;
+        let result = spawn_and_wait(&status.record, &status.env, &args.command, &launch).await;
         // Let the last decisions arrive before the summary.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         if let Some(follower) = follower {
@@ -101,8 +141,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
             }
         })
     });
+    let hidden = Hidden {
+        runtime_dirs: vec![config.runtime_dir()],
+        files: config.decision_log.iter().chain(&config.secrets_file).cloned().collect(),
+        dirs: config.secrets_dir.iter().cloned().collect(),
+        keep: Vec::new(),
+    };
+    let launch = Launch { account: account.as_ref(), hidden, resolv_conf: args.resolv_conf.as_deref() };
     let result = match daemon.register(request).await {
-        Ok(status) => spawn_and_wait(&status.record, &status.env, &args.command).await,
+        Ok(status) => spawn_and_wait(&status.record, &status.env, &args.command, &launch).await,
         Err(error) => Err(error),
     };
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -170,17 +217,32 @@ pub(super) const TRUST_VARIABLES: [&str; 14] = [
     "BUNDLE_SSL_CA_CERT",
 ];
 
+/// How the command is started: as whom, and what it must not see.
+struct Launch<'a> {
+    /// None: root (`--as-root`).
+    account: Option<&'a confine::Account>,
+    hidden: Hidden,
+    resolv_conf: Option<&'a std::path::Path>,
+}
+
 /// Runs the command inside the sandbox's cgroup from its first instruction,
-/// trusting the sandbox's CA, forwards signals, and returns its exit code
-/// (128 + signal if killed).
+/// confined (see `sandbox::confine`) and trusting the sandbox's CA, forwards
+/// signals, and returns its exit code (128 + signal if killed).
 async fn spawn_and_wait(
     sandbox: &crate::sandbox::SandboxRecord,
     env: &std::collections::BTreeMap<String, String>,
     argv: &[OsString],
+    launch: &Launch<'_>,
 ) -> anyhow::Result<u8> {
-    let procs = CString::new(sandbox.cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
     let mut command = std::process::Command::new(&argv[0]);
     command.args(&argv[1..]);
+    // Secrets for the daemon never reach a sandbox (they were taken out of
+    // sluice's own environment at start-up; this is the second lock).
+    for (name, _) in std::env::vars_os() {
+        if crate::credentials::is_secret_variable(&name) {
+            command.env_remove(name);
+        }
+    }
     for variable in TRUST_VARIABLES {
         command.env(variable, &sandbox.ca_bundle);
     }
@@ -196,13 +258,19 @@ async fn spawn_and_wait(
     if std::fs::write(&wgetrc, format!("ca_certificate = {}\n", sandbox.ca_bundle.display())).is_ok() {
         command.env("WGETRC", &wgetrc);
     }
-    let filter = crate::sandbox::seccomp::socket_filter();
+    if let Some(account) = launch.account {
+        command.env("HOME", &account.home).env("USER", &account.name).env("LOGNAME", &account.name);
+    }
+    // What the command must still read in the (hidden) runtime directory.
+    let mut hidden = launch.hidden.clone();
+    hidden.keep.extend([sandbox.ca_bundle.clone(), wgetrc]);
+    if let Some(dir) = sandbox.ca_bundle.parent() {
+        hidden.keep.push(dir.join(format!("{}-ca.pem", sandbox.name)));
+    }
+    let confinement = confine::Confinement::new(&sandbox.cgroup, launch.account, &hidden, launch.resolv_conf)?;
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
-        command.pre_exec(move || {
-            enter_cgroup(&procs)?;
-            crate::sandbox::seccomp::install(&filter)
-        });
+        command.pre_exec(move || confinement.apply());
     }
     let forwarder = SignalForwarder::install()?;
     let mut child = match tokio::process::Command::from(command).spawn() {
@@ -221,25 +289,6 @@ async fn spawn_and_wait(
         (None, Some(signal)) => 128 + signal as u8,
         (None, None) => 1,
     })
-}
-
-/// Moves the calling (freshly forked) process into the cgroup: writing "0"
-/// to cgroup.procs means "me".
-fn enter_cgroup(procs: &CString) -> std::io::Result<()> {
-    // SAFETY: open/write/close are async-signal-safe; the path is valid.
-    unsafe {
-        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-        let error = std::io::Error::last_os_error();
-        libc::close(fd);
-        if written != 1 {
-            return Err(error);
-        }
-    }
-    Ok(())
 }
 
 /// Signals `sluice run` catches and hands to the child. With a terminal, the

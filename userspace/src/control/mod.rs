@@ -105,6 +105,12 @@ pub struct Health {
     pub cgroup_parent: std::path::PathBuf,
     pub proxy_port: u16,
     pub decision_log: Option<std::path::PathBuf>,
+    /// Where the daemon reads secrets from (paths only), so `sluice run`
+    /// can hide them from its command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_file: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_dir: Option<std::path::PathBuf>,
 }
 
 /// Error body of every failed call.

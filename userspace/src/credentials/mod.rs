@@ -35,6 +35,67 @@ pub(crate) const PLACEHOLDER_RANDOM: usize = 32;
 /// Environment variables `SLUICE_SECRET_<NAME>` of the daemon are secrets.
 const ENV_PREFIX: &str = "SLUICE_SECRET_";
 
+/// `SLUICE_SECRET_<NAME>` values taken out of the environment at start-up.
+static ENV_SECRETS: std::sync::OnceLock<Vec<(String, Secret)>> = std::sync::OnceLock::new();
+
+/// Whether an environment variable holds a secret for the daemon.
+pub fn is_secret_variable(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(ENV_PREFIX.as_bytes())
+}
+
+/// Takes the `SLUICE_SECRET_<NAME>` variables out of the process: their
+/// values are kept for [`SecretStore::load`] (reloads included), the bytes
+/// of the original environment block are overwritten (so not even
+/// `/proc/<pid>/environ`, which reads that block, shows them), and the
+/// variables are removed, so no child inherits them.
+///
+/// # Safety
+/// Must run before any other thread exists (`main`, before the runtime):
+/// changing the environment races with every reader of it.
+pub unsafe fn take_env_secrets() {
+    let mut taken = Vec::new();
+    let mut names = Vec::new();
+    for (key, value) in std::env::vars_os() {
+        if is_secret_variable(&key) {
+            if let (Some(key), Some(value)) = (key.to_str(), value.to_str()) {
+                if let Some(name) = key.strip_prefix(ENV_PREFIX) {
+                    taken.push((name.to_ascii_lowercase(), Secret::new(value.to_owned())));
+                }
+            }
+            names.push(key);
+        }
+    }
+    // SAFETY: single-threaded (the caller's promise); `environ` is the C
+    // library's NULL-terminated array of NUL-terminated strings, which we
+    // only overwrite within their own lengths.
+    unsafe {
+        let mut entry = libc_environ();
+        while !entry.is_null() && !(*entry).is_null() {
+            let text = std::ffi::CStr::from_ptr(*entry).to_bytes();
+            if text.starts_with(ENV_PREFIX.as_bytes()) {
+                if let Some(equals) = text.iter().position(|b| *b == b'=') {
+                    let value = (*entry).add(equals + 1);
+                    std::ptr::write_bytes(value, b'x', text.len() - equals - 1);
+                }
+            }
+            entry = entry.add(1);
+        }
+    }
+    for name in names {
+        std::env::remove_var(name);
+    }
+    let _ = ENV_SECRETS.set(taken);
+}
+
+/// The C library's environment array.
+fn libc_environ() -> *mut *mut libc::c_char {
+    extern "C" {
+        static mut environ: *mut *mut libc::c_char;
+    }
+    // SAFETY: reading the pointer value; callers are single-threaded.
+    unsafe { environ }
+}
+
 /// A secret value. Zeroed on drop; never printed.
 #[derive(Clone)]
 pub struct Secret(Zeroizing<String>);
@@ -111,9 +172,19 @@ impl SecretStore {
         let mut hold = |name: String, value: String, origin: Origin| {
             secrets.insert(name, Held { secret: Secret::new(value), origin });
         };
-        for (key, value) in std::env::vars() {
-            if let Some(name) = key.strip_prefix(ENV_PREFIX) {
-                hold(name.to_ascii_lowercase(), value, Origin::Env);
+        match ENV_SECRETS.get() {
+            Some(taken) => {
+                for (name, secret) in taken {
+                    hold(name.clone(), secret.expose().to_owned(), Origin::Env);
+                }
+            }
+            // Not taken at start-up (the library used on its own): read them.
+            None => {
+                for (key, value) in std::env::vars() {
+                    if let Some(name) = key.strip_prefix(ENV_PREFIX) {
+                        hold(name.to_ascii_lowercase(), value, Origin::Env);
+                    }
+                }
             }
         }
         if let Some(path) = file {

@@ -2,6 +2,7 @@
 //! the proxy and resolver look flows up in.
 
 pub mod cgroup;
+pub mod confine;
 mod names;
 pub mod seccomp;
 
