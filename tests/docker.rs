@@ -437,8 +437,18 @@ fn privileged_containers_are_not_registered_and_cannot_switch_enforcement_off() 
     }
     world.daemon.wait_decisions("the guard's kills recorded", |d| d.iter().any(|d| d.rule == "tamper-bpf"));
     // A default container after them is registered and still enforced.
-    let after = world.start_container(&["sluice.profile=web"]);
+    let image = world.engine.image.clone();
+    let after = world.engine.run(&[
+        "run", "-d", &parent, "--network", &world.engine.network, "-v", &mount, "--label", "sluice.profile=web", &image,
+        "/bin/sleep", "300",
+    ]);
     world.sandbox_of(&after);
+    // Default capabilities: the same attack gets nowhere (Docker's seccomp
+    // refuses bpf(), or the guard kills it).
+    let attack = world.engine.output(&["exec", &after, "/attack/attack", "detach-by-id", &enforced_parent.to_string()]);
+    let said = text(&attack);
+    assert!(said.contains("link-next-id: refused") || attack.status.code() == Some(137), "{said}");
+    assert!(!said.contains("link-detach: ok"), "{said}");
     let connect = world.engine.output(&["exec", &after, "/attack/attack", "connect", &canary_ip, "443"]);
     let after_name = world.sandbox_of(&after).record.name;
     world.daemon.wait_decisions("the default container's connect denied", |d| {

@@ -55,6 +55,11 @@ fn apt_packages() -> anyhow::Result<()> {
         ("curl".to_owned(), "/usr/bin/curl".to_owned()),
         ("dnsutils".to_owned(), "/usr/bin/dig".to_owned()),
         ("python3".to_owned(), "/usr/bin/python3".to_owned()),
+        // The tamper tests build their attacker static, and drop to an
+        // ordinary user inside a sandbox with setpriv.
+        ("gcc".to_owned(), "/usr/bin/gcc".to_owned()),
+        ("libc6-dev".to_owned(), "/usr/lib/x86_64-linux-gnu/libc.a".to_owned()),
+        ("util-linux".to_owned(), "/usr/bin/setpriv".to_owned()),
         // Container tests: a Docker engine (with containerd and runc) the
         // test harness starts itself.
         ("docker.io".to_owned(), "/usr/sbin/dockerd".to_owned()),
