@@ -413,7 +413,13 @@ fn privileged_containers_are_not_registered_and_cannot_switch_enforcement_off() 
     let config = sluice::daemon::DaemonConfig::new(&world.daemon.instance).unwrap();
     let enforced_parent = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(config.cgroup_parent()).unwrap());
     let canary_ip = world.net.v4(3).to_string();
-    for flags in [&["--privileged"][..], &["--cap-add", "SYS_ADMIN", "--cap-add", "BPF"]] {
+    // (This engine knows no CAP_BPF; CAP_SYS_ADMIN covers bpf(). And
+    // `--privileged` itself cannot start here: this machine withholds
+    // CAP_SYS_RESOURCE from everything, and runc cannot grant it.)
+    for flags in [
+        &["--cap-add", "SYS_ADMIN", "--cap-add", "SYS_PTRACE"][..],
+        &["--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE"],
+    ] {
         let mut args = vec!["run", "-d", &parent, "--network", &world.engine.network, "-v", &mount];
         args.extend(flags);
         args.extend(["--label", "sluice.profile=web", world.engine.image.as_str(), "/bin/sleep", "300"]);
@@ -423,7 +429,7 @@ fn privileged_containers_are_not_registered_and_cannot_switch_enforcement_off() 
             d.iter().any(|d| d.rule == "container-unregistered" && d.reason.contains(&id[..12]))
         });
         let refusal = decisions.iter().find(|d| d.rule == "container-unregistered").unwrap();
-        assert!(refusal.reason.contains("CAP_SYS_ADMIN") && refusal.reason.contains("CAP_BPF"), "{refusal}");
+        assert!(refusal.reason.contains("CAP_SYS_ADMIN") && refusal.reason.contains("CAP_SYS_PTRACE"), "{refusal}");
         assert!(world.daemon.statuses().iter().all(|s| s.record.container.as_ref().is_none_or(|c| c.id != id)));
         // With every capability it has, it tries to detach sluice's links:
         // the guard kills it at its first bpf() (exit 137).
@@ -439,8 +445,18 @@ fn privileged_containers_are_not_registered_and_cannot_switch_enforcement_off() 
     // A default container after them is registered and still enforced.
     let image = world.engine.image.clone();
     let after = world.engine.run(&[
-        "run", "-d", &parent, "--network", &world.engine.network, "-v", &mount, "--label", "sluice.profile=web", &image,
-        "/bin/sleep", "300",
+        "run",
+        "-d",
+        &parent,
+        "--network",
+        &world.engine.network,
+        "-v",
+        &mount,
+        "--label",
+        "sluice.profile=web",
+        &image,
+        "/bin/sleep",
+        "300",
     ]);
     world.sandbox_of(&after);
     // Default capabilities: the same attack gets nowhere (Docker's seccomp

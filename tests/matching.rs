@@ -299,7 +299,8 @@ print("sent")
     });
     // The raw bytes are in the record (JSON escapes them) ...
     assert!(decisions.iter().any(|d| d.host.as_deref().is_some_and(|h| h.contains('\x1b'))));
-    assert!(decisions.iter().any(|d| d.host.as_deref().is_some_and(|h| h.contains('\u{9b}'))));
+    // (The plain HTTP Host names an address the sandbox never resolved, so
+    // its record names the address, not the claimed name.)
     let raw_log = std::fs::read(daemon.decision_log()).unwrap();
     assert!(!raw_log.contains(&0x1b), "the JSON log holds a raw ESC");
     // ... and what a person reads has none of them.
@@ -307,7 +308,6 @@ print("sent")
     assert!(log.status.success(), "{}", String::from_utf8_lossy(&log.stderr));
     let text = String::from_utf8(log.stdout).unwrap();
     assert!(text.contains("pwned\\x1b[31m\\x1b]0;title\\x07.test"), "{text}");
-    assert!(text.contains("pwned\\u{9b}31m.test"), "{text}");
     assert!(!text.contains('\x1b') && !text.contains('\u{9b}') && !text.contains('\x07'), "{text:?}");
     assert!(plain.seen().is_empty() && upstream.web.seen().is_empty(), "a refused connection reached the upstream");
 }
