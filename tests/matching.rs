@@ -391,3 +391,26 @@ fn sluice_log_reads_rotated_files_oldest_first() {
     let at = |needle: &str| text.find(needle).unwrap_or_else(|| panic!("{needle} missing in:\n{text}"));
     assert!(at("oldest-rotated") < at("newer-rotated") && at("newer-rotated") < at("rule=registered"), "{text}");
 }
+
+/// The classifier fuzz target's committed corpus (TLS `ClientHello`s and HTTP
+/// heads that lie about lengths, carry escapes or repeat Host): never a
+/// panic, at any prefix. Needs no root.
+#[test]
+fn the_classify_fuzz_corpus_replays() {
+    use sluice::proxy::classify::{classify, Classified};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/classify");
+    let mut seen = HashMap::new();
+    for entry in std::fs::read_dir(dir).expect("fuzz/corpus/classify") {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        for cut in 0..bytes.len() {
+            let _ = classify(&bytes[..cut]);
+        }
+        seen.insert(path.file_name().unwrap().to_string_lossy().into_owned(), classify(&bytes));
+    }
+    assert!(seen.len() >= 10, "{seen:?}");
+    assert!(matches!(&seen["tls-sni"], Classified::Tls { sni: Some(s), .. } if s == "files.demo.test"));
+    assert!(matches!(&seen["tls-no-sni"], Classified::Tls { sni: None, .. }));
+    assert!(matches!(&seen["http-get"], Classified::Http { host: Some(h) } if h == "web.test"));
+    assert!(matches!(seen["http-duplicate-host"], Classified::Malformed(_)));
+}

@@ -7,9 +7,11 @@
 //!   stand-in internet in a network namespace, under the built-in profile.
 //! - `bench`: sluice's overhead against direct connections, iptables
 //!   redirection, mitmproxy and Squid (see bench.rs).
+//! - `fuzz`: the parsers' fuzz targets, each for a bounded time (see fuzz.rs).
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -42,6 +44,15 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzz the parsers (ClientHello/HTTP classification, DNS, profiles,
+    /// paths) with cargo-fuzz on nightly, each target for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
     /// The benchmark's client, run directly and inside a sandbox.
     #[command(hide = true)]
     BenchClient {
@@ -70,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             bench::run(quick)
         }
+        Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Task::BenchClient { args } => bench::client(&args),
     }
 }

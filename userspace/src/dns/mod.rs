@@ -273,3 +273,27 @@ pub enum DnsError {
     #[error("all {tried} upstream nameservers failed; last: {last}")]
     UpstreamsFailed { tried: usize, last: Box<DnsError> },
 }
+
+/// Entry points for the fuzz targets in `fuzz/` and the corpus replayed by
+/// the unit tests: the resolver's parse, form and shape phases on
+/// arbitrary bytes, without sockets. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{shape, wire, Limits, Refusal};
+
+    /// Parses `bytes` as a query the way the resolver does and judges its
+    /// name's shape. `None`: not a query the resolver would read.
+    pub fn judge_query(bytes: &[u8]) -> Option<Result<String, Refusal>> {
+        let header = wire::read_header(bytes)?;
+        if !wire::counts_fit(&header, bytes.len()) {
+            return None;
+        }
+        let message = wire::parse_exact(bytes).ok()?;
+        let view = wire::RequestView::from_message(&message);
+        let _ = wire::synthesize(&view, hickory_proto::op::ResponseCode::Refused, false);
+        let question = message.queries().first()?;
+        let canonical = shape::canonical_name(question.name());
+        let _ = shape::qtype_name(question.query_type());
+        Some(shape::check_shape(question.name(), &canonical, &Limits::default()).map(|()| canonical.text))
+    }
+}

@@ -1348,6 +1348,24 @@ pypi = ["pypi.mirror.test", "*.files.mirror.test"]
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The profile fuzz target's committed corpus: parsing never panics, and
+    /// a profile that parses compiles and survives a round trip.
+    #[test]
+    fn the_profile_fuzz_corpus_replays() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/profile");
+        let mut parsed = 0;
+        for entry in std::fs::read_dir(dir).expect("fuzz/corpus/profile") {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            let Ok(text) = std::str::from_utf8(&bytes) else { continue };
+            if let Ok(profile) = parse_profile(text, "corpus.toml") {
+                Policy::compile(&profile).unwrap();
+                parse_profile(&toml::to_string(&profile).unwrap(), "again.toml").unwrap();
+                parsed += 1;
+            }
+        }
+        assert!(parsed >= 1, "no corpus profile parsed");
+    }
+
     #[test]
     fn the_json_schema_describes_the_format() {
         let schema = json_schema();

@@ -298,6 +298,31 @@ mod tests {
         assert!(path.split('/').all(|segment| segment != ".." && segment != "."), "{path:?}");
     }
 
+    /// The fuzz target's committed corpus (and any crash added to it).
+    #[test]
+    fn the_fuzz_corpus_replays_clean() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/path");
+        let mut replayed = 0;
+        for entry in std::fs::read_dir(dir).expect("fuzz/corpus/path") {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            let Ok(raw) = std::str::from_utf8(&bytes) else { continue };
+            match (normalize(raw), readings(raw)) {
+                (Ok(once), Ok(all)) => {
+                    if once != "*" {
+                        clean(&once);
+                    }
+                    assert_eq!(normalize(&once).as_deref(), Ok(once.as_str()), "{raw:?}");
+                    assert_eq!(all[0], once);
+                    all.iter().filter(|r| *r != "*").for_each(|r| clean(r));
+                }
+                (Err(a), Err(b)) => assert_eq!(a, b, "{raw:?}"),
+                (a, b) => panic!("{raw:?}: {a:?} {b:?}"),
+            }
+            replayed += 1;
+        }
+        assert!(replayed >= 10, "only {replayed} corpus files");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
