@@ -1409,6 +1409,7 @@ async fn watch_links(datapath: Arc<Datapath>, log: Arc<DecisionLog>) {
 }
 
 fn kernel_decision(event: &KernelEvent, registry: &Registry) -> Decision {
+    use std::fmt::Write as _;
     let rule = match event.reason {
         datapath::RefusalReason::Socket | datapath::RefusalReason::SocketKilled => "kernel-socket",
         datapath::RefusalReason::Egress => "kernel-egress",
@@ -1426,13 +1427,18 @@ fn kernel_decision(event: &KernelEvent, registry: &Registry) -> Decision {
     };
     let mut reason = event.reason.explain().to_owned();
     if let Some((family, sock_type, protocol)) = event.socket {
-        use std::fmt::Write as _;
         let _ = write!(reason, " (family {family}, type {sock_type}, protocol {protocol})");
     }
     match (event.reason, event.detail) {
-        (datapath::RefusalReason::Bpf, Some(cmd)) => reason.push_str(&format!(" (bpf command {cmd})")),
-        (datapath::RefusalReason::Ptrace, Some(pid)) if pid != 0 => reason.push_str(&format!(" (pid {pid})")),
-        (datapath::RefusalReason::Clone, Some(flags)) => reason.push_str(&format!(" (clone flags {flags:#x})")),
+        (datapath::RefusalReason::Bpf, Some(cmd)) => {
+            let _ = write!(reason, " (bpf command {cmd})");
+        }
+        (datapath::RefusalReason::Ptrace, Some(pid)) if pid != 0 => {
+            let _ = write!(reason, " (pid {pid})");
+        }
+        (datapath::RefusalReason::Clone, Some(flags)) => {
+            let _ = write!(reason, " (clone flags {flags:#x})");
+        }
         _ => {}
     }
     let mut decision = Decision::new(Kind::Kernel, Verdict::Deny, rule, reason);

@@ -167,8 +167,10 @@ impl Datapath {
 
         let cgroup =
             File::open(cgroup_parent).map_err(io_err(format!("opening cgroup {}", cgroup_parent.display())))?;
-        let lsm_enabled = attach_all(&mut ebpf, &cgroup, &links_dir)?;
-        attach_guard(&mut ebpf, &links_dir)?;
+        // Parsed once: both the cgroup programs and the guard need it.
+        let btf = Btf::from_sys_fs().map_err(ebpf_err("reading kernel BTF"))?;
+        let lsm_enabled = attach_all(&mut ebpf, &cgroup, &links_dir, &btf)?;
+        attach_guard(&mut ebpf, &links_dir, &btf)?;
         Self::from_maps(cgroup_parent, pin_dir, Origin::Loaded, lsm_enabled, |name| {
             ebpf.take_map(name).ok_or_else(|| DatapathError::Setup(format!("map {name} missing")))
         })
@@ -438,7 +440,7 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::
 
 /// Loads every program, attaches it to `cgroup` and pins its link. Returns
 /// whether the LSM socket hook could be used.
-fn attach_all(ebpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<bool, DatapathError> {
+fn attach_all(ebpf: &mut Ebpf, cgroup: &File, links_dir: &Path, btf: &Btf) -> Result<bool, DatapathError> {
     let pin = |link: FdLink, name: &str| -> Result<(), DatapathError> {
         link.pin(links_dir.join(name)).map_err(ebpf_err(format!("pinning link {name}")))?;
         Ok(())
@@ -449,8 +451,7 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<bool, 
     // where the kernel allows BPF LSM programs; elsewhere the sys_enter
     // backstop kills a process that makes one (and `sluice run` refuses them
     // earlier with seccomp).
-    let btf = Btf::from_sys_fs().map_err(ebpf_err("reading kernel BTF"))?;
-    let lsm_enabled = match attach_lsm(ebpf, cgroup, &btf) {
+    let lsm_enabled = match attach_lsm(ebpf, cgroup, btf) {
         Ok(link) => {
             pin(link, names::SOCKET_CREATE_LSM)?;
             true
@@ -461,7 +462,7 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<bool, 
         }
     };
     let sys_enter: &mut BtfTracePoint = program(ebpf, names::SYS_ENTER)?.try_into().map_err(ebpf_err("sys_enter"))?;
-    sys_enter.load("sys_enter", &btf).map_err(ebpf_err("loading the sys_enter backstop"))?;
+    sys_enter.load("sys_enter", btf).map_err(ebpf_err("loading the sys_enter backstop"))?;
     let id = sys_enter.attach().map_err(ebpf_err("attaching the sys_enter backstop"))?;
     pin(sys_enter.take_link(id).map_err(ebpf_err("sys_enter link"))?.into(), names::SYS_ENTER)?;
     let sock_create: &mut CgroupSock =
@@ -536,14 +537,13 @@ const GUARD_PROGRAMS: [&str; 3] = [names::GUARD_FORK, names::GUARD_EXIT, names::
 
 /// Loads the rest of the tamper guard and pins its links. Any failure is an
 /// error: a guard that is half there would be believed.
-fn attach_guard(ebpf: &mut Ebpf, links_dir: &Path) -> Result<(), DatapathError> {
-    let btf = Btf::from_sys_fs().map_err(ebpf_err("reading kernel BTF"))?;
+fn attach_guard(ebpf: &mut Ebpf, links_dir: &Path, btf: &Btf) -> Result<(), DatapathError> {
     let mut links: Vec<(&str, FdLink)> = Vec::new();
     for (name, function) in
         [(names::GUARD_EXIT, "sched_process_exit"), (names::GUARD_CGROUP_MOVE, "cgroup_attach_task")]
     {
         let prog: &mut BtfTracePoint = program(ebpf, name)?.try_into().map_err(ebpf_err(name))?;
-        prog.load(function, &btf).map_err(ebpf_err(format!("loading guard program {name}")))?;
+        prog.load(function, btf).map_err(ebpf_err(format!("loading guard program {name}")))?;
         let id = prog.attach().map_err(ebpf_err(format!("attaching guard program {name}")))?;
         links.push((name, prog.take_link(id).map_err(ebpf_err(name))?.into()));
     }
