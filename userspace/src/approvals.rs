@@ -52,10 +52,24 @@ pub struct Answer {
 /// How a held request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    Approved { id: u64 },
-    Denied { id: u64 },
-    TimedOut { id: u64, after: Duration },
+    Approved {
+        id: u64,
+    },
+    Denied {
+        id: u64,
+    },
+    TimedOut {
+        id: u64,
+        after: Duration,
+    },
+    /// Not held: the sandbox already has `held` requests waiting, its limit.
+    Refused {
+        held: usize,
+    },
 }
+
+/// Requests one sandbox may have waiting by default.
+pub const DEFAULT_MAX_PER_SANDBOX: usize = 64;
 
 struct Waiting {
     pending: Pending,
@@ -65,13 +79,26 @@ struct Waiting {
 
 pub struct Approvals {
     timeout: Duration,
+    /// Requests one sandbox may have waiting at once: each holds a
+    /// connection and its memory, and a flood of them would bury the
+    /// operator's list.
+    max_per_sandbox: usize,
     next_id: AtomicU64,
     waiting: Mutex<BTreeMap<u64, Waiting>>,
 }
 
 impl Approvals {
+    /// At most [`DEFAULT_MAX_PER_SANDBOX`] requests held per sandbox.
     pub fn new(timeout: Duration) -> Self {
-        Self { timeout, next_id: AtomicU64::new(1), waiting: Mutex::new(BTreeMap::new()) }
+        Self::with_limit(timeout, DEFAULT_MAX_PER_SANDBOX)
+    }
+
+    pub fn with_limit(timeout: Duration, max_per_sandbox: usize) -> Self {
+        Self { timeout, max_per_sandbox, next_id: AtomicU64::new(1), waiting: Mutex::new(BTreeMap::new()) }
+    }
+
+    pub fn max_per_sandbox(&self) -> usize {
+        self.max_per_sandbox
     }
 
     pub fn timeout(&self) -> Duration {
@@ -80,16 +107,27 @@ impl Approvals {
 
     /// Holds `pending` (its `id`, `since` and `expires_in` are filled in
     /// here) until an answer or the timeout; `on_hold` is called with the id
-    /// once it is listed, so the caller can log that it is waiting.
+    /// once it is listed, so the caller can log that it is waiting. A
+    /// sandbox at its limit of waiting requests gets [`Outcome::Refused`]
+    /// at once, and `on_hold` is not called.
     pub async fn ask(&self, mut pending: Pending, on_hold: impl FnOnce(&Pending)) -> Outcome {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + self.timeout;
-        pending.id = id;
-        pending.since = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        pending.expires_in = self.timeout.as_secs();
-        on_hold(&pending);
-        self.waiting.lock().expect("lock poisoned").insert(id, Waiting { pending, deadline, answer: sender });
+        {
+            // Counted and inserted under one lock, so concurrent requests
+            // cannot all slip in under the limit.
+            let mut waiting = self.waiting.lock().expect("lock poisoned");
+            let held = waiting.values().filter(|w| w.pending.sandbox == pending.sandbox).count();
+            if held >= self.max_per_sandbox {
+                return Outcome::Refused { held };
+            }
+            pending.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            pending.since = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+            pending.expires_in = self.timeout.as_secs();
+            on_hold(&pending);
+            waiting.insert(pending.id, Waiting { pending: pending.clone(), deadline, answer: sender });
+        }
+        let id = pending.id;
         // Removes the entry however this future ends (answer, timeout, or
         // the client going away and the future being dropped).
         let _cleanup = Cleanup { approvals: self, id };
@@ -189,6 +227,32 @@ mod tests {
         let outcome = short.ask(pending(), |_| {}).await;
         assert!(matches!(outcome, Outcome::TimedOut { .. }), "{outcome:?}");
         assert!(short.list().is_empty(), "a timed-out request is no longer listed");
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_at_its_limit_of_held_requests_is_refused_and_others_are_not() {
+        let approvals = Arc::new(Approvals::with_limit(Duration::from_secs(5), 2));
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut asked = Box::pin(approvals.ask(pending(), |_| {}));
+            assert!(futures_util::poll!(asked.as_mut()).is_pending());
+            held.push(asked);
+        }
+        let mut called = false;
+        let outcome = approvals.ask(pending(), |_| called = true).await;
+        assert_eq!(outcome, Outcome::Refused { held: 2 });
+        assert!(!called, "a refused request is not announced as held");
+        assert_eq!(approvals.list().len(), 2);
+
+        let other = Pending { sandbox: "other".into(), ..pending() };
+        let mut asked = Box::pin(approvals.ask(other, |_| {}));
+        assert!(futures_util::poll!(asked.as_mut()).is_pending(), "another sandbox is held");
+        assert_eq!(approvals.list().len(), 3);
+
+        // A place freed is a place again.
+        held.pop();
+        let mut again = Box::pin(approvals.ask(pending(), |_| {}));
+        assert!(futures_util::poll!(again.as_mut()).is_pending());
     }
 
     #[tokio::test]

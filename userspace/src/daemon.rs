@@ -92,6 +92,15 @@ pub struct DaemonConfig {
     /// Register discovered containers that hold capabilities reaching past
     /// what sluice can confine (privileged ones); refused by default.
     pub allow_privileged_containers: bool,
+    /// Per-sandbox limits on the proxy's connections, and the descriptors
+    /// kept for the daemon itself.
+    pub limits: proxy::limits::LimitsConfig,
+    /// Requests one sandbox may have held for an operator at once.
+    pub max_held_approvals: usize,
+    /// How long an HTTP/1 client has for each request head.
+    pub header_read_timeout: Duration,
+    /// A client connection with no bytes either way this long is closed.
+    pub idle_timeout: Duration,
 }
 
 /// A proxy listener for connections an iptables/nftables REDIRECT rule sends
@@ -140,6 +149,10 @@ impl DaemonConfig {
             profiles_dir: None,
             enforce_label: None,
             allow_privileged_containers: false,
+            limits: proxy::limits::LimitsConfig::default(),
+            max_held_approvals: crate::approvals::DEFAULT_MAX_PER_SANDBOX,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_mins(5),
         })
     }
 
@@ -335,7 +348,10 @@ impl Daemon {
         let daemon = Arc::new(Self {
             exemptions: Exemptions::readopt(config.exempt_file(), datapath.clone(), config.enforce_label.is_some()),
             revoked: Mutex::new(revoked),
-            approvals: Arc::new(crate::approvals::Approvals::new(config.approval_timeout)),
+            approvals: Arc::new(crate::approvals::Approvals::with_limit(
+                config.approval_timeout,
+                config.max_held_approvals,
+            )),
             profile_stamps: Mutex::new(std::collections::HashMap::new()),
             container_target: enforce_containers(&config, &datapath, target)?,
             secrets,
@@ -424,6 +440,9 @@ impl Daemon {
             self.secrets.clone(),
         );
         context.approvals = self.approvals.clone();
+        context.set_limits(self.config.limits);
+        context.header_read_timeout = self.config.header_read_timeout;
+        context.idle_timeout = self.config.idle_timeout;
         let context = Arc::new(context);
         let kernel = listeners.into_iter().map(|listener| (listener, proxy::Attribution::Kernel));
         for (listener, attribution) in kernel.chain(redirect_listeners) {

@@ -81,6 +81,37 @@ pub struct DaemonArgs {
     /// stay unknown sandboxes, denied everything: sluice cannot confine them.
     #[arg(long, requires = "container_address")]
     pub allow_privileged_containers: bool,
+    /// Connections one sandbox may hold open through the proxy at once;
+    /// more are refused (closed) until some close.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_connections_per_sandbox: usize,
+    /// New connections one sandbox may open per second, on average.
+    #[arg(long, default_value_t = 200.0, value_name = "N")]
+    pub connections_per_second: f64,
+    /// New connections one sandbox may open at once above that rate.
+    #[arg(long, default_value_t = 400.0, value_name = "N")]
+    pub connection_burst: f64,
+    /// Descriptors kept for the daemon itself (control API, kernel ring
+    /// buffer, resolver): sandbox connections are refused while fewer than
+    /// this many are left below the open files limit.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub descriptor_reserve: u64,
+    /// Requests one sandbox may have held by `ask` rules at once; more are
+    /// refused (HTTP 429).
+    #[arg(long, default_value_t = crate::approvals::DEFAULT_MAX_PER_SANDBOX, value_name = "N")]
+    pub max_held_approvals: usize,
+    /// How long an HTTP/1 client has for each request head (also how long
+    /// an idle kept-alive HTTP/1 connection stays open).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: std::time::Duration,
+    /// Close a client connection on which nothing moved either way this
+    /// long (HTTP/2 included). Keep it above --approval-timeout.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// Refusals by the limits above are summed into one record per sandbox
+    /// and rule this often.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub limit_record_interval: std::time::Duration,
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
@@ -101,6 +132,22 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     config.profiles_dir = args.profiles_dir;
     config.enforce_label = args.enforce_label;
     config.allow_privileged_containers = args.allow_privileged_containers;
+    anyhow::ensure!(args.max_connections_per_sandbox > 0, "--max-connections-per-sandbox must be at least 1");
+    anyhow::ensure!(
+        args.connections_per_second > 0.0 && args.connection_burst >= 1.0,
+        "--connections-per-second must be above 0 and --connection-burst at least 1"
+    );
+    anyhow::ensure!(!args.limit_record_interval.is_zero(), "--limit-record-interval must be above 0");
+    config.limits = crate::proxy::limits::LimitsConfig {
+        max_connections: args.max_connections_per_sandbox,
+        connections_per_second: args.connections_per_second,
+        connection_burst: args.connection_burst,
+        descriptor_reserve: args.descriptor_reserve,
+        record_interval: args.limit_record_interval,
+    };
+    config.max_held_approvals = args.max_held_approvals;
+    config.header_read_timeout = args.header_read_timeout;
+    config.idle_timeout = args.idle_timeout;
     if let Some(path) = args.decision_log {
         config.decision_log = Some(path);
     }

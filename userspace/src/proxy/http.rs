@@ -21,7 +21,7 @@ use hyper::{
     header::{self, HeaderMap, HeaderName, HeaderValue},
     Request, Response, StatusCode, Uri, Version,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -189,13 +189,25 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let (header_read_timeout, idle_timeout) = (self.ctx.header_read_timeout, self.ctx.idle_timeout);
         let service = hyper::service::service_fn(move |request| {
             let this = self.clone();
             async move { Ok::<_, Infallible>(this.handle(request).await) }
         });
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder.http1().max_buf_size(MAX_HEAD).title_case_headers(false);
-        builder.http2().max_header_list_size(MAX_HEAD as u32);
+        // With a timer hyper enforces the header timeout: a client that
+        // sends no request head (first or next) is closed after it.
+        builder
+            .http1()
+            .max_buf_size(MAX_HEAD)
+            .title_case_headers(false)
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        builder.http2().max_header_list_size(MAX_HEAD as u32).timer(TokioTimer::new());
+        // No HTTP/2 keep-alive pings: they would move bytes and keep an
+        // idle connection open for ever; a dead or idle peer is closed by
+        // the idle timeout instead.
+        let client = super::idle::Idle::new(client, header_read_timeout.min(idle_timeout), idle_timeout);
         if let Err(error) = builder.serve_connection_with_upgrades(TokioIo::new(client), service).await {
             tracing::debug!(%error, "client connection ended");
         }
@@ -370,9 +382,15 @@ impl Connection {
     /// Holds the request `decision` describes for an operator's answer.
     async fn hold(&self, decision: &mut Decision) -> Result<(), Response<Body>> {
         // A refusal is logged by `hold`; the client gets it without a second record.
-        super::hold(&self.ctx, decision)
-            .await
-            .map_err(|()| refusal_response(StatusCode::FORBIDDEN, &decision.rule, &decision.reason))
+        super::hold(&self.ctx, decision).await.map_err(|()| {
+            // Too many held already: the client may try again later.
+            let status = if decision.rule == super::limits::Refusal::Approvals.rule() {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            refusal_response(status, &decision.rule, &decision.reason)
+        })
     }
 
     /// The request phase where credentials go in: placeholders in the head

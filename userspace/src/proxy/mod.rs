@@ -14,17 +14,29 @@
 //!    nothing ties to the address decides nothing;
 //! 4. decide: the sandbox's policy, by host, address and port;
 //! 5. relay or refuse, and log the decision either way.
+//!
+//! Before any of that a connection is admitted by the sandbox's
+//! [`limits`]: open connections, connection rate, and the daemon's
+//! descriptor reserve; refusals there are summed into one record per
+//! interval rather than logged one by one.
 
 mod authority;
 pub mod classify;
 mod http;
+mod idle;
 mod intercept;
+pub mod limits;
 mod prefixed;
 mod redirected;
 mod relay;
 mod websocket;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -39,6 +51,7 @@ use crate::{
     sandbox::{Registry, Sandbox},
 };
 use classify::{classify, Classified, MAX_PREFIX};
+use limits::{Aggregator, DescriptorGauge, Limits, LimitsConfig, Noted, Refusal};
 use prefixed::Prefixed;
 use redirected::Attributed;
 pub use redirected::Attribution;
@@ -65,6 +78,24 @@ pub struct ProxyContext {
     pub secrets: Arc<arc_swap::ArcSwap<crate::credentials::SecretStore>>,
     /// Requests and connections held by `ask` rules.
     pub approvals: Arc<crate::approvals::Approvals>,
+    /// Per-sandbox limits on open connections and their rate.
+    pub limits: Arc<Limits>,
+    /// How long an HTTP/1 client has for a request head, the first one
+    /// after the TLS handshake and each one after a response (so also how
+    /// long an idle kept-alive HTTP/1 connection stays open).
+    pub header_read_timeout: Duration,
+    /// A client connection on which nothing moves either way this long is
+    /// closed (HTTP/2 included, whose clients keep connections for long).
+    pub idle_timeout: Duration,
+    descriptors: DescriptorGauge,
+    refusals: Mutex<RefusalRecords>,
+}
+
+/// Refusals by a limit waiting to be recorded as one sum.
+struct RefusalRecords {
+    aggregator: Aggregator,
+    /// A task records the sums while there are any.
+    flushing: bool,
 }
 
 impl ProxyContext {
@@ -88,6 +119,95 @@ impl ProxyContext {
             upstream_roots,
             secrets,
             approvals: Arc::new(crate::approvals::Approvals::new(Duration::from_mins(1))),
+            limits: Arc::new(Limits::new(LimitsConfig::default())),
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_mins(5),
+            descriptors: DescriptorGauge::new(),
+            refusals: Mutex::new(RefusalRecords {
+                aggregator: Aggregator::new(LimitsConfig::default().record_interval),
+                flushing: false,
+            }),
+        }
+    }
+
+    /// Sets the limits (and the interval their refusals are summed over).
+    pub fn set_limits(&mut self, config: LimitsConfig) {
+        self.limits = Arc::new(Limits::new(config));
+        self.refusals =
+            Mutex::new(RefusalRecords { aggregator: Aggregator::new(config.record_interval), flushing: false });
+    }
+}
+
+/// Admits a new connection of `sandbox` under its limits and the daemon's
+/// descriptor reserve; `None` when refused (the refusal is recorded, summed
+/// with others, and dropping the client closes it).
+fn admit(
+    ctx: &Arc<ProxyContext>,
+    sandbox: &Sandbox,
+    client: &TcpStream,
+    destination: SocketAddr,
+    pid: u32,
+) -> Option<limits::Slot> {
+    let now = Instant::now();
+    let config = ctx.limits.config();
+    let open = ctx.descriptors.open(client.as_raw_fd(), now);
+    let refusal = if limits::within_reserve(open, limits::open_files_limit(), config.descriptor_reserve) {
+        Refusal::Descriptors
+    } else {
+        match ctx.limits.admit(sandbox.name(), now) {
+            Ok(slot) => return Some(slot),
+            Err(refusal) => refusal,
+        }
+    };
+    let mut decision = Decision::new(Kind::Connect, Verdict::Deny, "", "");
+    decision.sandbox = Some(sandbox.name().to_owned());
+    decision.pid = (pid != 0).then_some(pid);
+    decision.destination = Some(destination);
+    record_limit(ctx, decision, refusal);
+    None
+}
+
+/// Records a refusal by a limit: at once if it is the first of its sandbox
+/// and rule in a while, else summed into the next record of the interval.
+fn record_limit(ctx: &Arc<ProxyContext>, mut decision: Decision, refusal: Refusal) {
+    let sandbox = decision.sandbox.clone().unwrap_or_default();
+    let mut records = ctx.refusals.lock().expect("lock poisoned");
+    if records.aggregator.note(&sandbox, refusal, Instant::now()) == Noted::RecordNow {
+        decision.verdict = Verdict::Deny;
+        decision.rule = refusal.rule().to_owned();
+        decision.reason = refusal.reason(ctx.limits.config(), ctx.approvals.max_per_sandbox(), 1);
+        ctx.log.record(decision);
+    }
+    if !records.flushing {
+        records.flushing = true;
+        tokio::spawn(flush_limit_records(ctx.clone()));
+    }
+}
+
+/// Records the sums of refusals as their intervals end, until none is left.
+async fn flush_limit_records(ctx: Arc<ProxyContext>) {
+    let config = *ctx.limits.config();
+    let step = (config.record_interval / 10).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(step).await;
+        let (due, quiet) = {
+            let mut records = ctx.refusals.lock().expect("lock poisoned");
+            let due = records.aggregator.due(Instant::now());
+            let quiet = records.aggregator.is_empty();
+            if quiet {
+                records.flushing = false;
+            }
+            (due, quiet)
+        };
+        for summary in due {
+            let kind = if summary.refusal == Refusal::Approvals { Kind::Request } else { Kind::Connect };
+            let reason = summary.refusal.reason(&config, ctx.approvals.max_per_sandbox(), summary.count);
+            let mut decision = Decision::new(kind, Verdict::Deny, summary.refusal.rule(), reason);
+            decision.sandbox = Some(summary.sandbox);
+            ctx.log.record(decision);
+        }
+        if quiet {
+            return;
         }
     }
 }
@@ -123,6 +243,10 @@ async fn handle(ctx: &Arc<ProxyContext>, attribution: &Attribution, mut client: 
         }
     };
     let Attributed { destination, sandbox, pid } = flow;
+    // Held for as long as this connection is served.
+    let Some(_slot) = admit(ctx, &sandbox, &client, destination, pid) else {
+        return;
+    };
     let mut decision = Decision::new(Kind::Connect, Verdict::Deny, "", "");
     // 0: not known (connections redirected by iptables/nftables).
     decision.pid = (pid != 0).then_some(pid);
@@ -249,7 +373,7 @@ fn decide_connection(
 /// Waits for an operator's answer on a held connection or request, logging
 /// the hold and the outcome. `decision` comes back ready to log as an allow
 /// (Ok, not yet logged) or already logged as a denial (Err).
-pub(crate) async fn hold(ctx: &ProxyContext, decision: &mut Decision) -> Result<(), ()> {
+pub(crate) async fn hold(ctx: &Arc<ProxyContext>, decision: &mut Decision) -> Result<(), ()> {
     use crate::approvals::Outcome;
     // What the operator is asked about is what the decision says.
     let pending = crate::approvals::Pending {
@@ -292,6 +416,15 @@ pub(crate) async fn hold(ctx: &ProxyContext, decision: &mut Decision) -> Result<
             decision.verdict = Verdict::Deny;
             decision.reason = format!("denied by an operator (approval {id}, rule {})", decision.rule);
             ctx.log.record(decision.clone());
+            Err(())
+        }
+        Outcome::Refused { .. } => {
+            // Summed with the sandbox's other refusals of the kind, so a
+            // flood of held requests does not flood the log either.
+            decision.verdict = Verdict::Deny;
+            decision.rule = Refusal::Approvals.rule().to_owned();
+            decision.reason = Refusal::Approvals.reason(ctx.limits.config(), ctx.approvals.max_per_sandbox(), 1);
+            record_limit(ctx, decision.clone(), Refusal::Approvals);
             Err(())
         }
         Outcome::TimedOut { id, after } => {
