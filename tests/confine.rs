@@ -39,13 +39,23 @@ fn synthetic_secret() -> String {
 /// lines; a refused attempt prints `refused:<exception>:<errno>`.
 const ATTACK: &str = r#"
 import ctypes, os, socket, struct, sys
-# PPID in an argument: the embedded daemon, which is the command's parent.
-args = [a.replace("PPID", str(os.getppid())) for a in sys.argv[1:9]]
+out = {}
+# PPID in an argument: the embedded daemon, which names its runtime
+# directory after its pid. The command has a pid namespace of its own, so
+# that pid is found from the directory's name, never from getppid() (1 here).
+import glob
+args = sys.argv[1:9]
+if "PPID" in args[0]:
+    found = glob.glob(args[0].replace("PPID", "*"))
+    assert len(found) == 1, found
+    embedded = found[0].rsplit("-", 1)[1]
+    args = [a.replace("PPID", embedded) for a in args]
 runtime, pin_dir, secrets, log, daemon_pid, canary, cgroup2, name = args
 daemon_pid = int(daemon_pid)
+# Its own pid namespace: nothing of the host's processes to see.
+out["pids"] = " ".join(sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int))
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
-out = {}
 def attempt(label, fn):
     try:
         out[label] = "OK:" + repr(fn())[:300]
@@ -238,6 +248,10 @@ fn judge(attack: &Attack, output: &Output, as_root: bool, secret: &str, logs: &[
     for label in ["bpf_obj_get", "bpf_link_get_next_id", "ptrace", "process_vm_readv", "unshare_cgroup"] {
         assert!(got[label].ends_with(&format!(":{}", libc::EPERM)), "{label}: {}", got[label]);
     }
+    // The sandbox's own pid namespace: the init, the command and what it
+    // started, never the daemon or another process of the host.
+    let pids: Vec<u32> = got["pids"].split(' ').map(|p| p.parse().unwrap()).collect();
+    assert!(pids.first() == Some(&1) && pids.len() <= 6, "host processes are visible: {}", got["pids"]);
     assert!(got["ca_bundle"].starts_with("OK:"), "the sandbox must still read its CA bundle: {}", got["ca_bundle"]);
     // Its own cgroup namespace: the sandbox is the root of what it sees, and
     // writing to "the root" leaves it where it is.
@@ -360,21 +374,87 @@ fn with_the_embedded_daemon_secret_variables_stay_with_the_daemon() {
         judge(&attack, &output, as_root, &secret, &[&log], name);
     }
     // `SLUICE_SECRET_X=... sluice run -- env`: the command's environment
-    // has neither the variable nor the value; and the parent's environ is
-    // closed to it.
-    let output = Command::new(SLUICE)
+    // has neither the variable nor the value; its parent is sluice's init
+    // (which holds neither), and the daemon's environ is out of reach: its
+    // pid does not exist in the command's pid namespace.
+    let child = Command::new(SLUICE)
         .args(["run", "--instance", &instance, "-q", "--as-root", "--", "sh", "-c"])
-        .arg("env; cat /proc/$PPID/environ && echo environ-read")
+        .arg(format!(
+            "env; cat /proc/$PPID/cmdline; echo; cat /proc/$PPID/environ; echo; \
+             D=$(ls -d /run/{instance}-run-* | sed 's/.*-//'); echo daemon=$D; \
+             cat /proc/$D/environ && echo daemon-environ-$((40+2))"
+        ))
         .env("SLUICE_SECRET_X", &secret)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let daemon = child.id();
+    let output = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stdout.contains("SSL_CERT_FILE="), "env did not run: {stdout}\n{stderr}");
+    assert!(stdout.contains("sluice-init\0--\0sh"), "the parent is not sluice's init: {stdout}");
     assert!(!stdout.contains("SLUICE_SECRET_") && !stdout.contains(&secret), "{stdout}");
-    assert!(!stdout.contains("environ-read"), "the daemon's environ was readable: {stdout}");
+    assert!(!stdout.contains("daemon-environ-42"), "the daemon's environ was readable: {stdout}");
+    assert!(stdout.contains(&format!("daemon={daemon}\n")), "the daemon's pid was not found: {stdout}");
     assert!(!stderr.contains(&secret));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The command runs under sluice's init in a pid namespace of its own:
+/// exit codes and signals come through as before, a missing command says
+/// so, and nothing it left running outlives it.
+#[test]
+fn the_command_has_its_own_pid_namespace_and_ends_with_everything_it_started() {
+    if !privileged() {
+        return;
+    }
+    let instance = format!("sluiceconfpid{}", std::process::id());
+    let run = |script: &str| {
+        Command::new(SLUICE)
+            .args(["run", "--instance", &instance, "-q", "--user", "nobody", "--", "sh", "-c", script])
+            .current_dir("/tmp")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let output = run("echo pid=$$ ppid=$PPID; exit 7");
+    assert_eq!(output.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "pid=2 ppid=1\n");
+
+    let missing = Command::new(SLUICE)
+        .args(["run", "--instance", &instance, "-q", "--as-root", "--", "/nonexistent/command"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(127));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot run /nonexistent/command"));
+
+    // SIGTERM to `sluice run` reaches a command that is no pid 1 and has no
+    // handler of its own: it ends as a SIGTERM would end it.
+    let mut sleeper = Command::new(SLUICE)
+        .args(["run", "--instance", &instance, "-q", "--as-root", "--", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // SAFETY: plain syscall to our own child.
+    unsafe { libc::kill(sleeper.id() as i32, libc::SIGTERM) };
+    let started = std::time::Instant::now();
+    let status = sleeper.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+
+    // A background process ends with the command that started it.
+    let marker = format!("sluice-left-behind-{}", std::process::id());
+    let output = run(&format!("(exec -a {marker} sleep 120) & echo started"));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("started"));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let left = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|cmdline| cmdline.starts_with(marker.as_bytes()));
+    assert!(!left, "a process of the sandbox outlived its command");
 }
 
 #[test]

@@ -2,7 +2,10 @@
 
 use std::{
     ffi::OsString,
-    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    os::unix::{
+        io::AsRawFd as _,
+        process::{CommandExt as _, ExitStatusExt as _},
+    },
     path::PathBuf,
 };
 
@@ -234,8 +237,13 @@ async fn spawn_and_wait(
     argv: &[OsString],
     launch: &Launch<'_>,
 ) -> anyhow::Result<u8> {
-    let mut command = std::process::Command::new(&argv[0]);
-    command.args(&argv[1..]);
+    // The command runs under sluice's init, pid 1 of the sandbox's own pid
+    // namespace (see `sandbox::init`). The binary is opened here, by root:
+    // the user the command runs as may not be able to walk to it.
+    let me = std::fs::File::open(std::env::current_exe().context("finding the sluice binary")?)
+        .context("opening the sluice binary")?;
+    let mut command = std::process::Command::new(format!("/proc/self/fd/{}", me.as_raw_fd()));
+    command.arg0(crate::sandbox::init::ARGV0).arg("--").args(argv);
     // Secrets for the daemon never reach a sandbox (they were taken out of
     // sluice's own environment at start-up; this is the second lock).
     for (name, _) in std::env::vars_os() {
@@ -281,6 +289,7 @@ async fn spawn_and_wait(
         }
     };
     let pid = child.id().context("child has no pid")? as i32;
+    drop(me);
     let forwarder = tokio::spawn(forwarder.forward_to(pid));
     let status = child.wait().await?;
     forwarder.abort();

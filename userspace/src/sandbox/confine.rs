@@ -8,8 +8,13 @@
 //! in the parent; [`Confinement::apply`] runs in the forked child and makes
 //! only async-signal-safe system calls, in this order:
 //! 1. enter the sandbox cgroup;
-//! 2. `unshare(CLONE_NEWNS | CLONE_NEWCGROUP)`: the sandbox cgroup becomes
-//!    the root of the command's cgroup namespace;
+//! 2. `unshare(CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWPID)`: the sandbox
+//!    cgroup becomes the root of the command's cgroup namespace, and the
+//!    command gets a pid namespace of its own; then fork: the parent stays
+//!    outside, waits and passes signals on (`init::keep_until`), the child
+//!    is the namespace's pid 1, mounts its own `/proc` (only the sandbox's
+//!    processes in it) and goes on below, then executes `sluice-init`
+//!    ([`super::init`]), which runs the command;
 //! 3. make every mount private, `/sys`, `/proc/sys` and
 //!    `/proc/sysrq-trigger` read-only (no `uevent_helper`, `core_pattern`
 //!    or sysrq to run code outside the sandbox);
@@ -535,12 +540,30 @@ impl Confinement {
         enter_cgroup(&self.cgroup_procs)?;
         // SAFETY: plain syscalls with valid arguments throughout.
         unsafe {
-            check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP))?;
+            check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP | libc::CLONE_NEWPID))?;
+            super::init::install_forwarding();
+            match libc::fork() {
+                -1 => return Err(std::io::Error::last_os_error()),
+                0 => {}
+                init => super::init::keep_until(init),
+            }
+            // From here on: pid 1 of the new pid namespace, which ends
+            // with the process that waits for it (a parent outside the
+            // namespace cannot be checked for: getppid() says 0).
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+            // Private first, so that nothing mounted below reaches the host.
             check(libc::mount(
                 std::ptr::null(),
                 c"/".as_ptr(),
                 std::ptr::null(),
                 libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                c"proc".as_ptr(),
+                c"/proc".as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                 std::ptr::null(),
             ))?;
         }
@@ -571,6 +594,8 @@ impl Confinement {
                 check_long(libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()))?;
             }
             check(libc::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0))?;
+            // Again: the credential change cleared it.
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod confine;
+pub mod init;
 mod names;
 pub mod seccomp;
 
