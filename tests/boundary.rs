@@ -76,6 +76,10 @@ fn a_containers_loopback_is_its_own_never_the_hosts() {
     let (port4, port6) = (host4.addr.port(), host6.addr.port());
     let own4 = EchoServer::start(net.tcp_listener(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port4)));
     let own6 = EchoServer::start(net.tcp_listener(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port6)));
+    // Where Docker's embedded resolver sits, which forwards to the host's
+    // resolvers: not the container's own, refused.
+    let runtime_resolver: IpAddr = Ipv4Addr::new(127, 0, 0, 11).into();
+    let resolver = EchoServer::start(net.tcp_listener(SocketAddr::new(runtime_resolver, port4)));
 
     let request = RegisterRequest {
         name: "ctr-loop".to_owned(),
@@ -87,19 +91,25 @@ fn a_containers_loopback_is_its_own_never_the_hosts() {
     let mut command = in_cgroup(&status.record.cgroup, "ip");
     command.args(["netns", "exec", &net.name, "python3"]);
     let targets = [format!("127.0.0.1:{port4}"), format!("[::1]:{port6}")];
-    let script = format!("import sys; sys.argv[1:] = {targets:?}\n{ECHO_CLIENT}");
+    let all = [targets[0].clone(), targets[1].clone(), format!("127.0.0.11:{port4}")];
+    let script = format!("import sys; sys.argv[1:] = {all:?}\n{ECHO_CLIENT}");
     let output = run_python(command, &script);
     let printed = String::from_utf8_lossy(&output.stdout).into_owned();
     // Give a connection the proxy might have opened time to arrive.
     std::thread::sleep(Duration::from_millis(300));
 
     assert_eq!(host4.accepted() + host6.accepted(), 0, "the host's loopback was reached:\n{}", text(&output));
+    assert_eq!(resolver.accepted(), 0, "Docker's resolver address was reached:\n{}", text(&output));
+    assert!(printed.contains(&format!("127.0.0.11:{port4} error=")), "{}", text(&output));
     for (target, own) in targets.iter().zip([&own4, &own6]) {
         assert!(printed.contains(&format!("{target} echo=hello {target}")), "{target}:\n{}", text(&output));
         let seen = own.seen();
         assert_eq!(own.accepted(), 1, "{target}: the container's own listener:\n{}", text(&output));
         assert!(seen.iter().any(|s| s.received == format!("hello {target}").as_bytes()), "{seen:?}");
     }
+    daemon.wait_decisions("the runtime resolver refused in the kernel", |decisions| {
+        decisions.iter().any(|d| d.rule == "kernel-runtime-resolver" && d.sandbox.as_deref() == Some("ctr-loop"))
+    });
 }
 
 /// A sandbox in the host's own network namespace shares the host's

@@ -1445,6 +1445,7 @@ fn kernel_decision(event: &KernelEvent, registry: &Registry) -> Decision {
         datapath::RefusalReason::Clone => "tamper-clone",
         datapath::RefusalReason::IoUring => "tamper-io-uring",
         datapath::RefusalReason::BindReserved => "kernel-bind-reserved",
+        datapath::RefusalReason::RuntimeResolver => "kernel-runtime-resolver",
         _ => "kernel",
     };
     let mut reason = event.reason.explain().to_owned();

@@ -234,6 +234,10 @@ pub const REASON_IO_URING: u8 = 16;
 /// A sandbox in the host's network namespace tried to bind a port sluice's
 /// proxy or a resolver listens on (or will again after a restart).
 pub const REASON_BIND_RESERVED: u8 = 17;
+/// A container sandbox reached for Docker's embedded resolver (127.0.0.11)
+/// on a port other than 53: it forwards to the host's resolvers, a way
+/// around sluice's.
+pub const REASON_RUNTIME_RESOLVER: u8 = 18;
 
 impl Flow {
     /// The original destination as a socket address.

@@ -53,7 +53,7 @@ use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use sluice_common::{
     Counters, EndpointKey, Flow, FlowKey, Ip6Words, RefusedEvent, SandboxEntry, Target, TaskMark, FAMILY_V4, FAMILY_V6,
     MAX_CGROUP_DEPTH, MAX_SANDBOX_SLOTS, MAX_TASKS, PROTO_TCP, PROTO_UDP, REASON_BIND_RESERVED, REASON_EGRESS,
-    REASON_SOCKET, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
+    REASON_RUNTIME_RESOLVER, REASON_SOCKET, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
 };
 
 const DNS_PORT: u16 = 53;
@@ -124,6 +124,14 @@ fn in_own_netns(ctx: *mut core::ffi::c_void) -> bool {
 #[inline(always)]
 fn is_loopback(ip: Ip6Words) -> bool {
     (is_mapped(ip) && ip[3].to_ne_bytes()[0] == 127) || ip == [0, 0, 0, 1_u32.to_be()]
+}
+
+/// 127.0.0.11, where Docker serves a container its embedded resolver
+/// (port 53, and behind it a socket of dockerd's on another port), which
+/// forwards to the host's resolvers: never a container's own service.
+#[inline(always)]
+fn is_runtime_resolver(ip: Ip6Words) -> bool {
+    is_mapped(ip) && ip[3].to_ne_bytes() == [127, 0, 0, 11]
 }
 
 /// Who a process is to the programs.
@@ -307,12 +315,18 @@ fn redirect(ctx: &SockAddrContext, v6: bool, connected: bool) -> i32 {
         return ALLOW;
     };
     let (orig_ip, orig_port) = unsafe { user_dst(sa, v6) };
-    if is_loopback(orig_ip) && in_own_netns(ctx.as_ptr()) {
-        // A container's own loopback: nothing leaves its namespace, and the
-        // proxy must never stand in for it (it would reach the host's).
+    let family = if v6 && !is_mapped(orig_ip) { FAMILY_V6 } else { FAMILY_V4 };
+    // A container's own loopback: nothing leaves its namespace, and the
+    // proxy must never stand in for it (it would reach the host's). DNS
+    // still goes to sluice's resolver, and Docker's resolver is refused:
+    // both would be ways around sluice's resolver.
+    if orig_port != DNS_PORT && is_loopback(orig_ip) && in_own_netns(ctx.as_ptr()) {
+        if is_runtime_resolver(orig_ip) {
+            let proto = if sock_type == SOCK_DGRAM { PROTO_UDP } else { PROTO_TCP };
+            return refuse_addr(sandbox_cgroup, entry.slot, orig_ip, orig_port, family, proto, REASON_RUNTIME_RESOLVER);
+        }
         return ALLOW;
     }
-    let family = if v6 && !is_mapped(orig_ip) { FAMILY_V6 } else { FAMILY_V4 };
     let proto = match sock_type {
         SOCK_STREAM => PROTO_TCP,
         SOCK_DGRAM => PROTO_UDP,
@@ -592,7 +606,7 @@ pub fn sluice_egress(ctx: SkBuffContext) -> i32 {
         Some(key) if unsafe { ENDPOINTS.get(key) }.is_some() => ALLOW,
         None if is_ipv6_link_control(&ctx) => ALLOW,
         // Loopback of a container's own namespace never reaches the host.
-        Some(key) if is_loopback(key.ip) && in_own_netns(ctx.as_ptr()) => ALLOW,
+        Some(key) if is_loopback(key.ip) && !is_runtime_resolver(key.ip) && in_own_netns(ctx.as_ptr()) => ALLOW,
         dst => {
             let skb = ctx.skb.skb;
             let Some((sandbox_cgroup, entry)) = sandbox_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) })
