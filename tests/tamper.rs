@@ -363,3 +363,23 @@ fn guard_links_destroyed_from_outside_are_restored_and_the_guard_holds() {
     world.attack(None, &["move-self", root.to_str().unwrap(), &ip, "443"]).assert_killed_before("connect");
     world.assert_still_enforced();
 }
+
+#[test]
+fn cgroup_link_pins_removed_from_outside_are_restored_and_the_sandbox_stays_closed() {
+    if !ready() {
+        return;
+    }
+    let world = World::new();
+    let links = world.config().pin_dir().join("links");
+    // A host root process removes the pins of the connect programs, which
+    // held their links' only references.
+    for name in ["sluice_connect4", "sluice_connect6"] {
+        std::fs::remove_file(links.join(name)).unwrap();
+    }
+    let record = world.wait_tamper_record_unattributed("kernel-links-healed");
+    for name in ["sluice_connect4", "sluice_connect6"] {
+        assert!(record.reason.contains(name), "{name} not healed: {record}");
+        assert!(links.join(name).exists(), "{name} is not pinned again");
+    }
+    world.assert_still_enforced();
+}
