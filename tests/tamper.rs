@@ -286,3 +286,100 @@ fn links_detached_from_outside_are_attached_again_and_the_sandbox_stays_closed()
     assert!(record.reason.contains("sluice_connect4"), "{record}");
     world.assert_still_enforced();
 }
+
+/// Raw `bpf()` for the test's own attack from the host.
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<i64> {
+    // SAFETY: a zeroed bpf_attr-sized buffer the command reads and writes.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// The id of the link pinned at `pin`.
+fn pinned_link_id(pin: &Path) -> u32 {
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).unwrap();
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr).unwrap_or_else(|e| panic!("BPF_OBJ_GET {}: {e}", pin.display()));
+    let mut info = [0u32; 64];
+    let mut attr = [0u64; 16];
+    attr[0] = fd as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).unwrap();
+    // SAFETY: our descriptor.
+    unsafe { libc::close(fd as i32) };
+    // struct bpf_link_info { __u32 type; __u32 id; ... }
+    info[1]
+}
+
+#[test]
+fn guard_links_destroyed_from_outside_are_restored_and_the_guard_holds() {
+    if !ready() {
+        return;
+    }
+    let world = World::new();
+    let links = world.config().pin_dir().join("links");
+    let guard = ["sluice_sys_enter", "sluice_guard_fork", "sluice_guard_exit", "sluice_guard_cgroup_attach"];
+    // A host root process (which the guard does not stop) goes for the
+    // guard's links by id: the kernel has no detach for tracing links...
+    for name in guard {
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(pinned_link_id(&links.join(name)));
+        let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut attr).unwrap();
+        let mut attr = [0u64; 16];
+        attr[0] = fd as u64;
+        let detached = bpf(BPF_LINK_DETACH, &mut attr);
+        // SAFETY: our descriptor.
+        unsafe { libc::close(fd as i32) };
+        assert_eq!(
+            detached.as_ref().map_err(std::io::Error::raw_os_error),
+            Err(Some(libc::EOPNOTSUPP)),
+            "{name}: this kernel detaches tracing links now; the watchdog must notice that too"
+        );
+    }
+    // ... so it removes their pins, which held the only reference.
+    for name in guard {
+        std::fs::remove_file(links.join(name)).unwrap();
+    }
+    let started = std::time::Instant::now();
+    let record = world.wait_tamper_record_unattributed("kernel-links-healed");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "healed only after {:?}", started.elapsed());
+    for name in guard {
+        assert!(record.reason.contains(name), "{name} not healed: {record}");
+        assert!(links.join(name).exists(), "{name} is not pinned again");
+    }
+    // The guard still works: a sandboxed bpf() is killed, and a process
+    // that leaves its cgroup too (fork and cgroup-move programs).
+    world.attack(None, &["map-by-id"]).assert_killed_before("map-next-id");
+    let root = sluice::datapath::cgroup2_mount().unwrap();
+    let ip = world.canary_addr.ip().to_string();
+    world.attack(None, &["move-self", root.to_str().unwrap(), &ip, "443"]).assert_killed_before("connect");
+    world.assert_still_enforced();
+}
+
+#[test]
+fn cgroup_link_pins_removed_from_outside_are_restored_and_the_sandbox_stays_closed() {
+    if !ready() {
+        return;
+    }
+    let world = World::new();
+    let links = world.config().pin_dir().join("links");
+    // A host root process removes the pins of the connect programs, which
+    // held their links' only references.
+    for name in ["sluice_connect4", "sluice_connect6"] {
+        std::fs::remove_file(links.join(name)).unwrap();
+    }
+    let record = world.wait_tamper_record_unattributed("kernel-links-healed");
+    for name in ["sluice_connect4", "sluice_connect6"] {
+        assert!(record.reason.contains(name), "{name} not healed: {record}");
+        assert!(links.join(name).exists(), "{name} is not pinned again");
+    }
+    world.assert_still_enforced();
+}

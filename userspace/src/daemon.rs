@@ -1073,6 +1073,8 @@ impl Daemon {
     /// Stops serving. Pinned programs stay attached: sandboxes remain cut
     /// off until a daemon comes back or `sluice teardown` runs.
     pub fn stop(&self) {
+        // First: the link watchdog must not pin anything a teardown removes.
+        self.datapath.close();
         for task in self.tasks.lock().expect("lock poisoned").drain(..) {
             task.abort();
         }
@@ -1408,7 +1410,7 @@ async fn watch_links(datapath: Arc<Datapath>, log: Arc<DecisionLog>) {
             Ok(Ok(healed)) => (
                 Verdict::Info,
                 format!(
-                    "kernel links {} were detached by someone else; attached again, with every sandbox frozen in between",
+                    "kernel links {} were detached or unpinned by someone else; attached and pinned again, with every sandbox frozen in between",
                     healed.join(", ")
                 ),
             ),
@@ -1442,6 +1444,8 @@ fn kernel_decision(event: &KernelEvent, registry: &Registry) -> Decision {
         datapath::RefusalReason::TasksFull => "tamper-tasks-full",
         datapath::RefusalReason::Clone => "tamper-clone",
         datapath::RefusalReason::IoUring => "tamper-io-uring",
+        datapath::RefusalReason::BindReserved => "kernel-bind-reserved",
+        datapath::RefusalReason::RuntimeResolver => "kernel-runtime-resolver",
         _ => "kernel",
     };
     let mut reason = event.reason.explain().to_owned();

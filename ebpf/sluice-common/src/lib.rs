@@ -34,6 +34,9 @@ pub mod names {
     pub const ENFORCED_PARENTS: &str = "ENFORCED_PARENTS";
     pub const EXEMPT: &str = "EXEMPT";
     pub const TASKS: &str = "TASKS";
+    pub const RESERVED_PORTS: &str = "RESERVED_PORTS";
+    pub const BIND4: &str = "sluice_bind4";
+    pub const BIND6: &str = "sluice_bind6";
 
     /// The tamper guard's programs besides `sys_enter` (see the kernel
     /// crate's `guard` module), attached to the whole host.
@@ -228,6 +231,13 @@ pub const REASON_TASKS_FULL: u8 = 14;
 pub const REASON_CLONE: u8 = 15;
 /// A sandboxed task tried to set up an io_uring.
 pub const REASON_IO_URING: u8 = 16;
+/// A sandbox in the host's network namespace tried to bind a port sluice's
+/// proxy or a resolver listens on (or will again after a restart).
+pub const REASON_BIND_RESERVED: u8 = 17;
+/// A container sandbox reached for Docker's embedded resolver (127.0.0.11)
+/// on a port other than 53: it forwards to the host's resolvers, a way
+/// around sluice's.
+pub const REASON_RUNTIME_RESOLVER: u8 = 18;
 
 impl Flow {
     /// The original destination as a socket address.

@@ -16,6 +16,15 @@
 //!   netlink sockets can be made (no raw, packet, ICMP, SCTP, ...).
 //! - `egress`: any packet that is not addressed to sluice is dropped, as the
 //!   last line for whatever slipped past the socket hooks.
+//! - `bind4/6`: a sandbox in the host's network namespace cannot bind the
+//!   ports of sluice's proxy and resolvers, so a daemon that is down can
+//!   always start again on them.
+//!
+//! Loopback is the caller's network namespace's own: a sandbox in a
+//! namespace of its own (a container) reaches its own 127.0.0.0/8 and ::1
+//! untouched, never the host's; a sandbox that shares the host's namespace
+//! shares the host's loopback, which the proxy allows only as its profile
+//! says (the built-in profile never does).
 //!
 //! Every program finds out who the caller is in one walk of its cgroup
 //! ancestors ([`caller_of`]): a registered sandbox, an unregistered cgroup
@@ -32,8 +41,8 @@ mod guard;
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
-        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -42,9 +51,9 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use sluice_common::{
-    Counters, EndpointKey, Flow, FlowKey, Ip6Words, RefusedEvent, SandboxEntry, Target, FAMILY_V4, FAMILY_V6,
-    MAX_CGROUP_DEPTH, MAX_SANDBOX_SLOTS, MAX_TASKS, TaskMark, PROTO_TCP, PROTO_UDP, REASON_EGRESS, REASON_SOCKET,
-    REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
+    Counters, EndpointKey, Flow, FlowKey, Ip6Words, RefusedEvent, SandboxEntry, Target, TaskMark, FAMILY_V4, FAMILY_V6,
+    MAX_CGROUP_DEPTH, MAX_SANDBOX_SLOTS, MAX_TASKS, PROTO_TCP, PROTO_UDP, REASON_BIND_RESERVED, REASON_EGRESS,
+    REASON_RUNTIME_RESOLVER, REASON_SOCKET, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
 };
 
 const DNS_PORT: u16 = 53;
@@ -91,6 +100,39 @@ static EXEMPT: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SANDBOX_SLOTS, 0
 static TASKS: HashMap<u32, TaskMark> = HashMap::with_max_entries(MAX_TASKS, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+/// Ports sluice's proxy and resolvers listen on (any address, TCP and UDP
+/// alike), which sandboxes in the host's network namespace may not bind.
+/// Only the daemon writes it.
+#[map]
+static RESERVED_PORTS: HashMap<u32, u8> = HashMap::with_max_entries(2 * MAX_SANDBOX_SLOTS + 64, 0);
+
+/// The cookie of the host's network namespace (the daemon's), set by user
+/// space at load; 0 (unknown) treats every namespace as the host's.
+#[unsafe(no_mangle)]
+static INIT_NETNS_COOKIE: u64 = 0;
+
+/// Whether the program's socket lives in a network namespace other than
+/// the host's (a container's).
+#[inline(always)]
+fn in_own_netns(ctx: *mut core::ffi::c_void) -> bool {
+    // SAFETY: a global set before load; a plain helper call on the context.
+    let host = unsafe { read_volatile(&INIT_NETNS_COOKIE) };
+    host != 0 && unsafe { bpf_get_netns_cookie(ctx) } != host
+}
+
+/// 127.0.0.0/8 (IPv4-mapped) and ::1.
+#[inline(always)]
+fn is_loopback(ip: Ip6Words) -> bool {
+    (is_mapped(ip) && ip[3].to_ne_bytes()[0] == 127) || ip == [0, 0, 0, 1_u32.to_be()]
+}
+
+/// 127.0.0.11, where Docker serves a container its embedded resolver
+/// (port 53, and behind it a socket of dockerd's on another port), which
+/// forwards to the host's resolvers: never a container's own service.
+#[inline(always)]
+fn is_runtime_resolver(ip: Ip6Words) -> bool {
+    is_mapped(ip) && ip[3].to_ne_bytes() == [127, 0, 0, 11]
+}
 
 /// Who a process is to the programs.
 enum Caller {
@@ -274,6 +316,17 @@ fn redirect(ctx: &SockAddrContext, v6: bool, connected: bool) -> i32 {
     };
     let (orig_ip, orig_port) = unsafe { user_dst(sa, v6) };
     let family = if v6 && !is_mapped(orig_ip) { FAMILY_V6 } else { FAMILY_V4 };
+    // A container's own loopback: nothing leaves its namespace, and the
+    // proxy must never stand in for it (it would reach the host's). DNS
+    // still goes to sluice's resolver, and Docker's resolver is refused:
+    // both would be ways around sluice's resolver.
+    if orig_port != DNS_PORT && is_loopback(orig_ip) && in_own_netns(ctx.as_ptr()) {
+        if is_runtime_resolver(orig_ip) {
+            let proto = if sock_type == SOCK_DGRAM { PROTO_UDP } else { PROTO_TCP };
+            return refuse_addr(sandbox_cgroup, entry.slot, orig_ip, orig_port, family, proto, REASON_RUNTIME_RESOLVER);
+        }
+        return ALLOW;
+    }
     let proto = match sock_type {
         SOCK_STREAM => PROTO_TCP,
         SOCK_DGRAM => PROTO_UDP,
@@ -342,6 +395,40 @@ pub fn sluice_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sluice_sendmsg6(ctx: SockAddrContext) -> i32 {
     redirect(&ctx, true, false)
+}
+
+/// Refuses a bind by a sandbox in the host's network namespace to a port
+/// sluice listens on: while the daemon is down nothing holds those ports,
+/// and a sandbox that took one would keep sluice from starting again (or
+/// answer in its place). Containers bind in namespaces of their own.
+#[inline(always)]
+fn guard_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let Some((sandbox_cgroup, entry)) = current_sandbox() else {
+        return ALLOW;
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's run.
+    let ((ip, port), sock_type) = unsafe { (user_dst(sa, v6), read_volatile(addr_of_mut!((*sa).type_))) };
+    if port == 0 || in_own_netns(ctx.as_ptr()) {
+        return ALLOW;
+    }
+    // SAFETY: only tested for presence.
+    if unsafe { RESERVED_PORTS.get(&u32::from(port)) }.is_none() {
+        return ALLOW;
+    }
+    let family = if v6 && !is_mapped(ip) { FAMILY_V6 } else { FAMILY_V4 };
+    let proto = if sock_type == SOCK_DGRAM { PROTO_UDP } else { PROTO_TCP };
+    refuse_addr(sandbox_cgroup, entry.slot, ip, port, family, proto, REASON_BIND_RESERVED)
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn sluice_bind4(ctx: SockAddrContext) -> i32 {
+    guard_bind(&ctx, false)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn sluice_bind6(ctx: SockAddrContext) -> i32 {
+    guard_bind(&ctx, true)
 }
 
 /// Shows the sandbox the address it asked for instead of sluice's. For
@@ -518,6 +605,8 @@ pub fn sluice_egress(ctx: SkBuffContext) -> i32 {
     match packet_destination(&ctx) {
         Some(key) if unsafe { ENDPOINTS.get(key) }.is_some() => ALLOW,
         None if is_ipv6_link_control(&ctx) => ALLOW,
+        // Loopback of a container's own namespace never reaches the host.
+        Some(key) if is_loopback(key.ip) && !is_runtime_resolver(key.ip) && in_own_netns(ctx.as_ptr()) => ALLOW,
         dst => {
             let skb = ctx.skb.skb;
             let Some((sandbox_cgroup, entry)) = sandbox_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) })

@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
 use sluice_common::{
-    words_to_ip, RefusedEvent, REASON_BPF, REASON_CGROUP_MOVE, REASON_CLONE, REASON_EGRESS, REASON_ESCAPED,
-    REASON_IO_URING, REASON_KERNEL_LOAD, REASON_MOUNT, REASON_PERF, REASON_PTRACE, REASON_SOCKET, REASON_SOCKET_KILLED,
-    REASON_TASKS_FULL, REASON_TRANSPORT, REASON_UDP_CONNECT, REASON_UDP_SEND,
+    words_to_ip, RefusedEvent, REASON_BIND_RESERVED, REASON_BPF, REASON_CGROUP_MOVE, REASON_CLONE, REASON_EGRESS,
+    REASON_ESCAPED, REASON_IO_URING, REASON_KERNEL_LOAD, REASON_MOUNT, REASON_PERF, REASON_PTRACE,
+    REASON_RUNTIME_RESOLVER, REASON_SOCKET, REASON_SOCKET_KILLED, REASON_TASKS_FULL, REASON_TRANSPORT,
+    REASON_UDP_CONNECT, REASON_UDP_SEND,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -32,6 +33,10 @@ pub enum RefusalReason {
     TasksFull,
     Clone,
     IoUring,
+    /// A bind to one of sluice's own ports from the host's namespace.
+    BindReserved,
+    /// Docker's embedded resolver on another port than 53.
+    RuntimeResolver,
     Unknown,
 }
 
@@ -54,6 +59,8 @@ impl RefusalReason {
             REASON_TASKS_FULL => Self::TasksFull,
             REASON_CLONE => Self::Clone,
             REASON_IO_URING => Self::IoUring,
+            REASON_BIND_RESERVED => Self::BindReserved,
+            REASON_RUNTIME_RESOLVER => Self::RuntimeResolver,
             _ => Self::Unknown,
         }
     }
@@ -77,6 +84,8 @@ impl RefusalReason {
             Self::TasksFull => "the guard could not bind a new process to its sandbox (too many processes); the parent was killed",
             Self::Clone => "sandboxes may not make processes that share a descriptor table without being threads, or that are born in another cgroup; the process was killed",
             Self::IoUring => "sandboxes may not use io_uring; the process was killed",
+            Self::BindReserved => "sandboxes may not bind the ports of sluice's proxy and resolvers, so sluice can always start again on them; the bind was refused",
+            Self::RuntimeResolver => "the container runtime's resolver (127.0.0.11) forwards to the host's resolvers; sandboxes resolve names only through sluice",
             Self::Unknown => "refused in the kernel",
         }
     }

@@ -15,7 +15,10 @@ use std::{
     fs::File,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
 };
 
 use aya::{
@@ -59,7 +62,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DatapathErr
 
 /// The cgroup-attached programs, by name, in attach order: the socket
 /// creation filters first, so no socket of a sandbox exists unchecked.
-const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+const SOCK_ADDR_PROGRAMS: [&str; 10] = [
+    names::BIND4,
+    names::BIND6,
     names::CONNECT4,
     names::CONNECT6,
     names::SENDMSG4,
@@ -69,7 +74,8 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     names::GETPEERNAME4,
     names::GETPEERNAME6,
 ];
-const MAPS: [&str; 10] = [
+const MAPS: [&str; 11] = [
+    names::RESERVED_PORTS,
     names::ENFORCED_PARENTS,
     names::TASKS,
     names::EXEMPT,
@@ -104,6 +110,13 @@ pub struct Datapath {
     sandboxes: Mutex<HashMap<MapData, u64, SandboxEntry>>,
     flows_by_addr: Mutex<HashMap<MapData, FlowKey, Flow>>,
     endpoints: Mutex<HashMap<MapData, EndpointKey, u8>>,
+    /// Ports of the endpoints, which host-netns sandboxes may not bind.
+    reserved_ports: Mutex<HashMap<MapData, u32, u8>>,
+    /// Every pinned link, held open while the daemon runs (see `watch`).
+    held_links: Mutex<Vec<watch::HeldLink>>,
+    /// Set once the daemon stops: the watchdog then pins nothing again,
+    /// so a teardown that follows removes everything.
+    closed: AtomicBool,
     counters: Mutex<PerCpuArray<MapData, Counters>>,
     events: Mutex<Option<RingBuf<MapData>>>,
 }
@@ -132,10 +145,12 @@ impl Datapath {
         }
         let (pidns_dev, pidns_ino) = sys::init_pid_namespace()?;
         let fork_child_pid = sys::fork_child_pid_offset()?;
+        let netns_cookie = sys::init_netns_cookie()?;
         let mut ebpf = EbpfLoader::new()
             .override_global("INIT_PIDNS_DEV", &pidns_dev, true)
             .override_global("INIT_PIDNS_INO", &pidns_ino, true)
             .override_global("FORK_CHILD_PID_OFFSET", &fork_child_pid, true)
+            .override_global("INIT_NETNS_COOKIE", &netns_cookie, true)
             .load(KERNEL_OBJECT)
             .map_err(ebpf_err("loading sluice's kernel programs"))?;
 
@@ -218,6 +233,12 @@ impl Datapath {
         let mut typed = |name: &str| open(name);
         let default_map: Array<MapData, Target> = convert(typed(names::DEFAULT_TARGET)?, names::DEFAULT_TARGET)?;
         let default_target = default_map.get(&0, 0).map_err(ebpf_err("reading the default target"))?;
+        let links_dir = pin_dir.join("links");
+        let mut held_links = Vec::new();
+        for entry in std::fs::read_dir(&links_dir).map_err(io_err(format!("listing {}", links_dir.display())))? {
+            let pin = entry.map_err(io_err(format!("listing {}", links_dir.display())))?.path();
+            held_links.push(watch::HeldLink::hold(&pin).map_err(io_err(format!("opening link {}", pin.display())))?);
+        }
         Ok(Self {
             pin_dir: pin_dir.to_owned(),
             cgroup_parent: cgroup_parent.to_owned(),
@@ -229,6 +250,9 @@ impl Datapath {
             sandboxes: Mutex::new(convert(typed(names::SANDBOXES)?, names::SANDBOXES)?),
             flows_by_addr: Mutex::new(convert(typed(names::FLOWS_BY_ADDR)?, names::FLOWS_BY_ADDR)?),
             endpoints: Mutex::new(convert(typed(names::ENDPOINTS)?, names::ENDPOINTS)?),
+            reserved_ports: Mutex::new(convert(typed(names::RESERVED_PORTS)?, names::RESERVED_PORTS)?),
+            held_links: Mutex::new(held_links),
+            closed: AtomicBool::new(false),
             counters: Mutex::new(convert(typed(names::COUNTERS)?, names::COUNTERS)?),
             events: Mutex::new(Some(convert(typed(names::EVENTS)?, names::EVENTS)?)),
         })
@@ -327,6 +351,11 @@ impl Datapath {
     /// Lets sandboxed sockets send packets to `target`'s addresses on `port`.
     pub fn add_endpoint(&self, target: Target, port: u16, proto: u8) -> Result<(), DatapathError> {
         let mut endpoints = self.endpoints.lock().expect("lock poisoned");
+        self.reserved_ports
+            .lock()
+            .expect("lock poisoned")
+            .insert(u32::from(port), 1, 0)
+            .map_err(ebpf_err("reserving a port"))?;
         for key in endpoint_keys(target, port, proto) {
             endpoints.insert(key, 1, 0).map_err(ebpf_err("adding endpoint"))?;
         }
@@ -337,6 +366,10 @@ impl Datapath {
         let mut endpoints = self.endpoints.lock().expect("lock poisoned");
         for key in endpoint_keys(target, port, proto) {
             removed(endpoints.remove(&key), "removing endpoint")?;
+        }
+        // The port stays reserved while any endpoint still uses it.
+        if !endpoints.keys().filter_map(Result::ok).any(|key| key.port == port) {
+            removed(self.reserved_ports.lock().expect("lock poisoned").remove(&u32::from(port)), "releasing a port")?;
         }
         Ok(())
     }
@@ -364,29 +397,59 @@ impl Datapath {
         })
     }
 
-    /// Attaches again every cgroup link someone detached, with every
-    /// sandbox frozen until all are back; returns the links it healed.
+    /// Attaches again every cgroup link someone detached and pins again
+    /// every link whose pin someone removed or replaced (the guard's
+    /// tracing links too), with every sandbox frozen until all are back;
+    /// returns the links it healed.
     pub fn heal(&self) -> Result<Vec<String>, DatapathError> {
+        let mut held = self.held_links.lock().expect("lock poisoned");
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
         let links_dir = self.pin_dir.join("links");
         let detached = watch::detached_links(&links_dir).map_err(io_err("checking the pinned links"))?;
-        if detached.is_empty() {
+        let unpinned: Vec<usize> = (0..held.len()).filter(|&i| !held[i].is_pinned()).collect();
+        if detached.is_empty() && unpinned.is_empty() {
             return Ok(Vec::new());
         }
         let parent = &self.cgroup_parent;
         watch::freeze(parent, true).map_err(io_err(format!("freezing {}", parent.display())))?;
-        let healed = detached
-            .iter()
-            .map(|link| {
-                watch::reattach(link, parent).map_err(io_err(format!("attaching {} again", link.name())))?;
-                Ok(link.name())
-            })
-            .collect::<Result<Vec<_>, DatapathError>>();
+        let repinned = unpinned.iter().map(|&i| {
+            let link = &held[i];
+            link.repin().map_err(io_err(format!("pinning link {} again", link.name())))?;
+            Ok(link.name())
+        });
+        let reattached = detached.iter().map(|link| {
+            watch::reattach(link, parent).map_err(io_err(format!("attaching {} again", link.name())))?;
+            Ok(link.name())
+        });
+        let healed = repinned.collect::<Result<Vec<_>, DatapathError>>().and_then(|mut healed| {
+            healed.extend(reattached.collect::<Result<Vec<_>, DatapathError>>()?);
+            Ok(healed)
+        });
+        // A re-attached cgroup link is a new link: hold that one from now on.
+        for link in &detached {
+            let pin = links_dir.join(link.name());
+            if let (Some(slot), Ok(new)) =
+                (held.iter_mut().find(|h| h.name() == link.name()), watch::HeldLink::hold(&pin))
+            {
+                *slot = new;
+            }
+        }
         // Thawed only when every link is back: a failure keeps the
         // sandboxes frozen, which is closed.
         if healed.is_ok() {
             watch::freeze(parent, false).map_err(io_err(format!("thawing {}", parent.display())))?;
         }
         healed
+    }
+
+    /// Lets go of the links: the daemon stops, and what it pinned is left
+    /// to the pins (or to a teardown). The watchdog pins nothing after this.
+    pub fn close(&self) {
+        let mut held = self.held_links.lock().expect("lock poisoned");
+        self.closed.store(true, Ordering::SeqCst);
+        held.clear();
     }
 
     /// The stream of refused attempts. Can be taken once.

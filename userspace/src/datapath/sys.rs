@@ -49,6 +49,33 @@ pub fn init_pid_namespace() -> Result<(u64, u64), DatapathError> {
     Ok((ns.dev(), ns.ino()))
 }
 
+/// The cookie of this process's network namespace (the host's), as the
+/// kernel's `bpf_get_netns_cookie` returns it (`SO_NETNS_COOKIE`).
+pub fn init_netns_cookie() -> Result<u64, DatapathError> {
+    use std::os::fd::AsRawFd as _;
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |source| DatapathError::Io { what, source }
+    };
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(io("opening a socket for the netns cookie"))?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are ours and sized for the option.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io("reading the network namespace cookie (SO_NETNS_COOKIE)")(std::io::Error::last_os_error()));
+    }
+    Ok(cookie)
+}
+
 /// Where `sched:sched_process_fork` records the child's pid, from the
 /// tracepoint's format in tracefs (mounted if it is not).
 pub fn fork_child_pid_offset() -> Result<u32, DatapathError> {

@@ -3,12 +3,21 @@
 //! attaches their programs again, with every sandbox frozen in between so
 //! nothing leaves unredirected while it heals.
 //!
+//! The guard's tracing links (`sys_enter`, fork, exit, cgroup moves) cannot
+//! be detached on this kernel (`BPF_LINK_DETACH` answers EOPNOTSUPP for
+//! them), but removing a pin that is a link's only reference destroys the
+//! link and with it its program: the guard, or a cgroup program. So the
+//! daemon holds a descriptor of every link ([`HeldLink`]) for as long as it
+//! runs, which keeps them attached whatever happens to the pins, and pins a
+//! link again where it belongs when its pin is gone or replaced (the pins
+//! carry everything across a daemon restart).
+//!
 //! Raw `bpf()` calls: aya keeps link info and link creation to itself.
 
 use std::{
     ffi::CString,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 const BPF_OBJ_PIN: libc::c_long = 6;
@@ -75,7 +84,7 @@ fn link_info(link: &OwnedFd) -> std::io::Result<LinkInfo> {
 
 /// A pinned cgroup link that no longer has a cgroup: what detached it left.
 pub(super) struct Detached {
-    pin: std::path::PathBuf,
+    pin: PathBuf,
     prog_id: u32,
     attach_type: u32,
 }
@@ -91,7 +100,13 @@ pub(super) fn detached_links(links_dir: &Path) -> std::io::Result<Vec<Detached>>
     let mut detached = Vec::new();
     for entry in std::fs::read_dir(links_dir)? {
         let pin = entry?.path();
-        let info = link_info(&obj_get(&pin)?)?;
+        let link = match obj_get(&pin) {
+            // Removed meanwhile: a guard pin is restored below, a cgroup
+            // link's pin is the next check's business.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            link => link?,
+        };
+        let info = link_info(&link)?;
         if info.link_type == BPF_LINK_TYPE_CGROUP && info.cgroup_id == 0 {
             detached.push(Detached { pin, prog_id: info.prog_id, attach_type: info.attach_type });
         }
@@ -118,6 +133,45 @@ pub(super) fn reattach(link: &Detached, cgroup: &Path) -> std::io::Result<()> {
     attr[1] = u64::from(new.as_raw_fd() as u32);
     bpf(BPF_OBJ_PIN, &mut attr)?;
     Ok(())
+}
+
+/// A link the daemon holds open, and where it is pinned.
+pub(super) struct HeldLink {
+    pin: PathBuf,
+    id: u32,
+    link: OwnedFd,
+}
+
+impl HeldLink {
+    /// Holds the link pinned at `pin`.
+    pub(super) fn hold(pin: &Path) -> std::io::Result<Self> {
+        let link = obj_get(pin)?;
+        let id = link_info(&link)?.id;
+        Ok(Self { pin: pin.to_owned(), id, link })
+    }
+
+    pub(super) fn name(&self) -> String {
+        self.pin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// Whether its pin still names this link.
+    pub(super) fn is_pinned(&self) -> bool {
+        obj_get(&self.pin).and_then(|fd| link_info(&fd)).is_ok_and(|info| info.id == self.id)
+    }
+
+    /// Pins the link where it belongs again, replacing whatever is there.
+    pub(super) fn repin(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(&self.pin) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+        let path = path_arg(&self.pin)?;
+        let mut attr = [0u64; 16];
+        attr[0] = path.as_ptr() as u64;
+        attr[1] = u64::from(self.link.as_raw_fd() as u32);
+        bpf(BPF_OBJ_PIN, &mut attr)?;
+        Ok(())
+    }
 }
 
 /// Freezes (or thaws) every process below `cgroup`.
