@@ -35,18 +35,57 @@ use sluice::{
 
 pub const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 
-/// Whether this run can do kernel-level tests; prints why not.
+/// Whether this run can do kernel-level tests; reports why not ([`skip`]).
 pub fn privileged() -> bool {
     // SAFETY: plain syscall.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: needs root (eBPF, cgroups, network namespaces)");
+        skip(Skip::NeedsRoot, "needs root (eBPF, cgroups, network namespaces)");
         return false;
     }
     if Command::new("ip").arg("-V").output().is_err() {
-        eprintln!("SKIPPED: needs iproute2 (`cargo xtask setup` installs it)");
+        skip(Skip::NeedsRoot, "needs iproute2 (`cargo xtask setup` installs it)");
         return false;
     }
     true
+}
+
+/// Why a test did not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Root (and the kernel-level tools): CI runs as root, so there this
+    /// is a failure, not a skip.
+    NeedsRoot,
+    /// A tool the test drives is missing.
+    NeedsTool,
+}
+
+/// The file skips are appended to, one `<kind>\t<test>\t<reason>` line
+/// each, so that `cargo xtask test` can count them (libtest shows a skipped
+/// test as passed and swallows its output).
+pub const SKIP_REPORT_ENV: &str = "SLUICE_SKIP_REPORT";
+
+/// Reports that the calling test does not run: a uniform
+/// `SKIPPED: <test>: <reason>` line on stderr, and a line in the skip
+/// report when `cargo xtask test` asked for one. The caller returns.
+pub fn skip(kind: Skip, reason: &str) {
+    let current = thread::current();
+    let test = current.name().unwrap_or("unnamed test");
+    eprintln!("SKIPPED: {test}: {reason}");
+    if let Some(path) = std::env::var_os(SKIP_REPORT_ENV) {
+        let kind = match kind {
+            Skip::NeedsRoot => "needs-root",
+            Skip::NeedsTool => "needs-tool",
+        };
+        let line = format!("{kind}\t{test}\t{}\n", reason.replace(['\t', '\n'], " "));
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, line.as_bytes()));
+        if let Err(error) = appended {
+            eprintln!("could not add to the skip report {}: {error}", std::path::Path::new(&path).display());
+        }
+    }
 }
 
 /// A subnet octet no other test in this run uses: twenty per process,

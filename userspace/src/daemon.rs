@@ -1097,23 +1097,15 @@ impl Daemon {
     }
 }
 
-/// The container identity decision records of a sandbox carry; a label
-/// whose value holds a secret's value is kept with its value withheld.
+/// The container identity records of DNS and kernel decisions carry (the
+/// proxy's records take it from their flow).
 fn container_identity(
     registry: Arc<Registry>,
     secrets: Arc<arc_swap::ArcSwap<crate::credentials::SecretStore>>,
 ) -> Box<crate::audit::ContainerOf> {
     Box::new(move |name| {
-        let mut info = registry.by_name(name)?.container()?;
-        let secrets = secrets.load();
-        if !secrets.is_empty() {
-            for value in info.labels.values_mut() {
-                if secrets.appears_in(value) {
-                    "[withheld: holds a secret]".clone_into(value);
-                }
-            }
-        }
-        Some(info)
+        let sandbox = registry.by_name(name)?;
+        crate::proxy::container_for_records(&sandbox, &secrets.load())
     })
 }
 

@@ -15,5 +15,7 @@ pub mod datapath;
 pub mod dns;
 pub mod policy;
 pub mod proxy;
+pub mod rules;
 pub mod sandbox;
+pub mod sync;
 pub mod tls;

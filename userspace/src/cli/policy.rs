@@ -375,20 +375,6 @@ fn test_cases(file: &std::path::Path, cases_file: &std::path::Path) -> anyhow::R
     Ok(u8::from(failed > 0))
 }
 
-/// Rules that are not a profile's: their verdicts do not depend on it.
-fn decided_outside_policy(rule: &str) -> bool {
-    matches!(
-        rule,
-        "host-mismatch"
-            | "no-host"
-            | "upstream-failed"
-            | "upstream-unreachable"
-            | "malformed-request"
-            | "sluice-itself"
-            | "unknown-sandbox"
-    ) || rule.starts_with("credential-")
-}
-
 fn replay(
     profile_path: &std::path::Path,
     since: Option<&str>,
@@ -428,7 +414,7 @@ fn replay(
             _ => continue,
         };
         let (Some(destination), Some(host)) = (record.destination, record.host.as_deref()) else { continue };
-        if decided_outside_policy(&record.rule) {
+        if crate::rules::decided_outside_policy(&record.rule) {
             skipped += 1;
             continue;
         }

@@ -26,7 +26,10 @@ pub use body::SwapBody;
 pub use inject::{Applied, RequestCredentials, Target};
 pub use scrub::ScrubBody;
 
-use crate::policy::{CredentialSpec, HostPatternKind};
+use crate::{
+    policy::{CredentialSpec, HostPatternKind},
+    rules,
+};
 
 /// Every placeholder starts with this, so they can be found in requests.
 pub const PLACEHOLDER_PREFIX: &str = "SLUICE_PLACEHOLDER_";
@@ -383,12 +386,12 @@ impl Leak {
     /// The rule name decisions and refusals carry.
     pub fn rule(&self) -> &'static str {
         match self {
-            Self::Unbound { .. } | Self::Foreign => "credential-exfiltration",
-            Self::OutOfScope { .. } => "credential-scope",
-            Self::Cleartext { .. } => "credential-cleartext",
-            Self::Missing { .. } => "credential-missing",
-            Self::Revoked { .. } => "credential-revoked",
-            Self::Unusable { .. } => "credential-invalid",
+            Self::Unbound { .. } | Self::Foreign => rules::CREDENTIAL_EXFILTRATION,
+            Self::OutOfScope { .. } => rules::CREDENTIAL_SCOPE,
+            Self::Cleartext { .. } => rules::CREDENTIAL_CLEARTEXT,
+            Self::Missing { .. } => rules::CREDENTIAL_MISSING,
+            Self::Revoked { .. } => rules::CREDENTIAL_REVOKED,
+            Self::Unusable { .. } => rules::CREDENTIAL_INVALID,
         }
     }
 }

@@ -14,7 +14,7 @@ use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 /// Rule name the engine reports when nothing allowed a connection; a profile
 /// may not use it, or audit records could not tell the two apart.
-pub const DEFAULT_DENY: &str = "default-deny";
+pub const DEFAULT_DENY: &str = crate::rules::DEFAULT_DENY;
 
 /// A named set of rules. Deny by default; see the module docs for semantics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

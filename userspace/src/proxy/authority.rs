@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use hyper::{header, http::uri, Request, StatusCode};
 
-use super::{classify::Classified, http::Refusal};
+use super::{classify::Classified, Refusal};
 use crate::{
     audit::HostSource,
     policy::{Decision as PolicyDecision, Verdict as PolicyVerdict},
@@ -25,9 +25,9 @@ use crate::{
 /// What a decision says when a claimed name decided nothing.
 pub const UNRESOLVED: &str = "name not resolved by the sandbox for this address";
 /// The rule of a refusal that only a claimed name would have allowed.
-pub const UNRESOLVED_RULE: &str = "unresolved-name";
+pub const UNRESOLVED_RULE: &str = crate::rules::UNRESOLVED_NAME;
 /// The rule of a request or connection whose names disagree.
-pub const MISMATCH_RULE: &str = "host-mismatch";
+pub const MISMATCH_RULE: &str = crate::rules::HOST_MISMATCH;
 
 /// What ties a name to the connection's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,11 +99,11 @@ pub fn believe_request_host(
     if let Some(sni) = sni {
         // The upstream's certificate was verified for the server name.
         if !host.eq_ignore_ascii_case(sni) {
-            return Err(Refusal {
-                status: StatusCode::MISDIRECTED_REQUEST,
-                rule: MISMATCH_RULE.into(),
-                reason: format!("the request names {host:?} but the TLS handshake named {sni:?}"),
-            });
+            return Err(Refusal::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                MISMATCH_RULE,
+                format!("the request names {host:?} but the TLS handshake named {sni:?}"),
+            ));
         }
         return Ok(Some(host.to_owned()));
     }
@@ -117,11 +117,7 @@ pub fn believe_request_host(
     if resolved.is_empty() {
         return Ok(None);
     }
-    Err(Refusal {
-        status: StatusCode::MISDIRECTED_REQUEST,
-        rule: MISMATCH_RULE.into(),
-        reason: contradiction(host, ip, &resolved),
-    })
+    Err(Refusal::new(StatusCode::MISDIRECTED_REQUEST, MISMATCH_RULE, contradiction(host, ip, &resolved)))
 }
 
 fn contradiction(name: &str, ip: IpAddr, resolved: &[std::sync::Arc<str>]) -> String {
@@ -175,7 +171,7 @@ pub struct Authority {
 /// or its single Host header. When both are present they must name the
 /// same host; two Host headers are refused.
 pub fn request_authority<B>(request: &Request<B>) -> Result<Authority, Refusal> {
-    let refuse = |reason: String| Refusal { status: StatusCode::BAD_REQUEST, rule: MISMATCH_RULE.into(), reason };
+    let refuse = |reason: String| Refusal::new(StatusCode::BAD_REQUEST, MISMATCH_RULE, reason);
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let host_header = hosts.next();
     if hosts.next().is_some() {
@@ -209,11 +205,11 @@ pub fn request_authority<B>(request: &Request<B>) -> Result<Authority, Refusal> 
         (Some(target), None) => target,
         (None, Some(host)) => host,
         (None, None) => {
-            return Err(Refusal {
-                status: StatusCode::BAD_REQUEST,
-                rule: "no-host".into(),
-                reason: "the request names no host (no Host header or authority)".into(),
-            })
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                crate::rules::NO_HOST,
+                "the request names no host (no Host header or authority)",
+            ))
         }
     };
     let host = normalise(chosen.host());

@@ -28,6 +28,7 @@ use tokio::{
     sync::Mutex,
 };
 
+use super::{authority, refusal::header_safe, websocket, Flow, ProxyContext, Refusal};
 use crate::{
     audit::{Decision, HostSource, Kind, Verdict},
     credentials::{
@@ -35,10 +36,8 @@ use crate::{
         sigv4, Applied, Leak, RequestCredentials, ScrubBody, SwapBody, Target,
     },
     policy::{ConnectQuery, RequestInfo, Scheme, Verdict as PolicyVerdict},
-    sandbox::Sandbox,
+    rules,
 };
-
-use super::{authority, websocket, ProxyContext};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 /// What is sent upstream: the client's body, possibly cut off by a rule's
@@ -63,6 +62,26 @@ pub struct Upstream {
     pub h2: bool,
 }
 
+/// Why the upstream could not be used; the text is the reason a record
+/// and the sandbox's answer give.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("connecting to {destination} failed: {source}")]
+    Connect { destination: SocketAddr, source: std::io::Error },
+    #[error("the upstream's TLS certificate was refused: {0}")]
+    Certificate(String),
+    #[error("TLS with the upstream failed: {0}")]
+    Tls(std::io::Error),
+    #[error("{version} handshake with the upstream failed: {source}")]
+    Handshake { version: &'static str, source: hyper::Error },
+    #[error("the upstream connection failed: {0}")]
+    Connection(hyper::Error),
+    #[error("the upstream failed the request: {0}")]
+    Request(hyper::Error),
+}
+
 enum Sender {
     H1(http1::SendRequest<UpstreamBody>),
     H2(http2::SendRequest<UpstreamBody>),
@@ -70,37 +89,39 @@ enum Sender {
 
 impl Upstream {
     /// Opens the connection: TCP, TLS if configured, then the HTTP handshake.
-    pub async fn connect(&self, ctx: &ProxyContext) -> Result<(Box<dyn IoBox>, Option<Vec<u8>>), String> {
-        let tcp = tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(self.destination))
+    pub async fn connect(&self, ctx: &ProxyContext) -> Result<(Box<dyn IoBox>, Option<Vec<u8>>), UpstreamError> {
+        let destination = self.destination;
+        let tcp = tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(destination))
             .await
-            .map_err(|_| format!("connecting to {} timed out", self.destination))?
-            .map_err(|e| format!("connecting to {} failed: {e}", self.destination))?;
+            .map_err(|_| UpstreamError::Timeout(destination))?
+            .map_err(|source| UpstreamError::Connect { destination, source })?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
             None => Ok((Box::new(tcp), None)),
             Some((config, name)) => {
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
-                let tls = connector.connect(name.clone(), tcp).await.map_err(|e| upstream_tls_error(&e))?;
+                let tls = connector.connect(name.clone(), tcp).await.map_err(upstream_tls_error)?;
                 let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
                 Ok((Box::new(tls), alpn))
             }
         }
     }
 
-    async fn handshake(&self, io: Box<dyn IoBox>) -> Result<Sender, String> {
+    async fn handshake(&self, io: Box<dyn IoBox>) -> Result<Sender, UpstreamError> {
         let io = TokioIo::new(io);
         if self.h2 {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .handshake(io)
                 .await
-                .map_err(|e| format!("HTTP/2 handshake with the upstream failed: {e}"))?;
+                .map_err(|source| UpstreamError::Handshake { version: "HTTP/2", source })?;
             tokio::spawn(async move {
                 let _ = connection.await;
             });
             Ok(Sender::H2(sender))
         } else {
-            let (sender, connection) =
-                http1::handshake(io).await.map_err(|e| format!("HTTP/1.1 handshake with the upstream failed: {e}"))?;
+            let (sender, connection) = http1::handshake(io)
+                .await
+                .map_err(|source| UpstreamError::Handshake { version: "HTTP/1.1", source })?;
             tokio::spawn(async move {
                 let _ = connection.with_upgrades().await;
             });
@@ -113,64 +134,82 @@ impl Upstream {
 pub trait IoBox: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> IoBox for T {}
 
-fn upstream_tls_error(error: &std::io::Error) -> String {
+fn upstream_tls_error(error: std::io::Error) -> UpstreamError {
     match error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
-        Some(tls) => format!("the upstream's TLS certificate was refused: {}", crate::tls::describe_verify_error(tls)),
-        None => format!("TLS with the upstream failed: {error}"),
-    }
-}
-
-/// The answer to every request of a connection that goes nowhere.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub rule: String,
-    pub reason: String,
-}
-
-impl Refusal {
-    fn upstream(reason: String) -> Self {
-        Self { status: StatusCode::BAD_GATEWAY, rule: "upstream-failed".into(), reason }
+        Some(tls) => UpstreamError::Certificate(crate::tls::describe_verify_error(tls)),
+        None => UpstreamError::Tls(error),
     }
 }
 
 /// One inspected client connection.
 pub struct Connection {
-    pub ctx: Arc<ProxyContext>,
-    pub sandbox: Arc<Sandbox>,
-    pub pid: u32,
-    pub destination: SocketAddr,
-    /// The TLS server name the client sent: requests must name the same host.
-    pub sni: Option<String>,
-    pub upstream: Upstream,
+    ctx: Arc<ProxyContext>,
+    flow: Arc<Flow>,
+    upstream: Upstream,
     /// Why no request of this connection goes anywhere (denied at connect
-    /// level, or the upstream's certificate was refused): every request is
+    /// level, or the upstream could not be used): every request is
     /// answered with this instead.
     refusal: Option<Refusal>,
     sender: Mutex<Option<Sender>>,
     h2_sender: std::sync::OnceLock<http2::SendRequest<UpstreamBody>>,
 }
 
+/// One request as its phases learn it.
+struct Exchange {
+    /// The request's record, filled in phase by phase.
+    decision: Decision,
+    method: String,
+    path: String,
+}
+
+/// What the request head phase decided.
+struct Head {
+    /// The authority the upstream receives: the one that was checked.
+    authority: authority::Authority,
+    /// The name credentials are bound by: the one tied to the address,
+    /// else the address itself, never a claimed name.
+    bound_host: String,
+    ruling: crate::policy::Decision,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// What the response phases hand to the done phase.
+struct Answer {
+    response: Response<Body>,
+    /// A WebSocket upgrade the upstream accepted.
+    upgraded: Option<Upgraded>,
+}
+
+/// The two sides of an accepted WebSocket upgrade and what its frames are
+/// checked against.
+struct Upgraded {
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    checks: websocket::FrameChecks,
+}
+
+/// What the request body phase put in.
+struct Injected {
+    request: Request<UpstreamBody>,
+    applied: Applied,
+    /// The outcome of a body that streams (filled as it goes).
+    streamed: Option<Arc<std::sync::Mutex<Outcome>>>,
+}
+
 impl Connection {
-    /// `first` is the upstream connection opened for the handshake (or why
-    /// it could not be); `refusal`, when set, answers every request.
-    #[allow(clippy::too_many_arguments)]
+    /// `opened` is the upstream connection opened for the handshake, or the
+    /// refusal that answers every request instead.
     pub async fn new(
         ctx: Arc<ProxyContext>,
-        sandbox: Arc<Sandbox>,
-        pid: u32,
-        destination: SocketAddr,
-        sni: Option<String>,
+        flow: Arc<Flow>,
         upstream: Upstream,
-        first: Result<Box<dyn IoBox>, String>,
-        refusal: Option<Refusal>,
+        opened: Result<Box<dyn IoBox>, Refusal>,
     ) -> Arc<Self> {
-        let (sender, refusal) = match (refusal, first) {
-            (Some(refusal), _) => (None, Some(refusal)),
-            (None, Err(error)) => (None, Some(Refusal::upstream(error))),
-            (None, Ok(io)) => match upstream.handshake(io).await {
+        let (sender, refusal) = match opened {
+            Err(refusal) => (None, Some(refusal)),
+            Ok(io) => match upstream.handshake(io).await {
                 Ok(sender) => (Some(sender), None),
-                Err(error) => (None, Some(Refusal::upstream(error))),
+                Err(error) => (None, Some(Refusal::upstream(error.to_string()))),
             },
         };
         let h2_sender = std::sync::OnceLock::new();
@@ -181,7 +220,7 @@ impl Connection {
             }
             other => other,
         };
-        Arc::new(Self { ctx, sandbox, pid, destination, sni, upstream, refusal, sender: Mutex::new(sender), h2_sender })
+        Arc::new(Self { ctx, flow, upstream, refusal, sender: Mutex::new(sender), h2_sender })
     }
 
     /// Serves the client's requests until it closes.
@@ -213,212 +252,122 @@ impl Connection {
         }
     }
 
-    async fn handle(&self, mut request: Request<Incoming>) -> Response<Body> {
+    fn tls(&self) -> bool {
+        self.upstream.tls.is_some()
+    }
+
+    /// One request through the request phases. A refusal of any phase is
+    /// recorded (unless the phase did) and answered here, and only here.
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let method = request.method().as_str().to_owned();
         let path = request.uri().path().to_owned();
-        let mut decision = Decision::new(Kind::Request, Verdict::Deny, "", "");
-        decision.sandbox = Some(self.sandbox.name().to_owned());
-        decision.pid = Some(self.pid);
-        decision.destination = Some(self.destination);
+        let mut decision = self.flow.record(Kind::Request);
         decision.method = Some(method.clone());
         decision.path = Some(path.clone());
-        let tls = self.upstream.tls.is_some();
-        decision.protocol = Some(if tls { "https" } else { "http" }.to_owned());
-
-        if let Some(refusal) = &self.refusal {
-            decision.host.clone_from(&self.sni);
-            return self.refuse(decision, refusal.status, &refusal.rule, &refusal.reason);
-        }
-        let (authority, believed, verdict) = match self.judge_head(&request, &mut decision, &method, &path) {
-            Ok(judged) => judged,
-            Err(refusal) => return self.refuse(decision, refusal.status, &refusal.rule, &refusal.reason),
-        };
-        decision.bundle = verdict.bundle.as_deref().map(str::to_owned);
-        decision.rule = verdict.rule.to_string();
-        decision.reason = verdict.reason.to_string();
-        match verdict.verdict {
-            PolicyVerdict::Allow => {}
-            PolicyVerdict::Deny => {
-                return self.refuse(decision, StatusCode::FORBIDDEN, &verdict.rule, &verdict.reason);
-            }
-            PolicyVerdict::Ask => {
-                if let Err(refused) = self.hold(&mut decision).await {
-                    return refused;
+        decision.protocol = Some(if self.tls() { "https" } else { "http" }.to_owned());
+        let mut exchange = Exchange { decision, method, path };
+        match self.phases(&mut exchange, request).await {
+            Ok(answer) => self.done(exchange.decision, answer),
+            Err(refusal) => {
+                if !refusal.is_recorded() {
+                    let mut decision = exchange.decision;
+                    decision.verdict = Verdict::Deny;
+                    decision.rule.clone_from(&refusal.rule);
+                    decision.reason.clone_from(&refusal.reason);
+                    self.ctx.log.record(decision);
                 }
+                refusal.response()
             }
         }
-        decision.would_deny = verdict.would_deny;
-
-        let upgrade = match upgrade_of(&request) {
-            Upgrade::None => None,
-            Upgrade::WebSocket => Some(hyper::upgrade::on(&mut request)),
-            Upgrade::Refused(reason) => {
-                return self.refuse(decision, StatusCode::FORBIDDEN, "upgrade-refused", &reason);
-            }
-        };
-        // Credentials follow the name that is tied to the address, never a
-        // claimed one: an unproven name binds nothing.
-        let bound_host = believed.unwrap_or_else(|| self.destination.ip().to_string());
-        let limit = verdict.max_body.filter(|_| info_len_unknown(&request)).map(BodyLimit::new);
-        let upstream_request = self.upstream_request(request, &authority, upgrade.is_some(), limit.clone());
-        let (upstream_request, mut applied, streamed) =
-            match self.inject_credentials(upstream_request, &bound_host, &method, &path, &decision).await {
-                Ok(injected) => injected,
-                Err((status, rule, reason)) => return self.refuse(decision, status, rule, &reason),
-            };
-        let sent = self.send(upstream_request).await;
-        // A streamed body cut for a placeholder that may not go there: the
-        // body already recorded the refusal.
-        let cut = streamed.as_ref().and_then(|outcome| {
-            let mut outcome = outcome.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            applied.merge(std::mem::take(&mut outcome.applied));
-            outcome.leak.clone()
-        });
-        if let Some(leak) = cut {
-            return refusal_response(StatusCode::FORBIDDEN, leak.rule(), &leak.to_string());
-        }
-        decision.credentials.clone_from(&applied.names);
-        let response = match sent {
-            Ok(response) => response,
-            Err(_) if limit.as_ref().is_some_and(BodyLimit::exceeded) => {
-                let reason = format!(
-                    "the request body grew past {} bytes, the max_body of rule {}; the upstream got no complete request",
-                    verdict.max_body.unwrap_or_default(),
-                    verdict.rule
-                );
-                let rule = verdict.rule.to_string();
-                return self.refuse(decision, StatusCode::PAYLOAD_TOO_LARGE, &rule, &reason);
-            }
-            Err(error) => {
-                return self.refuse(decision, StatusCode::BAD_GATEWAY, "upstream-failed", &error);
-            }
-        };
-        if let Some(refusal) = unscrubbable(&response, &applied, upgrade.is_some()) {
-            return self.refuse(decision, refusal.status, &refusal.rule, &refusal.reason);
-        }
-
-        let (mut parts, body) = response.into_parts();
-        if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, parts.status) {
-            let checks = self.frame_checks(&bound_host, &method, &path, &applied);
-            let upstream_upgrade = hyper::upgrade::on(Response::from_parts(parts.clone(), ()));
-            let record = decision.clone();
-            decision.verdict = Verdict::Allow;
-            self.ctx.log.record(decision);
-            tokio::spawn(relay_websocket(self.ctx.log.clone(), record, client_upgrade, upstream_upgrade, checks));
-            return Response::from_parts(parts, Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
-        }
-        decision.verdict = Verdict::Allow;
-        self.ctx.log.record(decision);
-        strip_hop_by_hop(&mut parts.headers, false);
-        if applied.scrub.is_empty() {
-            return Response::from_parts(parts, body.boxed());
-        }
-        // The upstream got real secrets: none may come back to the sandbox.
-        let pairs = applied.scrub;
-        for value in parts.headers.values_mut() {
-            let scrubbed = crate::credentials::scrub::scrub(value.as_bytes(), &pairs);
-            if scrubbed != value.as_bytes() {
-                *value = HeaderValue::from_bytes(&scrubbed).unwrap_or(HeaderValue::from_static("<scrubbed>"));
-            }
-        }
-        parts.headers.remove(header::CONTENT_LENGTH);
-        Response::from_parts(parts, ScrubBody::new(body, pairs).boxed())
     }
 
-    /// What the frames of an upgraded connection are checked against: the
-    /// placeholders this request's bindings allow (swapped) or refuse, and
-    /// every secret that may go upstream, scrubbed on the way back.
-    fn frame_checks(&self, host: &str, method: &str, path: &str, applied: &Applied) -> websocket::FrameChecks {
-        let policy = self.sandbox.policy.load();
-        let placeholders = self.sandbox.placeholders();
-        let secrets = self.ctx.secrets.load();
-        let credentials = RequestCredentials {
-            specs: policy.credentials(),
-            placeholders: &placeholders,
-            secrets: &secrets,
-            target: Target { host, method, path, tls: self.upstream.tls.is_some() },
-        };
-        let rules = credentials.body_rules();
-        let mut scrub = applied.scrub.clone();
-        scrub.extend(rules.swappable());
-        websocket::FrameChecks { rules, scrub }
+    /// The request phases in order.
+    async fn phases(&self, exchange: &mut Exchange, mut request: Request<Incoming>) -> Result<Answer, Refusal> {
+        if let Some(refusal) = &self.refusal {
+            exchange.decision.host = self.flow.sni().map(str::to_owned);
+            return Err(refusal.clone());
+        }
+        let head = self.request_head(&mut request, exchange).await?;
+        let limit = head.ruling.max_body.filter(|_| info_len_unknown(&request)).map(BodyLimit::new);
+        let upstream_request = self.upstream_request(request, &head.authority, head.upgrade.is_some(), limit.clone());
+        let injected = self.request_body(upstream_request, &head.bound_host, exchange).await?;
+        let (response, applied) = self.upstream_phase(injected, &head, limit.as_ref(), exchange).await?;
+        self.response_head(response, head, applied, exchange)
     }
 
-    /// The request-head phase: the authority the request names (which is
+    /// The request head phase: the authority the request names (which is
     /// what the upstream will get), the name among it that is tied to the
-    /// connection's address (`None`: the address alone decides), and the
-    /// policy's verdict. `decision` gets the host it is recorded under.
-    fn judge_head(
-        &self,
-        request: &Request<Incoming>,
-        decision: &mut Decision,
-        method: &str,
-        path: &str,
-    ) -> Result<(authority::Authority, Option<String>, crate::policy::Decision), Refusal> {
+    /// connection's address, the request policy, an operator's approval
+    /// for an `ask`, and the upgrade asked for.
+    async fn request_head(&self, request: &mut Request<Incoming>, exchange: &mut Exchange) -> Result<Head, Refusal> {
+        let decision = &mut exchange.decision;
         let authority = authority::request_authority(request)?;
         let host = authority.host.clone();
         decision.host = Some(host.clone());
-        decision.host_source = Some(if self.sni.is_some() { HostSource::Sni } else { HostSource::Http });
-        let ip = self.destination.ip();
-        let believed = authority::believe_request_host(&self.sandbox.names, self.sni.as_deref(), &host, ip)?;
+        decision.host_source = Some(if self.flow.sni().is_some() { HostSource::Sni } else { HostSource::Http });
+        let ip = self.flow.destination.ip();
+        let believed = authority::believe_request_host(&self.flow.sandbox.names, self.flow.sni(), &host, ip)?;
         if believed.is_none() {
             // Decided by the address alone: that is what the record (and an
             // operator's approval) names; the reason keeps the claim.
             decision.host = Some(ip.to_string());
             decision.host_source = Some(HostSource::Ip);
         }
-        let scheme = if self.upstream.tls.is_some() { Scheme::Https } else { Scheme::Http };
+        let scheme = if self.tls() { Scheme::Https } else { Scheme::Http };
         let body_len = hyper::body::Body::size_hint(request.body()).exact();
-        let info = RequestInfo { method, path, scheme, headers: Some(request.headers()), body_len };
-        let policy = self.sandbox.policy.load();
+        let info = RequestInfo {
+            method: &exchange.method,
+            path: &exchange.path,
+            scheme,
+            headers: Some(request.headers()),
+            body_len,
+        };
+        let policy = self.flow.sandbox.policy.load();
         let claimed = host.parse::<IpAddr>().is_err().then_some(host.as_str());
-        let verdict = authority::decide(claimed, believed.is_some(), ip, |name| {
-            let query = ConnectQuery { host: name, ip, port: self.destination.port() };
+        let port = self.flow.destination.port();
+        let ruling = authority::decide(claimed, believed.is_some(), ip, |name| {
+            let query = ConnectQuery { host: name, ip, port };
             policy.evaluate_request(&query, &info)
         });
-        Ok((authority, believed, verdict))
+        decision.bundle = ruling.bundle.as_deref().map(str::to_owned);
+        decision.rule = ruling.rule.to_string();
+        decision.reason = ruling.reason.to_string();
+        match ruling.verdict {
+            PolicyVerdict::Allow => {}
+            PolicyVerdict::Deny => return Err(Refusal::forbidden(&*ruling.rule, &*ruling.reason)),
+            PolicyVerdict::Ask => super::hold(&self.ctx, decision).await?,
+        }
+        decision.would_deny = ruling.would_deny;
+
+        let upgrade = match upgrade_of(request) {
+            Upgrade::None => None,
+            Upgrade::WebSocket => Some(hyper::upgrade::on(&mut *request)),
+            Upgrade::Refused(reason) => return Err(Refusal::forbidden(rules::UPGRADE_REFUSED, reason)),
+        };
+        let bound_host = believed.unwrap_or_else(|| ip.to_string());
+        Ok(Head { authority, bound_host, ruling, upgrade })
     }
 
-    /// Holds the request `decision` describes for an operator's answer.
-    async fn hold(&self, decision: &mut Decision) -> Result<(), Response<Body>> {
-        // A refusal is logged by `hold`; the client gets it without a second record.
-        super::hold(&self.ctx, decision).await.map_err(|()| {
-            // Too many held already: the client may try again later.
-            let status = if decision.rule == super::limits::Refusal::Approvals.rule() {
-                StatusCode::TOO_MANY_REQUESTS
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            refusal_response(status, &decision.rule, &decision.reason)
-        })
-    }
-
-    /// The request phase where credentials go in: placeholders in the head
-    /// and body are swapped for the secrets bound to this request, `inject`
-    /// bindings set their header or parameter, `SigV4` bindings sign. Returns
-    /// the request to send, what went in, and the outcome of a body that
-    /// streams; or the status, rule and reason to refuse it with.
-    #[allow(clippy::type_complexity)]
-    async fn inject_credentials(
+    /// The request body phase, where credentials go in: placeholders in the
+    /// head and body are swapped for the secrets bound to this request,
+    /// `inject` bindings set their header or parameter, `SigV4` bindings
+    /// sign.
+    async fn request_body(
         &self,
         request: Request<UpstreamBody>,
         host: &str,
-        method: &str,
-        path: &str,
-        decision: &Decision,
-    ) -> Result<
-        (Request<UpstreamBody>, Applied, Option<Arc<std::sync::Mutex<Outcome>>>),
-        (StatusCode, &'static str, String),
-    > {
-        let refused = |leak: Leak| (StatusCode::FORBIDDEN, leak.rule(), leak.to_string());
-        let policy = self.sandbox.policy.load();
-        let placeholders = self.sandbox.placeholders();
+        exchange: &Exchange,
+    ) -> Result<Injected, Refusal> {
+        let refused = |leak: Leak| Refusal::forbidden(leak.rule(), leak.to_string());
+        let (method, path) = (exchange.method.as_str(), exchange.path.as_str());
+        let policy = self.flow.sandbox.policy.load();
+        let placeholders = self.flow.sandbox.placeholders();
         let secrets = self.ctx.secrets.load();
         let credentials = RequestCredentials {
             specs: policy.credentials(),
             placeholders: &placeholders,
             secrets: &secrets,
-            target: Target { host, method, path, tls: self.upstream.tls.is_some() },
+            target: Target { host, method, path, tls: self.tls() },
         };
         let (mut parts, body) = request.into_parts();
         let mut applied = Applied::default();
@@ -454,9 +403,9 @@ impl Connection {
                     }));
                 }
                 Err(error) => {
-                    return Err((
+                    return Err(Refusal::new(
                         StatusCode::BAD_REQUEST,
-                        "client-failed",
+                        rules::CLIENT_FAILED,
                         format!("reading the request body: {error}"),
                     ))
                 }
@@ -464,7 +413,7 @@ impl Connection {
             let mut swapper = Swapper::new(credentials.body_rules());
             let bytes = swapper.feed(bytes, true).map_err(refused)?;
             applied.merge(swapper.applied);
-            if content_length.is_some() || !self.h2() {
+            if content_length.is_some() || !self.upstream.h2 {
                 parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             }
             whole = Some(bytes.clone());
@@ -478,11 +427,11 @@ impl Connection {
                 parts.headers.remove(header::CONTENT_LENGTH);
             }
             let (body, outcome) = SwapBody::new(body, rules);
-            let (log, mut record) = (self.ctx.log.clone(), decision.clone());
+            let (log, mut record) = (self.ctx.log.clone(), exchange.decision.clone());
             let outcome_for_log = outcome.clone();
             streamed = Some(outcome);
             body.on_leak(move || {
-                let leak = outcome_for_log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).leak.clone();
+                let leak = crate::sync::lock(&outcome_for_log).leak.clone();
                 if let Some(leak) = leak {
                     record.verdict = Verdict::Deny;
                     leak.rule().clone_into(&mut record.rule);
@@ -510,7 +459,119 @@ impl Connection {
                 .map_err(|why| refused(Leak::Unusable { secret: name.to_owned(), why }))?;
             applied.add_values(name, &sigv4::secret_parts(secret), placeholders.get(name));
         }
-        Ok((request, applied, streamed))
+        Ok(Injected { request, applied, streamed })
+    }
+
+    /// The upstream phase: the request goes out on the connection's one
+    /// upstream connection. A streamed body cut on the way (a placeholder
+    /// that may not go there, a rule's `max_body`) is refused here.
+    async fn upstream_phase(
+        &self,
+        injected: Injected,
+        head: &Head,
+        limit: Option<&BodyLimit>,
+        exchange: &mut Exchange,
+    ) -> Result<(Response<Incoming>, Applied), Refusal> {
+        let Injected { request, mut applied, streamed } = injected;
+        let sent = self.send(request).await;
+        // A streamed body cut for a placeholder that may not go there: the
+        // body already recorded the refusal.
+        let cut = streamed.as_ref().and_then(|outcome| {
+            let mut outcome = crate::sync::lock(outcome);
+            applied.merge(std::mem::take(&mut outcome.applied));
+            outcome.leak.clone()
+        });
+        if let Some(leak) = cut {
+            return Err(Refusal::forbidden(leak.rule(), leak.to_string()).recorded());
+        }
+        exchange.decision.credentials.clone_from(&applied.names);
+        match sent {
+            Ok(response) => Ok((response, applied)),
+            Err(_) if limit.is_some_and(BodyLimit::exceeded) => {
+                let reason = format!(
+                    "the request body grew past {} bytes, the max_body of rule {}; the upstream got no complete request",
+                    head.ruling.max_body.unwrap_or_default(),
+                    head.ruling.rule
+                );
+                Err(Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, &*head.ruling.rule, reason))
+            }
+            Err(error) => Err(Refusal::upstream(error.to_string())),
+        }
+    }
+
+    /// The response head phase: a response that cannot be scrubbed of the
+    /// secrets its request carried is refused, an upgrade is handed on to
+    /// the WebSocket relay, hop-by-hop headers go and secrets are scrubbed
+    /// from the rest; then the response body phase.
+    fn response_head(
+        &self,
+        response: Response<Incoming>,
+        head: Head,
+        applied: Applied,
+        exchange: &Exchange,
+    ) -> Result<Answer, Refusal> {
+        if let Some(refusal) = unscrubbable(&response, &applied, head.upgrade.is_some()) {
+            return Err(refusal);
+        }
+        let (mut parts, body) = response.into_parts();
+        if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (head.upgrade, parts.status) {
+            let checks = self.frame_checks(&head.bound_host, &exchange.method, &exchange.path, &applied);
+            let upstream = hyper::upgrade::on(Response::from_parts(parts.clone(), ()));
+            let response = Response::from_parts(parts, Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+            return Ok(Answer { response, upgraded: Some(Upgraded { client, upstream, checks }) });
+        }
+        strip_hop_by_hop(&mut parts.headers, false);
+        if applied.scrub.is_empty() {
+            return Ok(Answer { response: Response::from_parts(parts, body.boxed()), upgraded: None });
+        }
+        // The upstream got real secrets: none may come back to the sandbox.
+        let pairs = applied.scrub;
+        for value in parts.headers.values_mut() {
+            let scrubbed = crate::credentials::scrub::scrub(value.as_bytes(), &pairs);
+            if scrubbed != value.as_bytes() {
+                *value = HeaderValue::from_bytes(&scrubbed).unwrap_or(HeaderValue::from_static("<scrubbed>"));
+            }
+        }
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Ok(Answer { response: Response::from_parts(parts, Self::response_body(body, pairs)), upgraded: None })
+    }
+
+    /// The response body phase: what streams back to the sandbox, scrubbed
+    /// of the secrets its request carried.
+    fn response_body(body: Incoming, scrub: Vec<(Vec<u8>, Vec<u8>)>) -> Body {
+        ScrubBody::new(body, scrub).boxed()
+    }
+
+    /// The done phase of a forwarded request: its one allow record, then
+    /// the WebSocket relay of an upgrade (whose cut is recorded as a
+    /// denial of the same request).
+    fn done(&self, mut decision: Decision, answer: Answer) -> Response<Body> {
+        let upgraded = answer.upgraded.map(|upgraded| (upgraded, decision.clone()));
+        decision.verdict = Verdict::Allow;
+        self.ctx.log.record(decision);
+        if let Some((Upgraded { client, upstream, checks }, record)) = upgraded {
+            tokio::spawn(relay_websocket(self.ctx.log.clone(), record, client, upstream, checks));
+        }
+        answer.response
+    }
+
+    /// What the frames of an upgraded connection are checked against: the
+    /// placeholders this request's bindings allow (swapped) or refuse, and
+    /// every secret that may go upstream, scrubbed on the way back.
+    fn frame_checks(&self, host: &str, method: &str, path: &str, applied: &Applied) -> websocket::FrameChecks {
+        let policy = self.flow.sandbox.policy.load();
+        let placeholders = self.flow.sandbox.placeholders();
+        let secrets = self.ctx.secrets.load();
+        let credentials = RequestCredentials {
+            specs: policy.credentials(),
+            placeholders: &placeholders,
+            secrets: &secrets,
+            target: Target { host, method, path, tls: self.tls() },
+        };
+        let rules = credentials.body_rules();
+        let mut scrub = applied.scrub.clone();
+        scrub.extend(rules.swappable());
+        websocket::FrameChecks { rules, scrub }
     }
 
     /// The request as the upstream gets it: hop-by-hop headers gone, and
@@ -533,8 +594,8 @@ impl Connection {
             parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
         }
         parts.headers.remove(header::HOST);
-        if self.h2() {
-            let scheme = if self.upstream.tls.is_some() { "https" } else { "http" };
+        if self.upstream.h2 {
+            let scheme = if self.tls() { "https" } else { "http" };
             parts.uri = Uri::builder()
                 .scheme(scheme)
                 .authority(authority.value.as_str())
@@ -556,14 +617,10 @@ impl Connection {
         Request::from_parts(parts, body)
     }
 
-    fn h2(&self) -> bool {
-        self.upstream.h2
-    }
-
-    async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<Incoming>, String> {
+    async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<Incoming>, UpstreamError> {
         if let Some(h2) = self.h2_sender.get() {
             let mut h2 = h2.clone();
-            return h2.send_request(request).await.map_err(|e| format!("the upstream failed the request: {e}"));
+            return h2.send_request(request).await.map_err(UpstreamError::Request);
         }
         // HTTP/1.1: one request at a time on the connection; reopen it when
         // the upstream closed it between requests.
@@ -574,18 +631,10 @@ impl Connection {
             *slot = Some(self.upstream.handshake(io).await?);
         }
         let Some(Sender::H1(sender)) = slot.as_mut() else {
-            return Err("no upstream connection".into());
+            unreachable!("an HTTP/1.1 sender was just put in the slot");
         };
-        sender.ready().await.map_err(|e| format!("the upstream connection failed: {e}"))?;
-        sender.send_request(request).await.map_err(|e| format!("the upstream failed the request: {e}"))
-    }
-
-    fn refuse(&self, mut decision: Decision, status: StatusCode, rule: &str, reason: &str) -> Response<Body> {
-        decision.verdict = Verdict::Deny;
-        rule.clone_into(&mut decision.rule);
-        reason.clone_into(&mut decision.reason);
-        self.ctx.log.record(decision);
-        refusal_response(status, rule, reason)
+        sender.ready().await.map_err(UpstreamError::Connection)?;
+        sender.send_request(request).await.map_err(UpstreamError::Request)
     }
 }
 
@@ -606,20 +655,6 @@ async fn relay_websocket(
         record.credentials.clear();
         log.record(record);
     }
-}
-
-/// The answer a sandbox gets for a request sluice does not forward.
-fn refusal_response(status: StatusCode, rule: &str, reason: &str) -> Response<Body> {
-    let body = format!("sluice denied this request\nrule: {rule}\nreason: {reason}\n");
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .header(
-            HeaderName::from_static("x-sluice-rule"),
-            HeaderValue::from_str(&super::header_safe(rule)).unwrap_or(HeaderValue::from_static("sluice")),
-        )
-        .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
-        .expect("valid response")
 }
 
 fn info_len_unknown<B: hyper::body::Body>(request: &Request<B>) -> bool {
@@ -751,7 +786,7 @@ fn upgrade_of<B>(request: &Request<B>) -> Upgrade {
     if request.version() == Version::HTTP_11 && tokens.len() == 1 && tokens[0].eq_ignore_ascii_case("websocket") {
         return Upgrade::WebSocket;
     }
-    let named = tokens.iter().map(|t| format!("{:?}", super::header_safe(t))).collect::<Vec<_>>().join(", ");
+    let named = tokens.iter().map(|t| format!("{:?}", header_safe(t))).collect::<Vec<_>>().join(", ");
     Upgrade::Refused(format!(
         "an upgrade to {named} was asked for; sluice only relays WebSocket upgrades, whose frames it can inspect"
     ))
@@ -761,8 +796,7 @@ fn upgrade_of<B>(request: &Request<B>) -> Upgrade {
 /// compressed (an upstream that ignored the missing Accept-Encoding), or an
 /// upgrade whose answer turned on a WebSocket extension.
 fn unscrubbable<B>(response: &Response<B>, applied: &Applied, upgrade: bool) -> Option<Refusal> {
-    let refusal =
-        |reason: String| Refusal { status: StatusCode::BAD_GATEWAY, rule: "unscrubbable-response".into(), reason };
+    let refusal = |reason: String| Refusal::new(StatusCode::BAD_GATEWAY, rules::UNSCRUBBABLE_RESPONSE, reason);
     if upgrade && response.headers().contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
         return Some(refusal("the upstream turned on a WebSocket extension that sluice did not offer".into()));
     }
@@ -771,7 +805,7 @@ fn unscrubbable<B>(response: &Response<B>, applied: &Applied, upgrade: bool) -> 
     }
     let encoding = response.headers().get_all(header::CONTENT_ENCODING).iter().find_map(|v| {
         let v = v.to_str().unwrap_or("?").trim();
-        (!v.is_empty() && !v.eq_ignore_ascii_case("identity")).then(|| super::header_safe(v))
+        (!v.is_empty() && !v.eq_ignore_ascii_case("identity")).then(|| header_safe(v))
     })?;
     Some(refusal(format!(
         "the upstream answered a request that carried a secret with a {encoding:?}-encoded body although sluice \

@@ -19,6 +19,8 @@ use std::{
 
 use tokio::time::Instant;
 
+use crate::rules;
+
 /// The limits, as the daemon's flags set them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LimitsConfig {
@@ -49,7 +51,7 @@ impl Default for LimitsConfig {
 
 /// Why a sandbox's connection or request was refused by a limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Refusal {
+pub enum Limit {
     /// At its limit of open connections.
     Connections,
     /// Opening connections faster than its rate allows.
@@ -60,14 +62,14 @@ pub enum Refusal {
     Approvals,
 }
 
-impl Refusal {
+impl Limit {
     /// The rule a decision record names.
     pub fn rule(self) -> &'static str {
         match self {
-            Self::Connections => "limit-connections",
-            Self::ConnectionRate => "limit-connection-rate",
-            Self::Descriptors => "limit-descriptors",
-            Self::Approvals => "limit-approvals",
+            Self::Connections => rules::LIMIT_CONNECTIONS,
+            Self::ConnectionRate => rules::LIMIT_CONNECTION_RATE,
+            Self::Descriptors => rules::LIMIT_DESCRIPTORS,
+            Self::Approvals => rules::LIMIT_APPROVALS,
         }
     }
 
@@ -181,7 +183,7 @@ impl Limits {
     /// Admits a new connection of `sandbox`, or says which limit refuses it.
     /// A refused connection takes no token: a flood at the open limit does
     /// not also lock the sandbox out by rate once its connections close.
-    pub fn admit(self: &Arc<Self>, sandbox: &str, now: Instant) -> Result<Slot, Refusal> {
+    pub fn admit(self: &Arc<Self>, sandbox: &str, now: Instant) -> Result<Slot, Limit> {
         let mut sandboxes = self.sandboxes.lock().expect("lock poisoned");
         if sandboxes.len() > PRUNE_ABOVE {
             sandboxes.retain(|_, state| state.open > 0 || !state.bucket.is_full(now));
@@ -192,10 +194,10 @@ impl Limits {
             bucket: TokenBucket::new(config.connections_per_second, config.connection_burst, now),
         });
         if state.open >= config.max_connections {
-            return Err(Refusal::Connections);
+            return Err(Limit::Connections);
         }
         if !state.bucket.take(now) {
-            return Err(Refusal::ConnectionRate);
+            return Err(Limit::ConnectionRate);
         }
         state.open += 1;
         Ok(Slot { limits: self.clone(), sandbox: sandbox.to_owned() })
@@ -270,7 +272,7 @@ pub enum Noted {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
     pub sandbox: String,
-    pub refusal: Refusal,
+    pub refusal: Limit,
     pub count: u64,
 }
 
@@ -284,7 +286,7 @@ struct Tally {
 /// sum when it ends, which opens the next interval if there were any.
 pub struct Aggregator {
     interval: Duration,
-    tallies: HashMap<(String, Refusal), Tally>,
+    tallies: HashMap<(String, Limit), Tally>,
 }
 
 impl Aggregator {
@@ -292,7 +294,7 @@ impl Aggregator {
         Self { interval, tallies: HashMap::new() }
     }
 
-    pub fn note(&mut self, sandbox: &str, refusal: Refusal, now: Instant) -> Noted {
+    pub fn note(&mut self, sandbox: &str, refusal: Limit, now: Instant) -> Noted {
         match self.tallies.get_mut(&(sandbox.to_owned(), refusal)) {
             Some(tally) => {
                 tally.count += 1;
@@ -343,7 +345,7 @@ mod tests {
         let limits = Arc::new(Limits::new(config(3, 1000.0, 1000.0)));
         let now = Instant::now();
         let slots: Vec<Slot> = (0..3).map(|_| limits.admit("noisy", now).unwrap()).collect();
-        assert_eq!(limits.admit("noisy", now).err(), Some(Refusal::Connections));
+        assert_eq!(limits.admit("noisy", now).err(), Some(Limit::Connections));
         // Another sandbox has its own places.
         let quiet = limits.admit("quiet", now).expect("a neighbour is not refused");
         assert_eq!(limits.open("noisy"), 3);
@@ -362,7 +364,7 @@ mod tests {
         for _ in 0..20 {
             admitted.push(limits.admit("noisy", start).expect("within the burst"));
         }
-        assert_eq!(limits.admit("noisy", start).err(), Some(Refusal::ConnectionRate));
+        assert_eq!(limits.admit("noisy", start).err(), Some(Limit::ConnectionRate));
         assert!(limits.admit("quiet", start).is_ok(), "the neighbour's bucket is its own");
         tokio::time::advance(Duration::from_millis(500)).await;
         let later = Instant::now();
@@ -370,7 +372,7 @@ mod tests {
         assert_eq!(refilled, 5, "half a second at 10/s is five connections");
         // Closing connections gives no tokens back.
         drop(admitted);
-        assert_eq!(limits.admit("noisy", later).err(), Some(Refusal::ConnectionRate));
+        assert_eq!(limits.admit("noisy", later).err(), Some(Limit::ConnectionRate));
     }
 
     #[tokio::test(start_paused = true)]
@@ -379,7 +381,7 @@ mod tests {
         let now = Instant::now();
         let held = limits.admit("s", now).unwrap();
         for _ in 0..100 {
-            assert_eq!(limits.admit("s", now).err(), Some(Refusal::Connections));
+            assert_eq!(limits.admit("s", now).err(), Some(Limit::Connections));
         }
         drop(held);
         assert!(limits.admit("s", now).is_ok(), "the burst's second token is still there");
@@ -389,25 +391,25 @@ mod tests {
     async fn refusals_are_summed_into_one_record_per_interval() {
         let mut aggregator = Aggregator::new(Duration::from_secs(10));
         let start = Instant::now();
-        assert_eq!(aggregator.note("noisy", Refusal::Connections, start), Noted::RecordNow);
+        assert_eq!(aggregator.note("noisy", Limit::Connections, start), Noted::RecordNow);
         for _ in 0..999 {
-            assert_eq!(aggregator.note("noisy", Refusal::Connections, start), Noted::Counted);
+            assert_eq!(aggregator.note("noisy", Limit::Connections, start), Noted::Counted);
         }
-        assert_eq!(aggregator.note("noisy", Refusal::ConnectionRate, start), Noted::RecordNow, "another rule");
-        assert_eq!(aggregator.note("other", Refusal::Connections, start), Noted::RecordNow, "another sandbox");
+        assert_eq!(aggregator.note("noisy", Limit::ConnectionRate, start), Noted::RecordNow, "another rule");
+        assert_eq!(aggregator.note("other", Limit::Connections, start), Noted::RecordNow, "another sandbox");
         assert!(aggregator.due(start + Duration::from_secs(9)).is_empty(), "not before the interval ends");
 
         let end = start + Duration::from_secs(10);
         let due = aggregator.due(end);
-        assert_eq!(due, vec![Summary { sandbox: "noisy".into(), refusal: Refusal::Connections, count: 999 }]);
+        assert_eq!(due, vec![Summary { sandbox: "noisy".into(), refusal: Limit::Connections, count: 999 }]);
         assert!(!aggregator.is_empty(), "the noisy sandbox's next interval is open");
         // Still refusing: counted into the next interval, not recorded now.
-        assert_eq!(aggregator.note("noisy", Refusal::Connections, end), Noted::Counted);
+        assert_eq!(aggregator.note("noisy", Limit::Connections, end), Noted::Counted);
         assert_eq!(aggregator.due(end + Duration::from_secs(10)).len(), 1);
         // A quiet interval ends the run; the next refusal is recorded at once.
         assert!(aggregator.due(end + Duration::from_secs(20)).is_empty());
         assert!(aggregator.is_empty());
-        assert_eq!(aggregator.note("noisy", Refusal::Connections, end + Duration::from_secs(21)), Noted::RecordNow);
+        assert_eq!(aggregator.note("noisy", Limit::Connections, end + Duration::from_secs(21)), Noted::RecordNow);
     }
 
     #[test]
@@ -431,10 +433,10 @@ mod tests {
     #[test]
     fn reasons_say_the_limit_and_the_count() {
         let config = config(512, 200.0, 400.0);
-        let one = Refusal::Connections.reason(&config, 0, 1);
+        let one = Limit::Connections.reason(&config, 0, 1);
         assert!(one.contains("512 open connections"), "{one}");
-        let many = Refusal::ConnectionRate.reason(&config, 0, 37);
+        let many = Limit::ConnectionRate.reason(&config, 0, 37);
         assert!(many.contains("37 connections refused in the last 10 s"), "{many}");
-        assert!(Refusal::Approvals.reason(&config, 64, 1).contains("64 requests waiting"));
+        assert!(Limit::Approvals.reason(&config, 64, 1).contains("64 requests waiting"));
     }
 }

@@ -1,33 +1,42 @@
-//! The connect-level proxy. Every TCP connection a sandbox opens arrives
-//! here, redirected by the kernel. Phases, in order:
-//! 1. attribute: the flow record gives the original destination, the
-//!    sandbox and the pid (or, on a listener for iptables/nftables REDIRECT,
-//!    conntrack gives the original destination and the listener names the
-//!    sandbox, see [`Attribution`]);
-//! 2. classify: the first bytes say TLS (SNI), HTTP/1 (Host) or other. A
-//!    client that is slow to speak is waited for (a late `ClientHello` is
-//!    still intercepted); one that stays silent is refused, unless a
-//!    passthrough rule lets the server speak first;
-//! 3. name ([`authority`]): SNI, Host, else the name the sandbox resolved
-//!    for this address through sluice, else the bare address; a claimed
-//!    name that contradicts what the sandbox resolved is refused, and one
-//!    nothing ties to the address decides nothing;
-//! 4. decide: the sandbox's policy, by host, address and port;
-//! 5. relay or refuse, and log the decision either way.
+//! The proxy: every TCP connection a sandbox opens arrives here,
+//! redirected by the kernel, and goes through named phases. Each concern
+//! sits in exactly one of them; a new one (content inspection, handlers,
+//! metrics) is one more step in the phase it belongs to.
 //!
-//! Before any of that a connection is admitted by the sandbox's
-//! [`limits`]: open connections, connection rate, and the daemon's
-//! descriptor reserve; refusals there are summed into one record per
-//! interval rather than logged one by one.
+//! Connection phases (this module):
+//! - **connect** ([`connect`]): the flow record gives the original
+//!   destination, the sandbox and the pid (or, on a listener for
+//!   iptables/nftables REDIRECT, conntrack and the listener do, see
+//!   [`Attribution`]); the sandbox's [`limits`] admit it; a connection back
+//!   into sluice is refused. The result is the connection's [`Flow`].
+//! - **client hello** ([`client_hello`]): the first bytes say TLS (SNI,
+//!   ALPN), HTTP/1 (Host) or other; the name the connection is judged
+//!   under is chosen ([`authority`]); connect-level policy decides and an
+//!   `ask` waits for an operator ([`hold`]). Then the connection is
+//!   intercepted ([`intercept`]), served as plain HTTP, or spliced.
+//!
+//! Request phases ([`http::Connection`]), per request: **request head**
+//! (authority, request policy, approval, upgrades), **request body**
+//! (credential injection), **upstream** (the one pooled connection),
+//! **response head** (what cannot be scrubbed is refused; headers
+//! scrubbed), **response body** (the secret scrub), **done** (the one
+//! allow record).
+//!
+//! Every phase stops with one [`Refusal`]; it is recorded from the flow and
+//! turned into what the client sees in one place ([`refusal`]). Limit
+//! refusals are summed into one record per interval rather than logged one
+//! by one.
 
 mod authority;
 pub mod classify;
+mod flow;
 mod http;
 mod idle;
 mod intercept;
 pub mod limits;
 mod prefixed;
 mod redirected;
+pub mod refusal;
 mod relay;
 mod websocket;
 
@@ -48,13 +57,16 @@ use crate::{
     audit::{Decision, DecisionLog, HostSource, Kind, Verdict},
     datapath::Datapath,
     policy::{ConnectQuery, Verdict as PolicyVerdict},
+    rules,
     sandbox::{Registry, Sandbox},
 };
 use classify::{classify, Classified, MAX_PREFIX};
-use limits::{Aggregator, DescriptorGauge, Limits, LimitsConfig, Noted, Refusal};
+pub use flow::{container_for_records, Flow, TlsFacts};
+use limits::{Aggregator, DescriptorGauge, Limit, Limits, LimitsConfig, Noted};
 use prefixed::Prefixed;
 use redirected::Attributed;
 pub use redirected::Attribution;
+pub use refusal::Refusal;
 
 /// What the proxy needs from the daemon.
 pub struct ProxyContext {
@@ -138,44 +150,34 @@ impl ProxyContext {
     }
 }
 
-/// Admits a new connection of `sandbox` under its limits and the daemon's
-/// descriptor reserve; `None` when refused (the refusal is recorded, summed
-/// with others, and dropping the client closes it).
-fn admit(
-    ctx: &Arc<ProxyContext>,
-    sandbox: &Sandbox,
-    client: &TcpStream,
-    destination: SocketAddr,
-    pid: u32,
-) -> Option<limits::Slot> {
+/// Admits a new connection of `flow`'s sandbox under its limits and the
+/// daemon's descriptor reserve; `None` when refused (the refusal is
+/// recorded, summed with others, and dropping the client closes it).
+fn admit(ctx: &Arc<ProxyContext>, flow: &Flow, client: &TcpStream) -> Option<limits::Slot> {
     let now = Instant::now();
     let config = ctx.limits.config();
     let open = ctx.descriptors.open(client.as_raw_fd(), now);
-    let refusal = if limits::within_reserve(open, limits::open_files_limit(), config.descriptor_reserve) {
-        Refusal::Descriptors
+    let limit = if limits::within_reserve(open, limits::open_files_limit(), config.descriptor_reserve) {
+        Limit::Descriptors
     } else {
-        match ctx.limits.admit(sandbox.name(), now) {
+        match ctx.limits.admit(flow.sandbox.name(), now) {
             Ok(slot) => return Some(slot),
-            Err(refusal) => refusal,
+            Err(limit) => limit,
         }
     };
-    let mut decision = Decision::new(Kind::Connect, Verdict::Deny, "", "");
-    decision.sandbox = Some(sandbox.name().to_owned());
-    decision.pid = (pid != 0).then_some(pid);
-    decision.destination = Some(destination);
-    record_limit(ctx, decision, refusal);
+    record_limit(ctx, flow.record(Kind::Connect), limit);
     None
 }
 
 /// Records a refusal by a limit: at once if it is the first of its sandbox
 /// and rule in a while, else summed into the next record of the interval.
-fn record_limit(ctx: &Arc<ProxyContext>, mut decision: Decision, refusal: Refusal) {
+fn record_limit(ctx: &Arc<ProxyContext>, mut decision: Decision, limit: Limit) {
     let sandbox = decision.sandbox.clone().unwrap_or_default();
-    let mut records = ctx.refusals.lock().expect("lock poisoned");
-    if records.aggregator.note(&sandbox, refusal, Instant::now()) == Noted::RecordNow {
+    let mut records = crate::sync::lock(&ctx.refusals);
+    if records.aggregator.note(&sandbox, limit, Instant::now()) == Noted::RecordNow {
         decision.verdict = Verdict::Deny;
-        decision.rule = refusal.rule().to_owned();
-        decision.reason = refusal.reason(ctx.limits.config(), ctx.approvals.max_per_sandbox(), 1);
+        decision.rule = limit.rule().to_owned();
+        decision.reason = limit.reason(ctx.limits.config(), ctx.approvals.max_per_sandbox(), 1);
         ctx.log.record(decision);
     }
     if !records.flushing {
@@ -191,7 +193,7 @@ async fn flush_limit_records(ctx: Arc<ProxyContext>) {
     loop {
         tokio::time::sleep(step).await;
         let (due, quiet) = {
-            let mut records = ctx.refusals.lock().expect("lock poisoned");
+            let mut records = crate::sync::lock(&ctx.refusals);
             let due = records.aggregator.due(Instant::now());
             let quiet = records.aggregator.is_empty();
             if quiet {
@@ -200,7 +202,7 @@ async fn flush_limit_records(ctx: Arc<ProxyContext>) {
             (due, quiet)
         };
         for summary in due {
-            let kind = if summary.refusal == Refusal::Approvals { Kind::Request } else { Kind::Connect };
+            let kind = if summary.refusal == Limit::Approvals { Kind::Request } else { Kind::Connect };
             let reason = summary.refusal.reason(&config, ctx.approvals.max_per_sandbox(), summary.count);
             let mut decision = Decision::new(kind, Verdict::Deny, summary.refusal.rule(), reason);
             decision.sandbox = Some(summary.sandbox);
@@ -234,105 +236,145 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>, attribution: A
     }
 }
 
+/// One connection through the connection phases: connect, client hello,
+/// then the route the client hello phase chose (requests through
+/// [`http::Connection`]'s phases, or a splice). A refusal of any phase is
+/// recorded and answered in [`answer`].
 async fn handle(ctx: &Arc<ProxyContext>, attribution: &Attribution, mut client: TcpStream, peer: SocketAddr) {
-    let flow = match attribution.attribute(ctx, &client, peer) {
-        Ok(flow) => flow,
-        Err(decision) => {
-            ctx.log.record(*decision);
+    // Held for as long as this connection is served.
+    let Some((mut flow, _slot)) = connect(ctx, attribution, &client, peer) else {
+        return;
+    };
+    let mut prefix = Vec::with_capacity(4096);
+    let mut decision = flow.record(Kind::Connect);
+    let route = match client_hello(ctx, &mut flow, &mut client, &mut prefix, &mut decision).await {
+        Ok(route) => route,
+        Err(refusal) => {
+            if !refusal.is_recorded() {
+                decision.rule.clone_from(&refusal.rule);
+                decision.reason.clone_from(&refusal.reason);
+                ctx.log.record(decision);
+            }
+            answer(ctx, flow, client, prefix, refusal).await;
             return;
         }
     };
-    let Attributed { destination, sandbox, pid } = flow;
-    // Held for as long as this connection is served.
-    let Some(_slot) = admit(ctx, &sandbox, &client, destination, pid) else {
-        return;
-    };
-    let mut decision = Decision::new(Kind::Connect, Verdict::Deny, "", "");
-    // 0: not known (connections redirected by iptables/nftables).
-    decision.pid = (pid != 0).then_some(pid);
-    decision.destination = Some(destination);
-    decision.sandbox = Some(sandbox.name().to_owned());
+    decision.verdict = Verdict::Allow;
+    ctx.log.record(decision);
 
+    match route {
+        Route::Http => {
+            let upstream = http::Upstream { destination: flow.destination, tls: None, h2: false };
+            let opened = upstream.connect(ctx).await.map(|(io, _)| io).map_err(|e| Refusal::upstream(e.to_string()));
+            let connection = http::Connection::new(ctx.clone(), Arc::new(flow), upstream, opened).await;
+            connection.serve(Prefixed::new(prefix, client)).await;
+        }
+        Route::Intercept => intercept::intercept(ctx, flow, client, prefix, None).await,
+        Route::Splice => splice_through(ctx, &flow, client, &prefix).await,
+    }
+}
+
+/// The connect phase: who the connection belongs to (the flow record, or
+/// conntrack and the listener), admission under the sandbox's limits, and
+/// never a connection back into sluice. `None`: refused and recorded.
+fn connect(
+    ctx: &Arc<ProxyContext>,
+    attribution: &Attribution,
+    client: &TcpStream,
+    peer: SocketAddr,
+) -> Option<(Flow, limits::Slot)> {
+    let Attributed { destination, sandbox, pid } = match attribution.attribute(ctx, client, peer) {
+        Ok(attributed) => attributed,
+        Err(decision) => {
+            ctx.log.record(*decision);
+            return None;
+        }
+    };
+    let flow = Flow::new(sandbox, pid, destination, &ctx.secrets.load());
+    let slot = admit(ctx, &flow, client)?;
     if ctx.own_addrs.iter().any(|own| {
         own.port() == destination.port() && (own.ip() == destination.ip() || destination.ip().is_unspecified())
     }) {
-        decision.rule = "sluice-itself".into();
+        let mut decision = flow.record(Kind::Connect);
+        rules::SLUICE_ITSELF.clone_into(&mut decision.rule);
         decision.reason = "a sandbox may not connect to sluice's own listeners".into();
         ctx.log.record(decision);
-        return;
+        return None;
     }
+    Some((flow, slot))
+}
 
-    let mut prefix = Vec::with_capacity(4096);
-    let Some(classified) = classify_client(ctx, &sandbox, destination, &mut client, &mut prefix).await else {
-        decision.rule = "client-silent".into();
-        decision.reason = format!(
-            "the client sent nothing within {} s; sluice decides a connection on its first bytes and relays none \
-             it could not classify (where the server speaks first, a `tls = \"passthrough\"` rule allows it)",
-            ctx.first_bytes_timeout.as_secs()
-        );
-        ctx.log.record(decision);
-        return;
+/// Where an allowed connection goes after the client hello phase.
+enum Route {
+    /// Plain HTTP: every request through the request phases.
+    Http,
+    /// TLS terminated with the sandbox's CA, then the request phases.
+    Intercept,
+    /// Bytes spliced to the destination (opaque TCP, TLS passthrough).
+    Splice,
+}
+
+/// The client hello phase: the first bytes say TLS (server name, ALPN),
+/// HTTP/1 (Host) or other; the name the connection is judged under is
+/// chosen ([`authority`]); the connect-level policy decides, and an `ask`
+/// waits for the operator. `decision` is the connect record, filled with
+/// what was judged; the caller records it.
+async fn client_hello(
+    ctx: &Arc<ProxyContext>,
+    flow: &mut Flow,
+    client: &mut TcpStream,
+    prefix: &mut Vec<u8>,
+    decision: &mut Decision,
+) -> Result<Route, Refusal> {
+    let Some(classified) = classify_client(ctx, &flow.sandbox, flow.destination, client, prefix).await else {
+        return Err(Refusal::forbidden(
+            rules::CLIENT_SILENT,
+            format!(
+                "the client sent nothing within {} s; sluice decides a connection on its first bytes and relays none \
+                 it could not classify (where the server speaks first, a `tls = \"passthrough\"` rule allows it)",
+                ctx.first_bytes_timeout.as_secs()
+            ),
+        ));
     };
-    decision.protocol = Some(classified.protocol().to_owned());
+    flow.protocol = classified.protocol();
+    decision.protocol = Some(flow.protocol.to_owned());
+    if let Classified::Tls { sni, alpn } = &classified {
+        flow.tls = Some(TlsFacts { sni: sni.clone(), alpn: alpn.clone() });
+    }
     if let Classified::Malformed(why) = classified {
-        decision.rule = "malformed-request".into();
-        decision.reason = why.to_owned();
-        ctx.log.record(decision);
-        return;
+        return Err(Refusal::forbidden(rules::MALFORMED_REQUEST, why));
     }
 
-    let mut named = match authority::name_connection(&sandbox.names, &classified, destination.ip()) {
-        Ok(named) => named,
-        Err(reason) => {
-            decision.rule = authority::MISMATCH_RULE.into();
-            decision.reason = reason;
-            ctx.log.record(decision.clone());
-            refuse(ctx, Refused { sandbox, pid, destination, client, prefix, classified, decision }).await;
-            return;
-        }
-    };
+    let destination = flow.destination;
+    let mut named = authority::name_connection(&flow.sandbox.names, &classified, destination.ip())
+        .map_err(|reason| Refusal::forbidden(rules::HOST_MISMATCH, reason))?;
     decision.host = Some(named.name.clone().unwrap_or_else(|| destination.ip().to_string()));
     decision.host_source = Some(named.source);
 
-    let verdict = decide_connection(&sandbox, &mut named, &classified, destination);
+    let ruling = decide_connection(&flow.sandbox, &mut named, &classified, destination);
     if named.proof == authority::Proof::Claimed {
         // What an operator approves, and what `--always` remembers, is the
         // address: the name is only the client's word.
         decision.host = Some(destination.ip().to_string());
         decision.host_source = Some(HostSource::Ip);
     }
-    decision.rule = verdict.rule.to_string();
-    decision.reason = verdict.reason.to_string();
-    decision.bundle = verdict.bundle.as_deref().map(str::to_owned);
-    if verdict.verdict == PolicyVerdict::Ask {
+    flow.named = Some(named);
+    decision.rule = ruling.rule.to_string();
+    decision.reason = ruling.reason.to_string();
+    decision.bundle = ruling.bundle.as_deref().map(str::to_owned);
+    match ruling.verdict {
         // A connection whose requests are not seen: the connection itself
         // is what the operator answers for.
-        if hold(ctx, &mut decision).await.is_err() {
-            refuse(ctx, Refused { sandbox, pid: flow.pid, destination, client, prefix, classified, decision }).await;
-            return;
-        }
-    } else if verdict.verdict != PolicyVerdict::Allow {
-        ctx.log.record(decision.clone());
-        refuse(ctx, Refused { sandbox, pid, destination, client, prefix, classified, decision }).await;
-        return;
+        PolicyVerdict::Ask => hold(ctx, decision).await?,
+        PolicyVerdict::Allow => {}
+        PolicyVerdict::Deny => return Err(Refusal::forbidden(&*ruling.rule, &*ruling.reason)),
     }
-    decision.verdict = Verdict::Allow;
-    decision.would_deny = verdict.would_deny;
-    ctx.log.record(decision);
-
-    match classified {
-        Classified::Http { .. } => {
-            let upstream = http::Upstream { destination, tls: None, h2: false };
-            let first = upstream.connect(ctx).await.map(|(io, _)| io);
-            let connection =
-                http::Connection::new(ctx.clone(), sandbox, pid, destination, None, upstream, first, None).await;
-            connection.serve(Prefixed::new(prefix, client)).await;
-        }
-        Classified::Tls { sni, alpn } if !verdict.passthrough => {
-            intercept::intercept(ctx, sandbox, pid, destination, client, prefix, sni, alpn, None).await;
-        }
-        _ => splice_through(ctx, &sandbox, pid, destination, client, &prefix).await,
-    }
+    decision.would_deny = ruling.would_deny;
+    Ok(match classified {
+        Classified::Http { .. } => Route::Http,
+        Classified::Tls { .. } if !ruling.passthrough => Route::Intercept,
+        _ => Route::Splice,
+    })
 }
 
 /// The connect-level decision for a named connection. A TLS server name
@@ -358,22 +400,23 @@ fn decide_connection(
             policy.evaluate(&query)
         }
     };
-    let verdict = evaluate(named.believed());
-    if verdict.passthrough && named.proof == authority::Proof::Certificate {
+    let ruling = evaluate(named.believed());
+    if ruling.passthrough && named.proof == authority::Proof::Certificate {
         // Spliced, the upstream's certificate is never checked by sluice:
         // the server name is only the client's word.
         named.proof = authority::Proof::Claimed;
     }
     if named.proof != authority::Proof::Claimed {
-        return verdict;
+        return ruling;
     }
     authority::decide(named.name.as_deref(), false, destination.ip(), evaluate)
 }
 
-/// Waits for an operator's answer on a held connection or request, logging
-/// the hold and the outcome. `decision` comes back ready to log as an allow
-/// (Ok, not yet logged) or already logged as a denial (Err).
-pub(crate) async fn hold(ctx: &Arc<ProxyContext>, decision: &mut Decision) -> Result<(), ()> {
+/// The approval step of the head phases: waits for an operator's answer on
+/// a held connection or request, recording the hold and the outcome.
+/// `decision` comes back ready to record as an allow (Ok, not yet
+/// recorded); a denial comes back as a refusal already recorded.
+pub(crate) async fn hold(ctx: &Arc<ProxyContext>, decision: &mut Decision) -> Result<(), Refusal> {
     use crate::approvals::Outcome;
     // What the operator is asked about is what the decision says.
     let pending = crate::approvals::Pending {
@@ -405,27 +448,28 @@ pub(crate) async fn hold(ctx: &Arc<ProxyContext>, decision: &mut Decision) -> Re
             ctx.log.record(asked);
         })
         .await;
+    let mut status = hyper::StatusCode::FORBIDDEN;
     match outcome {
         Outcome::Approved { id } => {
             decision.approval = Some(id);
             decision.reason = format!("approved by an operator (approval {id}, rule {})", decision.rule);
-            Ok(())
+            return Ok(());
         }
         Outcome::Denied { id } => {
             decision.approval = Some(id);
             decision.verdict = Verdict::Deny;
             decision.reason = format!("denied by an operator (approval {id}, rule {})", decision.rule);
             ctx.log.record(decision.clone());
-            Err(())
         }
         Outcome::Refused { .. } => {
             // Summed with the sandbox's other refusals of the kind, so a
-            // flood of held requests does not flood the log either.
+            // flood of held requests does not flood the log either; the
+            // client may try again later.
+            status = hyper::StatusCode::TOO_MANY_REQUESTS;
             decision.verdict = Verdict::Deny;
-            decision.rule = Refusal::Approvals.rule().to_owned();
-            decision.reason = Refusal::Approvals.reason(ctx.limits.config(), ctx.approvals.max_per_sandbox(), 1);
-            record_limit(ctx, decision.clone(), Refusal::Approvals);
-            Err(())
+            decision.rule = Limit::Approvals.rule().to_owned();
+            decision.reason = Limit::Approvals.reason(ctx.limits.config(), ctx.approvals.max_per_sandbox(), 1);
+            record_limit(ctx, decision.clone(), Limit::Approvals);
         }
         Outcome::TimedOut { id, after } => {
             decision.approval = Some(id);
@@ -433,70 +477,41 @@ pub(crate) async fn hold(ctx: &Arc<ProxyContext>, decision: &mut Decision) -> Re
             decision.reason =
                 format!("no operator answered within {} s (approval {id}, rule {})", after.as_secs(), decision.rule);
             ctx.log.record(decision.clone());
-            Err(())
         }
     }
+    Err(Refusal::new(status, decision.rule.clone(), decision.reason.clone()).recorded())
 }
 
-/// Relays an allowed connection that is not inspected (opaque TCP, TLS
-/// passthrough).
-async fn splice_through(
-    ctx: &ProxyContext,
-    sandbox: &Sandbox,
-    pid: u32,
-    destination: SocketAddr,
-    client: TcpStream,
-    prefix: &[u8],
-) {
+/// The upstream phase of a connection that is not inspected (opaque TCP,
+/// TLS passthrough): relays it.
+async fn splice_through(ctx: &ProxyContext, flow: &Flow, client: TcpStream, prefix: &[u8]) {
+    let destination = flow.destination;
     match tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(destination)).await {
         Ok(Ok(upstream)) => relay(client, upstream, prefix).await,
         failed => {
             let why = match failed {
-                Ok(Err(error)) => format!("connecting to {destination} failed: {error}"),
-                _ => format!("connecting to {destination} timed out"),
+                Ok(Err(error)) => http::UpstreamError::Connect { destination, source: error },
+                _ => http::UpstreamError::Timeout(destination),
             };
-            let mut decision = Decision::new(Kind::Connect, Verdict::Deny, "upstream-unreachable", why);
-            decision.sandbox = Some(sandbox.name().to_owned());
-            decision.pid = Some(pid);
-            decision.destination = Some(destination);
+            let mut decision = flow.record(Kind::Connect);
+            rules::UPSTREAM_UNREACHABLE.clone_into(&mut decision.rule);
+            decision.reason = why.to_string();
             ctx.log.record(decision);
         }
     }
 }
 
-/// A connection refused at connect level, with what is needed to say so.
-struct Refused {
-    sandbox: Arc<Sandbox>,
-    pid: u32,
-    destination: SocketAddr,
-    client: TcpStream,
-    prefix: Vec<u8>,
-    classified: Classified,
-    decision: Decision,
-}
-
-/// Tells a refused client why when its protocol allows it: plain HTTP gets a
-/// 403 naming the rule; TLS gets a completed handshake (with a leaf from the
-/// sandbox's CA) and a 403 for every request. Opaque connections are closed.
-async fn refuse(ctx: &Arc<ProxyContext>, refused: Refused) {
-    let Refused { sandbox, pid, destination, mut client, prefix, classified, decision } = refused;
-    match classified {
-        Classified::Http { .. } => {
-            let body = format!("sluice denied this request\nrule: {}\nreason: {}\n", decision.rule, decision.reason);
-            let head = format!(
-                "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-sluice-rule: {}\r\nconnection: close\r\n\r\n",
-                body.len(),
-                header_safe(&decision.rule)
-            );
-            let _ = client.write_all(head.as_bytes()).await;
-            let _ = client.write_all(body.as_bytes()).await;
-            let _ = client.shutdown().await;
-        }
-        Classified::Tls { sni, alpn } => {
-            let refusal =
-                http::Refusal { status: hyper::StatusCode::FORBIDDEN, rule: decision.rule, reason: decision.reason };
-            intercept::intercept(ctx, sandbox, pid, destination, client, prefix, sni, alpn, Some(refusal)).await;
-        }
+/// Tells a client refused at connect level why, when its protocol allows
+/// it: plain HTTP gets the refusal written out; TLS gets a completed
+/// handshake (with a leaf from the sandbox's CA) and the refusal for every
+/// request. Opaque and malformed connections are closed.
+async fn answer(ctx: &Arc<ProxyContext>, flow: Flow, mut client: TcpStream, prefix: Vec<u8>, refusal: Refusal) {
+    // Whatever the phase said (a 429 for too many held requests), a
+    // connection refused as a whole is told 403.
+    let refusal = Refusal::forbidden(refusal.rule, refusal.reason);
+    match flow.protocol {
+        "http" => refusal.write_http1(&mut client).await,
+        "tls" => intercept::intercept(ctx, flow, client, prefix, Some(refusal)).await,
         _ => {}
     }
 }
@@ -560,10 +575,6 @@ async fn read_prefix(
             }
         }
     }
-}
-
-pub(crate) fn header_safe(value: &str) -> String {
-    value.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').collect()
 }
 
 async fn relay(mut client: TcpStream, mut upstream: TcpStream, prefix: &[u8]) {

@@ -61,14 +61,14 @@ impl Attribution {
                     // host process, or a sandbox whose flow record was lost.
                     // Never forward.
                     return Err(deny(
-                        "no-flow-record",
+                        crate::rules::NO_FLOW_RECORD,
                         format!("connection from {peer} was not redirected by sluice's kernel programs"),
                     ));
                 };
                 let destination = flow.original_destination();
                 let Some(sandbox) = ctx.registry.by_cgroup(flow.sandbox_cgroup) else {
                     let mut decision = deny(
-                        "unknown-sandbox",
+                        crate::rules::UNKNOWN_SANDBOX,
                         format!("cgroup {} is under an enforced parent but is not a registered sandbox", flow.cgroup),
                     );
                     decision.pid = Some(flow.pid);
@@ -83,13 +83,13 @@ impl Attribution {
                 // any connection to its own listeners.
                 let destination = original_destination(client).map_err(|error| {
                     deny(
-                        "no-original-destination",
+                        crate::rules::NO_ORIGINAL_DESTINATION,
                         format!("connection from {peer} has no redirected destination in conntrack: {error}"),
                     )
                 })?;
                 let Some(found) = ctx.registry.by_name(sandbox) else {
                     let mut decision = deny(
-                        "unknown-sandbox",
+                        crate::rules::UNKNOWN_SANDBOX,
                         format!("redirected connections here belong to sandbox {sandbox:?}, which is not registered"),
                     );
                     decision.destination = Some(destination);
