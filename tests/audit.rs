@@ -299,7 +299,7 @@ fn rotation_keeps_the_chain_across_files_and_a_missing_file_is_named() {
         let (older, newer) = (lines(&pair[0]), lines(&pair[1]));
         let first: serde_json::Value = serde_json::from_str(&newer[0]).unwrap();
         let hash = line_hash(older.last().unwrap().as_bytes());
-        assert_eq!(first["prev"].as_str().unwrap(), hex_of(&hash), "{}", pair[1].display());
+        assert_eq!(first["prev"].as_str().unwrap(), hex::encode(hash), "{}", pair[1].display());
     }
     // A whole file taken out of the middle is a gap.
     let missing = oldest_first[1].clone();
@@ -310,8 +310,4 @@ fn rotation_keeps_the_chain_across_files_and_a_missing_file_is_named() {
     let problem = format!("{}:1: seq {seq_missing}: dropped", oldest_first[2].display());
     assert!(first_problem(&text).starts_with(&problem), "{text}");
     std::fs::remove_dir_all(dir).unwrap();
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -398,19 +398,7 @@ impl Daemon {
                 }
             });
         }
-        // Audit: the daemon's start, in the trail.
-        daemon.log.record(Decision::new(
-            Kind::Lifecycle,
-            Verdict::Info,
-            "daemon-start",
-            format!(
-                "sluice {} started (instance {}, pid {}, {} the pinned kernel state)",
-                env!("CARGO_PKG_VERSION"),
-                daemon.config.instance,
-                std::process::id(),
-                if datapath.origin() == Origin::Adopted { "adopted" } else { "made" }
-            ),
-        ));
+        daemon.record_start();
         tracing::info!(
             instance = %daemon.config.instance,
             origin = ?datapath.origin(),
@@ -420,6 +408,18 @@ impl Daemon {
             daemon.config.cgroup_parent().display()
         );
         Ok(daemon)
+    }
+
+    /// Audit: the daemon's start, in the trail.
+    fn record_start(&self) {
+        let how = if self.datapath.origin() == Origin::Adopted { "adopted" } else { "made" };
+        let reason = format!(
+            "sluice {} started (instance {}, pid {}, {how} the pinned kernel state)",
+            env!("CARGO_PKG_VERSION"),
+            self.config.instance,
+            std::process::id()
+        );
+        self.log.record(Decision::new(Kind::Lifecycle, Verdict::Info, "daemon-start", reason));
     }
 
     /// Follows the container runtimes the configuration names.

@@ -257,15 +257,12 @@ fn split_lines(path: &Path, bytes: &[u8]) -> Vec<Raw> {
     while !rest.is_empty() {
         number += 1;
         let place = Place { file: path.to_owned(), line: number };
-        match rest.iter().position(|&b| b == b'\n') {
-            Some(end) => {
-                lines.push(Raw { place, bytes: rest[..end].to_vec(), whole: true });
-                rest = &rest[end + 1..];
-            }
-            None => {
-                lines.push(Raw { place, bytes: rest.to_vec(), whole: false });
-                rest = &[];
-            }
+        if let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            lines.push(Raw { place, bytes: rest[..end].to_vec(), whole: true });
+            rest = &rest[end + 1..];
+        } else {
+            lines.push(Raw { place, bytes: rest.to_vec(), whole: false });
+            rest = &[];
         }
     }
     lines
@@ -500,8 +497,8 @@ fn check(raws: &[Raw], keys: &[PublicKey]) -> Report {
                 let seq_of = |i: usize| links[i].as_ref().map(|l| l.seq).unwrap_or_default();
                 let first_index = c.map_or(0, |c| c + 1);
                 let first = (first_index..=l).find(|&i| links[i].is_ok()).unwrap_or(l);
-                let lines = (first_index..=l).filter(|&i| links[i].is_ok()).count() as u64;
-                Ending::Unsigned { lines, first_seq: seq_of(first), last_seq: seq_of(l) }
+                let unsigned = (first_index..=l).filter(|&i| links[i].is_ok()).count() as u64;
+                Ending::Unsigned { lines: unsigned, first_seq: seq_of(first), last_seq: seq_of(l) }
             }
         };
     }

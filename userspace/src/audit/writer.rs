@@ -394,7 +394,7 @@ pub(super) fn run(
             if signer.audit.key.is_some() {
                 entries.push(Entry::Checkpoint { is_final: true });
             }
-            write_batch(&mut file, &mut signer, entries, &counters);
+            write_batch(&mut file, &mut signer, &entries, &counters);
             if let Some(done) = done {
                 let _ = done.send(());
             }
@@ -427,7 +427,7 @@ pub(super) fn run(
         if signer.due() && !matches!(entries.last(), Some(Entry::Checkpoint { .. })) {
             entries.push(Entry::Checkpoint { is_final: false });
         }
-        if write_batch(&mut file, &mut signer, entries, &counters) {
+        if write_batch(&mut file, &mut signer, &entries, &counters) {
             reported = dropped;
         }
     }
@@ -470,7 +470,7 @@ fn checkpoint_record(head: &ChainHead, is_final: bool) -> Decision {
 /// Chains and writes `entries`; on failure counts the records that did not
 /// get in as dropped and rolls the chain back to the last line written.
 /// Returns whether all of it was written.
-fn write_batch(file: &mut LogFile, signer: &mut Signer, entries: Vec<Entry>, counters: &LogCounters) -> bool {
+fn write_batch(file: &mut LogFile, signer: &mut Signer, entries: &[Entry], counters: &LogCounters) -> bool {
     if entries.is_empty() {
         return true;
     }
@@ -481,7 +481,7 @@ fn write_batch(file: &mut LogFile, signer: &mut Signer, entries: Vec<Entry>, cou
     let mut lines: Vec<(usize, ChainHead, bool)> = Vec::with_capacity(entries.len());
     let mut body = Vec::with_capacity(320);
     let mut checkpoint = false;
-    for entry in &entries {
+    for entry in entries {
         body.clear();
         let counted = match entry {
             Entry::Record(decision) => {
