@@ -394,12 +394,19 @@ impl Daemon {
         self.dir.join("decisions.jsonl")
     }
 
+    /// The audit signing key, in the test's own directory.
+    pub fn audit_key(&self) -> PathBuf {
+        self.dir.join("audit.key")
+    }
+
     fn spawn(&mut self) {
         let mut command = Command::new(SLUICE);
         command
             .args(["daemon", "--instance", &self.instance, "--proxy-port", "0", "--dns-port", "0"])
             .arg("--decision-log")
             .arg(self.decision_log())
+            .arg("--audit-key")
+            .arg(self.audit_key())
             .env("SLUICE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap());
@@ -443,6 +450,15 @@ impl Daemon {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, and waits: a clean stop.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             child.wait().unwrap();
         }
     }

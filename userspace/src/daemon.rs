@@ -53,6 +53,8 @@ pub struct DaemonConfig {
     /// Upstream DNS servers; empty means the host's /etc/resolv.conf.
     pub upstream_dns: Vec<SocketAddr>,
     pub decision_log: Option<PathBuf>,
+    /// The decision log's signing key and checkpoint schedule.
+    pub audit: crate::audit::AuditConfig,
     /// Serve the control API on `control_socket()`.
     pub serve_control: bool,
     /// Extra roots (PEM files) upstream certificates may chain to, besides
@@ -135,6 +137,7 @@ impl DaemonConfig {
             dns_port: DEFAULT_DNS_PORT,
             upstream_dns: Vec::new(),
             decision_log: Some(PathBuf::from(format!("/var/log/{instance}/decisions.jsonl"))),
+            audit: crate::audit::AuditConfig::for_instance(instance),
             serve_control: true,
             upstream_ca: Vec::new(),
             secrets_file: None,
@@ -282,8 +285,13 @@ impl Daemon {
         not_dumpable()?;
         let parent = config.cgroup_parent();
         cgroup::create(&parent).with_context(|| format!("creating the enforced cgroup parent {}", parent.display()))?;
+        // Audit: the signing key only where there is a trail to sign.
+        let audit = match config.decision_log {
+            Some(_) => config.audit.open().context("opening the audit signing key")?,
+            None => crate::audit::Audit::default(),
+        };
         let log = Arc::new(
-            DecisionLog::open(config.decision_log.as_deref())
+            DecisionLog::open_audited(config.decision_log.as_deref(), crate::audit::LogLimits::default(), audit)
                 .with_context(|| format!("opening the decision log {:?}", config.decision_log))?,
         );
         let upstream = Arc::new(if config.upstream_dns.is_empty() {
@@ -390,6 +398,7 @@ impl Daemon {
                 }
             });
         }
+        daemon.record_start();
         tracing::info!(
             instance = %daemon.config.instance,
             origin = ?datapath.origin(),
@@ -399,6 +408,18 @@ impl Daemon {
             daemon.config.cgroup_parent().display()
         );
         Ok(daemon)
+    }
+
+    /// Audit: the daemon's start, in the trail.
+    fn record_start(&self) {
+        let how = if self.datapath.origin() == Origin::Adopted { "adopted" } else { "made" };
+        let reason = format!(
+            "sluice {} started (instance {}, pid {}, {how} the pinned kernel state)",
+            env!("CARGO_PKG_VERSION"),
+            self.config.instance,
+            std::process::id()
+        );
+        self.log.record(Decision::new(Kind::Lifecycle, Verdict::Info, "daemon-start", reason));
     }
 
     /// Follows the container runtimes the configuration names.
@@ -487,6 +508,7 @@ impl Daemon {
             cgroup_parent: self.config.cgroup_parent(),
             proxy_port: self.target.proxy_port,
             decision_log: self.log.path().map(Path::to_owned),
+            audit_key: self.log.path().map(|_| self.config.audit.key_file.clone()),
             secrets_file: self.config.secrets_file.clone(),
             secrets_dir: self.config.secrets_dir.clone(),
         }

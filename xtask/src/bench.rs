@@ -24,6 +24,8 @@
 //! Everything runs from a release build (TLS in an unoptimized build would
 //! measure the build).
 
+#[path = "bench_audit.rs"]
+pub mod audit;
 #[path = "bench_docker.rs"]
 mod docker;
 #[path = "bench_mitm.rs"]
@@ -320,6 +322,7 @@ fn output(measured: &Measured, sluice: &Path, out_dir: &Path) -> anyhow::Result<
     report::print(measured);
     print_minting(sluice);
     print_policy_evaluation(sluice);
+    audit::print(sluice);
     let path = out_dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report::json(measured)?)? + "\n")?;
     println!("results and every sample: {}", path.display());

@@ -43,6 +43,9 @@ enum Task {
         /// A shorter run.
         #[arg(long)]
         quick: bool,
+        /// Only one part: `audit` (the audit trail's cost per record).
+        #[arg(long, value_parser = ["audit"])]
+        only: Option<String>,
     },
     /// Fuzz the parsers (ClientHello/HTTP classification, DNS, profiles,
     /// paths) with cargo-fuzz on nightly, each target for a bounded time.
@@ -77,7 +80,8 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             demo::run()
         }
-        Task::Bench { quick } => {
+        Task::Bench { only: Some(_), .. } => bench::audit::run_only(),
+        Task::Bench { quick, only: None } => {
             setup::run()?;
             bench::run(quick)
         }

@@ -2,6 +2,9 @@
 //! refusal) as one JSON line, appended to a file and broadcast to live
 //! followers (`sluice run`, the control API's event stream).
 //!
+//! The file is an audit trail: its lines are hash-chained and signed at
+//! checkpoints (`chain`, `key`), and `verify` checks a trail offline.
+//!
 //! Records carry destinations, names, rules and reasons; never payloads.
 
 use std::{
@@ -17,11 +20,73 @@ use tokio::sync::broadcast;
 
 use crate::sandbox::ContainerInfo;
 
+pub mod chain;
 pub mod escape;
+pub mod key;
+pub mod verify;
 mod writer;
 
 pub use escape::terminal_safe;
+pub use key::{AuditKey, KeyError, PublicKey};
 pub use writer::{log_files, LogCounters, LogLimits};
+
+/// How the trail is signed: the key (none: chained, never signed) and how
+/// often a checkpoint is written.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    pub key: Option<Arc<AuditKey>>,
+    /// A checkpoint after this many lines...
+    pub checkpoint_records: u64,
+    /// ... or this long after the last one, whichever comes first (only
+    /// when lines were written since).
+    pub checkpoint_interval: std::time::Duration,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self { key: None, checkpoint_records: 1000, checkpoint_interval: std::time::Duration::from_secs(10) }
+    }
+}
+
+/// The daemon's audit settings: where its signing key lives and the
+/// checkpoint schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// The signing key file, made on first start.
+    pub key_file: PathBuf,
+    pub checkpoint_records: u64,
+    pub checkpoint_interval: std::time::Duration,
+}
+
+impl AuditConfig {
+    /// `/var/lib/<instance>/audit.key`: persistent state, so the key
+    /// outlives restarts and reboots (the CA keys in `/run` do not).
+    pub fn for_instance(instance: &str) -> Self {
+        let defaults = Audit::default();
+        Self {
+            key_file: default_key_file(instance),
+            checkpoint_records: defaults.checkpoint_records,
+            checkpoint_interval: defaults.checkpoint_interval,
+        }
+    }
+
+    /// Reads (or makes) the key.
+    pub fn open(&self) -> Result<Audit, KeyError> {
+        let (key, made) = AuditKey::load_or_create(&self.key_file)?;
+        if made {
+            tracing::info!(key_id = key.id(), file = %self.key_file.display(), "made a new audit signing key");
+        }
+        Ok(Audit {
+            key: Some(Arc::new(key)),
+            checkpoint_records: self.checkpoint_records.max(1),
+            checkpoint_interval: self.checkpoint_interval,
+        })
+    }
+}
+
+pub fn default_key_file(instance: &str) -> PathBuf {
+    Path::new("/var/lib").join(instance).join("audit.key")
+}
 
 /// What was decided about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -215,7 +280,7 @@ pub type ContainerOf = dyn Fn(&str) -> Option<ContainerInfo> + Send + Sync;
 /// a record that cannot be written is counted ([`LogCounters`]), never
 /// waited for.
 pub struct DecisionLog {
-    file_tx: Option<std::sync::mpsc::SyncSender<Arc<Decision>>>,
+    file_tx: Option<std::sync::mpsc::SyncSender<writer::Message>>,
     live: broadcast::Sender<Arc<Decision>>,
     path: Option<PathBuf>,
     containers: OnceLock<Box<ContainerOf>>,
@@ -247,8 +312,15 @@ impl DecisionLog {
         Self::open_with(path, LogLimits::default())
     }
 
-    /// A log with its own limits.
+    /// A log with its own limits, chained but not signed.
     pub fn open_with(path: Option<&Path>, limits: LogLimits) -> std::io::Result<Self> {
+        Self::open_audited(path, limits, Audit::default())
+    }
+
+    /// A log with its own limits whose trail `audit` signs. The chain goes
+    /// on from the last line of the files there (a restart), and the first
+    /// line written says whether it started or resumed.
+    pub fn open_audited(path: Option<&Path>, limits: LogLimits, audit: Audit) -> std::io::Result<Self> {
         let (live, _) = broadcast::channel(4096);
         let aggregator = Arc::new(writer::Aggregator::new(&limits));
         let counters = Arc::new(LogCounters::default());
@@ -266,12 +338,15 @@ impl DecisionLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Decision>>(limits.queue.max(1));
+        let (tx, rx) = std::sync::mpsc::sync_channel::<writer::Message>(limits.queue.max(1));
+        let resumed = chain::resume(path, &log_files(path))?;
+        let first = chain_start_record(&resumed, &audit);
         let file = writer::LogFile::open(path, limits)?;
+        let signer = writer::Signer { head: resumed.head, audit, last_checkpoint: std::time::Instant::now() };
         let (thread_aggregator, thread_counters, thread_live) = (aggregator.clone(), counters.clone(), live.clone());
         // A thread of its own: file writes must not stall the proxy's workers.
         let writer = std::thread::Builder::new().name("sluice-decision-log".into()).spawn(move || {
-            writer::run(file, rx, thread_aggregator, thread_counters, thread_live);
+            writer::run(file, signer, first, rx, thread_aggregator, thread_counters, thread_live);
         })?;
         Ok(Self {
             file_tx: Some(tx),
@@ -324,7 +399,7 @@ impl DecisionLog {
         let decision = Arc::new(decision);
         if let Some(tx) = &self.file_tx {
             // Never wait for the disk: a full queue loses the record, counted.
-            if tx.try_send(decision.clone()).is_err() {
+            if tx.try_send(writer::Message::Record(decision.clone())).is_err() {
                 self.counters.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
@@ -334,6 +409,52 @@ impl DecisionLog {
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Decision>> {
         self.live.subscribe()
     }
+
+    /// Writes what is queued and the final checkpoint, and stops writing
+    /// (waits up to 5 s). Records after this are counted as dropped.
+    pub fn close(&self) {
+        let Some(tx) = &self.file_tx else { return };
+        let (done, closed) = std::sync::mpsc::sync_channel(1);
+        if tx.send(writer::Message::Close(done)).is_ok() {
+            let _ = closed.recv_timeout(std::time::Duration::from_secs(5));
+        }
+    }
+}
+
+/// The first line a writer puts in the file: where its chain starts and
+/// who signs it.
+fn chain_start_record(resumed: &chain::Resumed, audit: &Audit) -> Decision {
+    let signer = match &audit.key {
+        Some(key) => format!(
+            "checkpoints every {} lines or {} s are signed by key {} (public key {})",
+            audit.checkpoint_records,
+            audit.checkpoint_interval.as_secs_f64(),
+            key.id(),
+            key.public().hex()
+        ),
+        None => "no signing key: the chain is not signed".to_owned(),
+    };
+    let torn = if resumed.head.torn > 0 {
+        format!("; the last {} bytes of the file are a partial line left by a crash", resumed.head.torn)
+    } else {
+        String::new()
+    };
+    let (rule, reason) = match (&resumed.from, resumed.unchained) {
+        (Some(file), false) => (
+            chain::RESUMED_RULE,
+            format!(
+                "the chain goes on from seq {} in {} (the writer restarted){torn}; {signer}",
+                resumed.head.seq,
+                file.display()
+            ),
+        ),
+        (Some(file), true) => (
+            chain::STARTED_RULE,
+            format!("a new chain: the last line of {} carries none{torn}; {signer}", file.display()),
+        ),
+        (None, _) => (chain::STARTED_RULE, format!("a new chain{torn}; {signer}")),
+    };
+    Decision::new(Kind::Lifecycle, Verdict::Info, rule, reason)
 }
 
 #[cfg(test)]
@@ -404,7 +525,8 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if let Some(line) = text.lines().next() {
+            // The first line is the chain's start; the record follows.
+            if let Some(line) = text.lines().nth(1) {
                 let parsed: Decision = serde_json::from_str(line).unwrap();
                 assert_eq!(parsed.sandbox.as_deref(), Some("a"));
                 assert_eq!(parsed.kind, Kind::Dns);

@@ -30,7 +30,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Decision, Kind, Verdict};
+use super::{
+    chain::{ChainHead, CHECKPOINT_RULE},
+    Audit, Decision, Kind, Verdict,
+};
 
 /// How the decision log bounds itself. Defaults: rotate at 64 MiB or daily,
 /// keep 5 old files (at most about 384 MiB in all), write the first 10
@@ -200,13 +203,16 @@ impl LogFile {
     pub(super) fn open(path: &Path, limits: LogLimits) -> std::io::Result<Self> {
         let file = open_append(path)?;
         let size = file.metadata()?.len();
-        Ok(Self { path: path.to_owned(), limits, file: Some(file), size, opened: Instant::now(), torn: false })
+        // A crash mid-line left a partial line: the next starts on its own.
+        let torn = size > 0 && last_byte(path)? != b'\n';
+        Ok(Self { path: path.to_owned(), limits, file: Some(file), size, opened: Instant::now(), torn })
     }
 
     /// Appends `batch` (whole lines), rotating first when it would pass a
-    /// limit. On an error nothing is retried: the caller counts the lines
-    /// that did not get in.
-    pub(super) fn append(&mut self, batch: &[u8]) -> Result<(), Torn> {
+    /// limit; with `sync`, waits until the data is on disk (after a
+    /// checkpoint). On an error nothing is retried: the caller counts the
+    /// lines that did not get in.
+    pub(super) fn append(&mut self, batch: &[u8], sync: bool) -> Result<(), Torn> {
         let too_big = self.size > 0 && self.size + batch.len() as u64 > self.limits.max_bytes;
         if too_big || self.opened.elapsed() >= self.limits.max_age {
             self.rotate()?;
@@ -238,6 +244,10 @@ impl LogFile {
                 }
             }
         }
+        if sync {
+            // Written already; a failed sync loses nothing that can be retried.
+            let _ = file.sync_data();
+        }
         Ok(())
     }
 
@@ -265,6 +275,15 @@ impl LogFile {
         self.torn = false;
         Ok(())
     }
+}
+
+fn last_byte(path: &Path) -> std::io::Result<u8> {
+    use std::io::{Read, Seek};
+    let mut file = File::open(path)?;
+    file.seek(std::io::SeekFrom::End(-1))?;
+    let mut byte = [0u8];
+    file.read_exact(&mut byte)?;
+    Ok(byte[0])
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
@@ -305,32 +324,81 @@ pub fn log_files(path: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// What the writer thread receives.
+pub(super) enum Message {
+    Record(Arc<Decision>),
+    /// Write what is queued and a final checkpoint, then say so and stop.
+    Close(std::sync::mpsc::SyncSender<()>),
+}
+
+/// The chain the writer extends, and when it signs a checkpoint.
+pub(super) struct Signer {
+    pub(super) head: ChainHead,
+    pub(super) audit: Audit,
+    pub(super) last_checkpoint: Instant,
+}
+
+impl Signer {
+    fn due(&self) -> bool {
+        self.audit.key.is_some()
+            && self.head.since_checkpoint > 0
+            && (self.head.since_checkpoint >= self.audit.checkpoint_records
+                || self.last_checkpoint.elapsed() >= self.audit.checkpoint_interval)
+    }
+}
+
+/// One line of a batch: a record, or a checkpoint the writer adds.
+enum Entry {
+    Record(Arc<Decision>),
+    Checkpoint { is_final: bool },
+}
+
 /// The writer thread: drains the queue in batches, rolls the aggregation
-/// window, writes, and accounts for what could not be written.
+/// window, chains and signs, writes, and accounts for what could not be
+/// written.
 #[allow(clippy::needless_pass_by_value)] // The thread owns them for its life.
 pub(super) fn run(
     mut file: LogFile,
-    queue: std::sync::mpsc::Receiver<Arc<Decision>>,
+    mut signer: Signer,
+    first: Decision,
+    queue: std::sync::mpsc::Receiver<Message>,
     aggregator: Arc<Aggregator>,
     counters: Arc<LogCounters>,
     live: tokio::sync::broadcast::Sender<Arc<Decision>>,
 ) {
-    let tick = aggregator.interval.min(Duration::from_secs(1));
+    let tick = aggregator.interval.min(signer.audit.checkpoint_interval).min(Duration::from_secs(1));
     // Dropped records already reported in the log.
     let mut reported = 0;
+    let mut pending = vec![Arc::new(first)];
     loop {
-        let mut batch = Vec::new();
+        let mut batch = std::mem::take(&mut pending);
+        let mut closing = None;
         match queue.recv_timeout(tick) {
-            Ok(first) => {
-                batch.push(first);
-                batch.extend(queue.try_iter().take(4096));
+            Ok(message) => {
+                for message in std::iter::once(message).chain(queue.try_iter().take(4096)) {
+                    match message {
+                        Message::Record(decision) => batch.push(decision),
+                        Message::Close(done) => {
+                            closing = Some(Some(done));
+                            break;
+                        }
+                    }
+                }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                let summaries = aggregator.roll(Instant::now() + aggregator.interval);
-                write_batch(&mut file, &summaries.into_iter().map(Arc::new).collect::<Vec<_>>(), &counters);
-                return;
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => closing = Some(None),
+        }
+        if let Some(done) = closing {
+            batch.extend(aggregator.roll(Instant::now() + aggregator.interval).into_iter().map(Arc::new));
+            let mut entries = with_checkpoints(batch, &signer);
+            if signer.audit.key.is_some() {
+                entries.push(Entry::Checkpoint { is_final: true });
             }
+            write_batch(&mut file, &mut signer, &entries, &counters);
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+            return;
         }
         for summary in aggregator.roll(Instant::now()) {
             let summary = Arc::new(summary);
@@ -352,36 +420,106 @@ pub(super) fn run(
             notice.repeated = dropped - reported;
             batch.insert(0, Arc::new(notice));
         }
-        if batch.is_empty() {
+        if batch.is_empty() && !signer.due() {
             continue;
         }
-        if write_batch(&mut file, &batch, &counters) {
+        let mut entries = with_checkpoints(batch, &signer);
+        if signer.due() && !matches!(entries.last(), Some(Entry::Checkpoint { .. })) {
+            entries.push(Entry::Checkpoint { is_final: false });
+        }
+        if write_batch(&mut file, &mut signer, &entries, &counters) {
             reported = dropped;
         }
     }
 }
 
-/// Writes `batch`; on failure counts its records as dropped. Returns
-/// whether it was written.
-fn write_batch(file: &mut LogFile, batch: &[Arc<Decision>], counters: &LogCounters) -> bool {
-    if batch.is_empty() {
+/// The batch as lines, with a checkpoint wherever `checkpoint_records`
+/// lines have passed since the last one.
+fn with_checkpoints(batch: Vec<Arc<Decision>>, signer: &Signer) -> Vec<Entry> {
+    let mut entries = Vec::with_capacity(batch.len() + 1);
+    for decision in batch {
+        entries.push(Entry::Record(decision));
+        // Lines since the last checkpoint: in this batch, or before it too.
+        let since = if entries.iter().any(|e| matches!(e, Entry::Checkpoint { .. })) {
+            count_records(&entries)
+        } else {
+            signer.head.since_checkpoint + count_records(&entries)
+        };
+        if signer.audit.key.is_some() && since >= signer.audit.checkpoint_records {
+            entries.push(Entry::Checkpoint { is_final: false });
+        }
+    }
+    entries
+}
+
+/// Records in `entries` after their last checkpoint.
+fn count_records(entries: &[Entry]) -> u64 {
+    entries.iter().rev().take_while(|e| matches!(e, Entry::Record(_))).count() as u64
+}
+
+/// The record a checkpoint line carries besides its signature.
+fn checkpoint_record(head: &ChainHead, is_final: bool) -> Decision {
+    let reason = if is_final {
+        format!("final checkpoint: the log is closed cleanly; it signs every line up to seq {}", head.seq)
+    } else {
+        format!("signed checkpoint of every line up to seq {} ({} since the last one)", head.seq, head.since_checkpoint)
+    };
+    Decision::new(Kind::Lifecycle, Verdict::Info, CHECKPOINT_RULE, reason)
+}
+
+/// Chains and writes `entries`; on failure counts the records that did not
+/// get in as dropped and rolls the chain back to the last line written.
+/// Returns whether all of it was written.
+fn write_batch(file: &mut LogFile, signer: &mut Signer, entries: &[Entry], counters: &LogCounters) -> bool {
+    if entries.is_empty() {
         return true;
     }
-    let mut bytes = Vec::with_capacity(batch.len() * 256);
-    // Where each record's line ends, to tell written records from lost ones.
-    let mut ends = Vec::with_capacity(batch.len());
-    for decision in batch {
-        if serde_json::to_writer(&mut bytes, &**decision).is_ok() {
-            bytes.push(b'\n');
-        }
-        ends.push(bytes.len());
+    let before = signer.head.clone();
+    let mut bytes = Vec::with_capacity(entries.len() * 320);
+    // Per line: where it ends, the chain after it, and whether it is a
+    // record that counts as lost if it does not get in.
+    let mut lines: Vec<(usize, ChainHead, bool)> = Vec::with_capacity(entries.len());
+    let mut body = Vec::with_capacity(320);
+    let mut checkpoint = false;
+    for entry in entries {
+        body.clear();
+        let counted = match entry {
+            Entry::Record(decision) => {
+                if serde_json::to_writer(&mut body, &**decision).is_err() {
+                    continue;
+                }
+                signer.head.seal(&body, &mut bytes);
+                decision.rule != "decision-log-dropped"
+            }
+            Entry::Checkpoint { is_final } => {
+                let Some(key) = signer.audit.key.clone() else { continue };
+                let record = checkpoint_record(&signer.head, *is_final);
+                if serde_json::to_writer(&mut body, &record).is_err() {
+                    continue;
+                }
+                signer.head.seal_checkpoint(&key, &record.time, *is_final, &body, &mut bytes);
+                checkpoint = true;
+                false
+            }
+        };
+        lines.push((bytes.len(), signer.head.clone(), counted));
     }
-    match file.append(&bytes) {
-        Ok(()) => true,
+    match file.append(&bytes, checkpoint) {
+        Ok(()) => {
+            if checkpoint {
+                signer.last_checkpoint = Instant::now();
+            }
+            true
+        }
         Err(Torn { written, error }) => {
-            let lost =
-                batch.iter().zip(&ends).filter(|(d, &end)| end > written && d.rule != "decision-log-dropped").count()
-                    as u64;
+            // The chain goes on from the last whole line in the file.
+            let whole = lines.iter().rposition(|(end, _, _)| *end <= written);
+            let (last_end, head) = whole.map_or((0, before), |i| (lines[i].0, lines[i].1.clone()));
+            signer.head = head;
+            if written > last_end {
+                signer.head.torn = (written - last_end) as u64;
+            }
+            let lost = lines.iter().filter(|(end, _, counted)| *end > written && *counted).count() as u64;
             let total = counters.dropped.fetch_add(lost, Ordering::Relaxed) + lost;
             // Once per power of two, so a full disk does not flood the
             // daemon's own log either.
@@ -420,7 +558,9 @@ mod tests {
             .flat_map(|file| {
                 std::fs::read_to_string(file).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>()
             })
-            .filter_map(|line| serde_json::from_str(&line).ok())
+            .filter_map(|line| serde_json::from_str::<Decision>(&line).ok())
+            // The chain's own records are not what these tests count.
+            .filter(|d| !["chain-started", "chain-resumed", "audit-checkpoint"].contains(&d.rule.as_str()))
             .collect()
     }
 
@@ -511,6 +651,37 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    #[tokio::test]
+    async fn the_chain_is_signed_every_n_lines_at_close_and_goes_on_after_a_reopen() {
+        let dir = temp_dir("chain");
+        let path = dir.join("decisions.jsonl");
+        let key = Arc::new(super::super::AuditKey::generate().unwrap());
+        let audit = Audit { key: Some(key.clone()), checkpoint_records: 3, ..Audit::default() };
+        let limits = LogLimits { first: u32::MAX, ..LogLimits::default() };
+        for round in 0..2 {
+            let log = DecisionLog::open_audited(Some(&path), limits.clone(), audit.clone()).unwrap();
+            for port in 0..7 {
+                log.record(refusal(round * 100 + port));
+            }
+            log.close();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let rules: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Decision>(l).unwrap().rule)
+            .filter(|r| r != "default-deny")
+            .collect();
+        // Per round: the start, a checkpoint after every 3 lines (the start
+        // counts), and the final one.
+        let round = |start: &str| [start, CHECKPOINT_RULE, CHECKPOINT_RULE, CHECKPOINT_RULE].map(str::to_owned);
+        assert_eq!(rules, [round("chain-started"), round("chain-resumed")].concat(), "{text}");
+        let report = super::super::verify::verify_files(&log_files(&path), &[key.public()]).unwrap();
+        assert!(report.ok(), "{report}");
+        assert_eq!((report.records, report.checkpoints_verified), (16, 6), "{report}");
+        assert_eq!(report.ending, super::super::verify::Ending::CleanStop);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     /// A tmpfs of 64 KiB mounted for one test, unmounted on drop.
     struct SmallDisk(PathBuf);
 
@@ -578,6 +749,9 @@ mod tests {
         let written = found.iter().filter(|d| d.verdict == Verdict::Deny).count() as u64;
         assert_eq!(notice.repeated + written, 20_001, "every record is either written or counted: {}", notice.reason);
         drop(log);
+        // Lines cut by the full disk are declared; the chain holds.
+        let report = super::super::verify::verify_files(&log_files(&path), &[]).unwrap();
+        assert!(report.ok(), "{report}");
         drop(disk);
         assert!(!dir.exists(), "the tmpfs directory is left behind");
     }

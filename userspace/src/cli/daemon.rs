@@ -22,6 +22,16 @@ pub struct DaemonArgs {
     /// Decision log (JSON lines); default /var/log/<instance>/decisions.jsonl.
     #[arg(long)]
     pub decision_log: Option<PathBuf>,
+    /// The audit signing key (Ed25519, made on first start, root-only);
+    /// default /var/lib/<instance>/audit.key.
+    #[arg(long, value_name = "FILE")]
+    pub audit_key: Option<PathBuf>,
+    /// A signed checkpoint in the decision log after this many lines...
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_checkpoint_records: u64,
+    /// ... or this many seconds after the last one, if lines came since.
+    #[arg(long, default_value_t = 10.0)]
+    pub audit_checkpoint_secs: f64,
     /// Extra CA (PEM file, repeatable) upstream certificates may chain to,
     /// besides the system roots.
     #[arg(long = "upstream-ca", value_name = "PEM")]
@@ -151,6 +161,15 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     if let Some(path) = args.decision_log {
         config.decision_log = Some(path);
     }
+    if let Some(path) = args.audit_key {
+        config.audit.key_file = path;
+    }
+    anyhow::ensure!(
+        args.audit_checkpoint_secs.is_finite() && args.audit_checkpoint_secs > 0.0,
+        "--audit-checkpoint-secs must be above 0"
+    );
+    config.audit.checkpoint_records = args.audit_checkpoint_records;
+    config.audit.checkpoint_interval = std::time::Duration::from_secs_f64(args.audit_checkpoint_secs);
     if crate::control::client::ControlClient::connect(&config.control_socket()).await.is_some() {
         anyhow::bail!("a sluice daemon for instance {:?} is already running", config.instance);
     }
@@ -179,6 +198,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     }
     // Pins stay: sandboxes remain cut off until a daemon is back.
     daemon.stop();
+    // The trail ends with its final checkpoint: a clean stop.
+    daemon.log().close();
     tracing::info!("stopped; sandboxes stay cut off until a daemon restarts (or `sluice teardown`)");
     Ok(())
 }

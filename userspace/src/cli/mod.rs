@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand, each thin over the library.
 
 mod approvals;
+mod audit;
 mod ca;
 mod daemon;
 mod debug;
@@ -45,6 +46,9 @@ pub enum Command {
     Debug(debug::DebugCommand),
     /// Show decisions (what was allowed and denied, and why).
     Log(log::LogArgs),
+    /// The audit trail: the public key of its signatures, offline checks.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Profiles: check, explain, test, replay, bundles, and changes to
     /// running sandboxes.
     #[command(subcommand)]
@@ -115,6 +119,7 @@ pub fn main(cli: Cli) -> anyhow::Result<u8> {
             Command::Sandbox(command) => sandbox::run(command).await.map(|()| 0),
             Command::Ca(command) => ca::run(command).await.map(|()| 0),
             Command::Log(args) => log::run(args).await.map(|()| 0),
+            Command::Audit(command) => audit::run(command).await,
             Command::Debug(command) => debug::run(&command),
             Command::Policy(command) => policy::run(&command).await,
             Command::Approvals(args) => approvals::list(&args).await.map(|()| 0),

@@ -93,7 +93,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         let health = client.health().await?;
         let hidden = Hidden {
             runtime_dirs: vec![daemon::runtime_dir(&args.instance.instance)],
-            files: health.decision_log.into_iter().chain(health.secrets_file).collect(),
+            files: health.decision_log.into_iter().chain(health.secrets_file).chain(health.audit_key).collect(),
             dirs: health.secrets_dir.into_iter().collect(),
             keep: Vec::new(),
         };
@@ -126,6 +126,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     config.serve_control = false;
     config.upstream_dns.clone_from(&args.upstream_dns);
     config.decision_log.clone_from(&args.decision_log);
+    // An embedded daemon's audit key lives and goes with its runtime state.
+    config.audit.key_file = config.runtime_dir().join("keys").join("audit.key");
     config.upstream_ca.clone_from(&args.upstream_ca);
     let daemon = match Daemon::start(config.clone()).await {
         Ok(daemon) => daemon,

@@ -111,6 +111,9 @@ pub struct Health {
     pub secrets_file: Option<std::path::PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets_dir: Option<std::path::PathBuf>,
+    /// The audit signing key file (path only), to hide it from commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_key: Option<std::path::PathBuf>,
 }
 
 /// Error body of every failed call.
