@@ -86,8 +86,11 @@ fn run_forwards_signals_and_kills_what_the_command_left_behind() {
         return;
     }
     let marker = std::env::temp_dir().join(format!("sluice-orphan-{}", std::process::id()));
+    // A duration no other process sleeps, to find the sleeper among the
+    // host's processes: `$!` is a pid in the sandbox's own pid namespace.
+    let nap = format!("300.{}", std::process::id());
     let script = format!(
-        "trap 'exit 42' TERM; (sleep 300; touch {marker}) & echo $!; while true; do sleep 0.1; done",
+        "trap 'exit 42' TERM; (sleep {nap}; touch {marker}) & echo $!; while true; do sleep 0.1; done",
         marker = marker.display()
     );
     let mut child = sluice()
@@ -97,8 +100,20 @@ fn run_forwards_signals_and_kills_what_the_command_left_behind() {
         .unwrap();
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    let orphan: u32 = line.trim().parse().unwrap();
-    assert!(std::path::Path::new(&format!("/proc/{orphan}")).exists());
+    let _in_sandbox: u32 = line.trim().parse().unwrap();
+    let wanted = format!("sleep\0{nap}\0");
+    let mut orphan = None;
+    for _ in 0..100 {
+        orphan = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            (cmdline == wanted.as_bytes()).then(|| e.file_name().to_string_lossy().into_owned())
+        });
+        if orphan.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let orphan = orphan.expect("the background sleeper is running");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(20);
